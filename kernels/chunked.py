@@ -52,7 +52,8 @@ class TorchOps:
 
     @staticmethod
     def row_stats(z: torch.Tensor, targets: torch.Tensor, inv_t: float):
-        """lse, target logp and entropy of softmax(z·inv_t), each (C,) fp32. Overwrites z."""
+        """`(lse, logp, entropy, buf)`: the first three (C,) fp32 for softmax(z·inv_t); `buf` is
+        whatever this backend hands on to `dlogits` (here: the probabilities). May overwrite z."""
         z = z.float() if z.dtype != torch.float32 else z
         if inv_t != 1.0:
             z.mul_(inv_t)
@@ -66,8 +67,10 @@ class TorchOps:
         return lse, logp, entropy, p
 
     @staticmethod
-    def dlogits(p: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor, inv_t: float, dtype) -> torch.Tensor:
-        """dZ = coef·inv_t·(onehot(t) - p), written over p; returned in the GEMM dtype."""
+    def dlogits(p: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor, inv_t: float,
+                dtype) -> torch.Tensor:
+        """dZ = coef·inv_t·(onehot(t) - softmax), written over `buf` (here p, so `lse` is unused);
+        returned in `dtype`, the dtype of the GEMMs that consume it."""
         c = coef.to(p.dtype) * inv_t
         p.mul_(-c.unsqueeze(1))
         rows = torch.arange(p.shape[0], device=p.device)
@@ -113,11 +116,11 @@ def chunked_loss_and_grads(
         rows = slice(s, min(s + c, n))
         h_c = hidden[rows]
         z = ops.logits(h_c, weight)
-        _, logp[rows], entropy[rows], p = ops.row_stats(z, targets[rows], inv_t)
+        lse, logp[rows], entropy[rows], buf = ops.row_stats(z, targets[rows], inv_t)
         coef = coef_fn(rows, logp[rows])
         if grad_h is None and grad_w is None:
             continue
-        dz = ops.dlogits(p, targets[rows], coef, inv_t, hidden.dtype)
+        dz = ops.dlogits(buf, lse, targets[rows], coef, inv_t, hidden.dtype)
         if grad_h is not None:
             grad_h[rows] = torch.mm(dz, weight)
         if grad_w is not None:

@@ -1,0 +1,61 @@
+"""The tensors that cross module boundaries: what `batch` produces and `loss`/`trainer` consume.
+
+Alignment (Atropos convention): in a group, the mask/advantage/logprob entries at position t belong
+to token t, which the model predicts from position t-1. A `MicroBatch` is already shifted: row
+position t holds input token t and `targets[.., t]` = token t+1, with `loss_mask`, `advantages`,
+`old_logprobs` and `ref_logprobs` at t describing that target. Padding and sequence boundaries have
+`loss_mask == 0`, so they never reach the loss.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class MicroBatch:
+    """One forward/backward pass worth of rows, shape `(R, T)` for every tensor.
+
+    `layout == "padded"`: one sequence per row, right-padded; `attention_mask` is 1 on real tokens.
+    `layout == "packed"`: several sequences per row; `position_ids` restart at 0 at each sequence
+    start and `cu_seqlens` (int32, flattened over rows) gives the boundaries for varlen attention.
+    """
+
+    input_ids: torch.Tensor                 # (R, T) int64
+    targets: torch.Tensor                   # (R, T) int64, token t+1 (0 where nothing follows)
+    loss_mask: torch.Tensor                 # (R, T) float32, 1.0 where targets[r, t] is trained
+    advantages: torch.Tensor                # (R, T) float32
+    attention_mask: torch.Tensor            # (R, T) int64, 1 on real tokens, 0 on padding
+    position_ids: torch.Tensor              # (R, T) int64
+    old_logprobs: Optional[torch.Tensor] = None   # (R, T) float32, behaviour policy (inference)
+    ref_logprobs: Optional[torch.Tensor] = None   # (R, T) float32, reference policy
+    layout: str = "padded"
+    cu_seqlens: Optional[torch.Tensor] = None     # packed only: (S+1,) int32 over the flattened rows
+    num_sequences: int = 0
+
+    @property
+    def num_trained_tokens(self) -> int:
+        return int((self.loss_mask != 0).sum())
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+    def to(self, device) -> "MicroBatch":
+        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        return MicroBatch(**moved)
+
+
+@dataclass
+class TrainBatch:
+    """One Atropos batch after validation, advantages and packing."""
+
+    micro_batches: list[MicroBatch]
+    total_trained_tokens: int               # over the whole batch (all micro-batches, this rank's share
+                                            # summed across ranks by the trainer) -> loss normaliser
+    num_groups: int                         # groups kept
+    num_sequences: int
+    scores: list[float] = field(default_factory=list)   # per kept sequence, for reward metrics
+    metrics: dict = field(default_factory=dict)         # data/* metrics, e.g. data/dropped/<reason>
