@@ -1,0 +1,291 @@
+"""One typed config for a whole run, composed of each component's own dataclass, and its CLI.
+
+Every component owns its config dataclass next to its code (`AtroposConfig` in client.py,
+`ModelConfig` in model.py, ...), validated in its `__post_init__`. `TrainConfig` composes them;
+this module adds only what belongs to the run itself (`RunConfig`), the inference servers we start
+(`InferenceConfig`) and the built-in environment (`EnvConfig`).
+
+CLI: every field of every section is an override, `--section.field VALUE` (or `=VALUE`), e.g.
+`--optim.lr 3e-4 --loss.loss_type grpo`. A config file (`--config FILE`, TOML or JSON, with one
+table per section) is applied first, then the command line. The common fields have short
+spellings (`--model`, `--steps`, `--out`, `--resume`, `--atropos-url`, `--inference-port`,
+`--no-env`). Values are parsed by the field's type; a wrong section, field or value ends at start-up
+with one message that names it. The resolved config is written to `<run dir>/config.json`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from .batch import DataConfig
+from .checkpoint import CheckpointConfig
+from .client import AtroposConfig
+from .loss import LossConfig
+from .metrics import LoggingConfig
+from .model import ModelConfig, OptimConfig
+from .weight_sync import WeightSyncConfig
+
+
+class ConfigError(ValueError):
+    """A config or command-line mistake, reported at start-up naming the field."""
+
+
+@dataclass
+class RunConfig:
+    steps: int = 60
+    """Optimizer steps to run (one Atropos batch per step)."""
+    out: str = "runs/default"
+    """Run directory: config.json, metrics.jsonl, curves.png, logs/, checkpoints/."""
+    seed: int = 0
+    """Seed of torch/python RNGs (model init, sampling in the trainer)."""
+    resume: Optional[str] = None
+    """None: start fresh. "auto": newest complete checkpoint in the run dir. Or a checkpoint path."""
+    device: str = "auto"
+    """"auto" (CUDA when available, else CPU), "cpu" or "cuda"."""
+    max_nonfinite_steps: int = 3
+    """Consecutive skipped non-finite steps after which the run stops with an error."""
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"run.steps must be >= 1, got {self.steps}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"run.device must be auto, cpu or cuda, got {self.device!r}")
+        if self.max_nonfinite_steps < 1:
+            raise ValueError(f"run.max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
+
+
+@dataclass
+class InferenceConfig:
+    start: bool = True
+    """Start our vLLM server(s) (with the weight-sync extension and Atropos's /generate route)."""
+    host: str = "127.0.0.1"
+    """Interface the inference server binds (loopback unless you ask otherwise)."""
+    port: int = 0
+    """Port of the first inference server; 0 picks a free one."""
+    num_servers: int = 1
+    """Data-parallel vLLM replicas (ports port, port+1, ... when port is fixed)."""
+    startup_timeout_s: float = 300.0
+    """How long a vLLM server may take to answer /health (cold start is 30-40 s on CPU)."""
+    extra_args: str = ""
+    """Extra command-line arguments for vLLM, space separated."""
+
+    def __post_init__(self):
+        if not (0 <= self.port < 65536):
+            raise ValueError(f"inference.port must be in [0, 65535], got {self.port}")
+        if self.num_servers < 1:
+            raise ValueError(f"inference.num_servers must be >= 1, got {self.num_servers}")
+
+
+@dataclass
+class EnvConfig:
+    start: bool = True
+    """Start the built-in environment (atropos_core.envs.repeat_env) as a child process."""
+    module: str = "atropos_core.envs.repeat_env"
+    """Python module of the environment to start (its `BaseEnv.cli()` runs with `serve`)."""
+    group_size: int = 8
+    """Completions sampled per prompt (one Atropos group)."""
+    max_new_tokens: int = 4
+    """Tokens sampled per completion."""
+    extra_args: str = ""
+    """Extra `--env.*` / `--openai.*` arguments for the environment process, space separated."""
+
+    def __post_init__(self):
+        if self.group_size < 2:
+            raise ValueError(f"env.group_size must be >= 2 (GRPO needs a group), got {self.group_size}")
+
+
+@dataclass
+class TrainConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    atropos: AtroposConfig = field(default_factory=AtroposConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# Short spellings of the fields a user types most: flag -> (section, field, value for a bare flag).
+SHORTCUTS = {
+    "--model": ("model", "path", None),
+    "--steps": ("run", "steps", None),
+    "--out": ("run", "out", None),
+    "--seed": ("run", "seed", None),
+    "--atropos-url": ("atropos", "url", None),
+    "--inference-port": ("inference", "port", None),
+    "--no-env": ("env", "start", "false"),
+    "--no-inference": ("inference", "start", "false"),
+}
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _strip_optional(tp):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return (args[0] if len(args) == 1 else tp), True
+    return tp, False
+
+
+def parse_value(raw: Any, tp, where: str):
+    """Turn a command-line string (or a config-file value) into a value of type `tp`."""
+    tp, optional = _strip_optional(tp)
+    if isinstance(raw, str) and optional and raw.lower() in ("none", "null"):
+        return None
+    if not isinstance(raw, str):
+        return raw  # from a JSON/TOML file: already typed; the dataclass validates it
+    origin = typing.get_origin(tp)
+    try:
+        if tp is bool:
+            low = raw.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true or false")
+        if tp is int:
+            return int(raw)
+        if tp is float:
+            return float(raw)
+        if tp is str or tp is Any:
+            return raw
+        if origin is typing.Literal:
+            if raw not in typing.get_args(tp):
+                raise ValueError(f"expected one of {typing.get_args(tp)}")
+            return raw
+        if origin in (list, tuple, dict) or tp in (list, tuple, dict):
+            val = json.loads(raw)
+            return tuple(val) if (origin is tuple or tp is tuple) else val
+        return raw
+    except (ValueError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{where}: cannot parse {raw!r} as {getattr(tp, '__name__', tp)}: {e}") from None
+
+
+def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
+    """Return a new config with `{"section.field": value}` applied; each section re-validated."""
+    per_section: dict[str, dict[str, Any]] = {}
+    sections = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for key, raw in overrides.items():
+        if "." not in key:
+            raise ConfigError(f"unknown option {key!r}: use --section.field (sections: {', '.join(sections)})")
+        sec, name = key.split(".", 1)
+        if sec not in sections:
+            hint = difflib.get_close_matches(sec, sections, n=1)
+            raise ConfigError(f"unknown config section {sec!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+        hints = _field_types(type(getattr(cfg, sec)))
+        if name not in hints or name.startswith("_"):
+            close = difflib.get_close_matches(name, list(hints), n=1)
+            raise ConfigError(f"unknown field {key!r}" + (f" (did you mean '{sec}.{close[0]}'?)" if close else
+                                                            f"; fields of {sec}: {', '.join(hints)}"))
+        per_section.setdefault(sec, {})[name] = parse_value(raw, hints[name], key)
+    changes = {}
+    for sec, kv in per_section.items():
+        try:
+            changes[sec] = dataclasses.replace(getattr(cfg, sec), **kv)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"invalid value in section {sec!r}: {e}") from None
+    return dataclasses.replace(cfg, **changes)
+
+
+def _flatten_file(path: Path) -> dict[str, Any]:
+    text = path.read_text()
+    if path.suffix == ".toml":
+        import tomllib
+
+        data = tomllib.loads(text)
+    else:
+        data = json.loads(text)
+    flat = {}
+    for sec, table in data.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: top-level key {sec!r} must be a table of fields")
+        for k, v in table.items():
+            flat[f"{sec}.{k}"] = v
+    return flat
+
+
+def config_help() -> str:
+    lines = ["Every field below can be set with --section.field VALUE:"]
+    defaults = TrainConfig()
+    for sec in dataclasses.fields(TrainConfig):
+        obj = getattr(defaults, sec.name)
+        for f in dataclasses.fields(obj):
+            if f.name.startswith("_"):
+                continue
+            lines.append(f"  --{sec.name}.{f.name} (default: {getattr(obj, f.name)!r})")
+    return "\n".join(lines)
+
+
+def parse_args(argv: Optional[list[str]] = None) -> TrainConfig:
+    """Build the run's config from defaults, an optional config file and command-line overrides."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        prog="drivers/train.py", description="Train a policy on Atropos batches; with no arguments, a "
+        "complete local RL loop (API, vLLM, built-in environment, trainer).",
+        epilog=config_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="TOML or JSON file with one table per section")
+    parser.add_argument("--resume", nargs="?", const="auto", default=None,
+                        help="resume from the newest complete checkpoint in the run dir, or from PATH")
+    for flag, (sec, name, const) in SHORTCUTS.items():
+        if const is None:
+            parser.add_argument(flag, dest=f"short:{sec}.{name}", help=f"same as --{sec}.{name}")
+        else:
+            parser.add_argument(flag, dest=f"short:{sec}.{name}", action="store_const", const=const,
+                                help=f"same as --{sec}.{name} {const}")
+    known, rest = parser.parse_known_args(argv)
+    overrides: dict[str, Any] = {}
+    if known.config:
+        path = Path(known.config)
+        if not path.exists():
+            raise ConfigError(f"--config: file {path} does not exist")
+        overrides.update(_flatten_file(path))
+    i = 0
+    while i < len(rest):
+        tok = rest[i]
+        if not tok.startswith("--"):
+            raise ConfigError(f"unexpected argument {tok!r}")
+        if "=" in tok:
+            key, val = tok[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(rest):
+                raise ConfigError(f"option {tok} needs a value")
+            key, val = tok[2:], rest[i + 1]
+            i += 2
+        overrides[key] = val
+    for dest, val in vars(known).items():
+        if dest.startswith("short:") and val is not None:
+            overrides[dest[len("short:"):]] = val
+    if known.resume is not None:
+        overrides["run.resume"] = known.resume
+    try:
+        cfg = TrainConfig()
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"invalid default config: {e}") from None
+    return apply_overrides(cfg, overrides)
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def write_config(cfg: TrainConfig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(to_dict(cfg), indent=2, default=str) + "\n")
+    tmp.replace(path)
