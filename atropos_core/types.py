@@ -34,6 +34,9 @@ class MicroBatch:
     layout: str = "padded"
     cu_seqlens: Optional[torch.Tensor] = None     # packed only: (S+1,) int32 over the flattened rows
     num_sequences: int = 0
+    sequence_ids: Optional[torch.Tensor] = None   # (R, T) int64: index of the batch's kept sequence
+                                                  # (TrainBatch order) at each position, -1 on padding;
+                                                  # for per-sequence reductions in either layout
 
     @property
     def num_trained_tokens(self) -> int:

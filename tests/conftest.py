@@ -18,6 +18,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 pytest_plugins = [
     "tests.fixtures.models",
+    "tests.fixtures.atropos_api",
 ]
 
 

@@ -1,0 +1,591 @@
+"""Atropos groups → validated groups → advantages → micro-batches (`atropos_core.types.TrainBatch`).
+
+Why the checks: the trajectory API (atroposlib 0.4.0) checks nothing. It accepts and serves back
+groups whose `tokens`/`masks`/`scores` counts or lengths disagree, over-long sequences, any integer
+as a token id; a NaN/Infinity makes its `/batch` answer 500 (see `client.py`). One bad group must not
+kill a step or, worse, train silently on misaligned data, so every group is checked here and a bad
+one is dropped *whole* (its siblings give its advantages their meaning) with one logged line and a
+`data/dropped/<reason>` counter. The good groups of the same batch go on.
+
+Alignment: Atropos puts `masks`, `advantages`, `inference_logprobs` and `ref_logprobs` at position t
+for token t (prompt positions: mask -100, inference logprob 1.0). The model predicts token t from
+position t-1, so a sequence of L tokens becomes L-1 rows positions: `input_ids = tokens[:-1]`,
+`targets = tokens[1:]`, and every per-token field is taken at t+1 (see `types.py`). A mask on token 0
+cannot be trained (nothing predicts it) and is ignored.
+
+Advantages: token-level `advantages` sent by the environment are used as sent. Otherwise the GRPO
+advantage of sequence i in group g is `(score_i - mean_g)`, divided by the group's std
+(`advantage_scale="group"`), by the std of all scores in the batch (`"batch"`, the "group mean,
+batch std" variant of Liu et al. 2025, *Tricks or Traps?*), or not at all (`"none"`, Dr. GRPO). Stds
+are population stds; one below `advantage_eps` is treated as zero (the values stay centred, not
+divided). Then optional whitening over the batch's trained tokens (`advantage_norm`), optional
+clipping, and finally the per-sequence `overrides[i]["set_advantage_to_zero"]` (or the group's
+`group_overrides`), whose sequences are left out of the whitening statistics.
+
+Packing: sequences are sorted longest first and spread over the fewest micro-batches whose cost fits
+`max_tokens_per_micro_batch` (cost = rows × longest row when padded, the sum of lengths when
+packed), each placed on the least loaded micro-batch it fits (LPT), so the micro-batches come out
+with similar token counts. A sequence longer than the budget gets a micro-batch of its own.
+`TrainBatch.total_trained_tokens` counts the whole batch, so the loss normaliser does not depend on
+how it was split. `split_for_ranks` gives every rank the same number of micro-batches (FSDP issues
+the same collectives per forward/backward on every rank), padding with an all-masked one.
+
+Shipping: rank 0 fetches the batch and sends the raw groups to the other ranks as JSON bytes in a
+uint8 tensor (`broadcast_groups`): nothing from the network is unpickled, and every rank then runs
+the same deterministic `build_train_batch`, so "batch" and "global" normalisation agree.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Literal, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .types import MicroBatch, TrainBatch
+
+logger = logging.getLogger(__name__)
+
+# Drop reasons (the `<reason>` of `data/dropped/<reason>`), in the order the checks run.
+DROP_REASONS = (
+    "malformed",          # not a dict, a required key missing, or a field of the wrong type
+    "count_mismatch",     # numbers of sequences differ across tokens/masks/scores/per-token fields
+    "empty_sequence",     # a sequence with no tokens
+    "length_mismatch",    # a sequence's tokens/masks/advantages/logprobs lengths differ
+    "too_long",           # a sequence longer than max_token_len
+    "token_out_of_range", # a token id < 0 or >= vocab_size
+    "bad_mask",           # a mask entry neither -100 nor the token id at that position
+    "non_finite",         # NaN/Infinity in scores, advantages or logprobs
+    "bad_logprobs",       # a logprob > 0 at a trained position (misaligned or padded with 1.0)
+    "missing_logprobs",   # use_inference_logprobs/use_ref_logprobs but the group lacks the field
+    "no_trained_tokens",  # no position after the first has a mask != -100
+    "duplicate",          # same tokens, masks and scores as a group already in this batch
+)
+IGNORE = -100           # Atropos's mask value for a position that is not trained
+_LOGPROB_SLACK = 1e-4   # float noise allowed above 0 for a logprob
+
+ReduceFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class DataConfig:
+    """How Atropos groups become training tensors."""
+
+    max_token_len: int = 2048
+    """Longest sequence (tokens, prompt included) kept; longer ones drop their group ("too_long").
+    Keep it equal to `atropos.max_token_len`, which tells the environments the same limit."""
+    vocab_size: Optional[int] = None
+    """Rows of the model's embedding: token ids must be in [0, vocab_size). None checks only >= 0
+    (set it: an out-of-range id is an index error deep inside the embedding otherwise)."""
+    pad_token_id: int = 0
+    """Token written in padded positions of `input_ids` (never trained, attention_mask 0)."""
+    advantage_scale: Literal["group", "batch", "none"] = "group"
+    """GRPO advantage from `scores` when a group sends no token `advantages`: score minus group mean,
+    divided by the group std ("group"), the std of all scores in the batch ("batch"), or 1 ("none")."""
+    advantage_norm: Literal["none", "batch", "global"] = "none"
+    """Whitening of the token advantages over trained tokens: none, over this batch, or over all
+    ranks ("global": needs `reduce_fn` in `build_train_batch` when ranks hold different data; when
+    every rank builds the same full batch, as `broadcast_groups` arranges, it equals "batch")."""
+    advantage_clip: Optional[tuple[float, float]] = None
+    """[lo, hi] bounds for the final token advantages, or None."""
+    advantage_eps: float = 1e-6
+    """A std at or below this counts as zero: advantages are centred but not divided by it."""
+    max_tokens_per_micro_batch: int = 8192
+    """Budget of one micro-batch in tokens: rows × longest row when padded, total when packed."""
+    layout: Literal["padded", "packed"] = "padded"
+    """"padded": one sequence per row. "packed": all sequences of a micro-batch in one row with
+    position_ids restarting per sequence and cu_seqlens; needs attention that honours them
+    (flash-attention varlen); plain SDPA/eager would attend across sequences."""
+    use_inference_logprobs: bool = False
+    """Put the sampler's `inference_logprobs` into `MicroBatch.old_logprobs` (PPO/CISPO ratios);
+    groups without them are dropped ("missing_logprobs")."""
+    use_ref_logprobs: bool = False
+    """Put the environment's `ref_logprobs` into `MicroBatch.ref_logprobs` (KL penalty); groups
+    without them are dropped ("missing_logprobs")."""
+
+    def __post_init__(self):
+        if self.max_token_len < 2:
+            raise ValueError(f"data.max_token_len must be >= 2 (one context and one target token), "
+                             f"got {self.max_token_len}")
+        if self.vocab_size is not None and self.vocab_size < 1:
+            raise ValueError(f"data.vocab_size must be >= 1 or None, got {self.vocab_size}")
+        if self.pad_token_id < 0 or (self.vocab_size is not None and self.pad_token_id >= self.vocab_size):
+            raise ValueError(f"data.pad_token_id must be in [0, vocab_size), got {self.pad_token_id}")
+        if self.advantage_scale not in ("group", "batch", "none"):
+            raise ValueError(f"data.advantage_scale must be group, batch or none, got {self.advantage_scale!r}")
+        if self.advantage_norm not in ("none", "batch", "global"):
+            raise ValueError(f"data.advantage_norm must be none, batch or global, got {self.advantage_norm!r}")
+        if self.advantage_clip is not None:
+            clip = tuple(self.advantage_clip)
+            if len(clip) != 2 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in clip) \
+                    or not clip[0] < clip[1]:
+                raise ValueError(f"data.advantage_clip must be [lo, hi] with finite lo < hi, got {self.advantage_clip!r}")
+            self.advantage_clip = (float(clip[0]), float(clip[1]))
+        if not (self.advantage_eps >= 0 and math.isfinite(self.advantage_eps)):
+            raise ValueError(f"data.advantage_eps must be finite and >= 0, got {self.advantage_eps}")
+        if self.max_tokens_per_micro_batch < 1:
+            raise ValueError(f"data.max_tokens_per_micro_batch must be >= 1, got {self.max_tokens_per_micro_batch}")
+        if self.layout not in ("padded", "packed"):
+            raise ValueError(f"data.layout must be padded or packed, got {self.layout!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class _Seq:
+    """One checked sequence, numpy arrays aligned with its tokens (unshifted)."""
+
+    tokens: np.ndarray                      # (L,) int64
+    trained: np.ndarray                     # (L,) bool: mask != -100 and position >= 1
+    score: float
+    advantages: Optional[np.ndarray]        # (L,) float64, as sent
+    inference_logprobs: Optional[np.ndarray]
+    ref_logprobs: Optional[np.ndarray]
+    zero_advantage: bool
+
+
+class _Bad(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+_PER_TOKEN_FLOAT_FIELDS = ("advantages", "inference_logprobs", "ref_logprobs")
+
+
+def _int_row(v, field: str, i: int) -> np.ndarray:
+    if not isinstance(v, list):
+        raise _Bad("malformed", f"{field}[{i}] is {type(v).__name__}, not a list of ints")
+    if not v:
+        return np.zeros(0, dtype=np.int64)
+    arr = np.asarray(v)
+    if arr.ndim != 1 or arr.dtype.kind not in "iu":
+        raise _Bad("malformed", f"{field}[{i}] is not a flat list of integers (numpy read it as {arr.dtype}, "
+                                f"ndim {arr.ndim})")
+    return arr.astype(np.int64, copy=False)
+
+
+def _float_row(v, field: str, i: int) -> np.ndarray:
+    if not isinstance(v, list):
+        raise _Bad("malformed", f"{field}[{i}] is {type(v).__name__}, not a list of numbers")
+    if not v:
+        return np.zeros(0, dtype=np.float64)
+    arr = np.asarray(v)
+    if arr.ndim != 1 or arr.dtype.kind not in "iuf":
+        raise _Bad("malformed", f"{field}[{i}] is not a flat list of numbers (numpy read it as {arr.dtype})")
+    return arr.astype(np.float64, copy=False)
+
+
+def _check_group(group, cfg: DataConfig) -> list[_Seq]:
+    """Parse and check one group; raise `_Bad(reason, detail)` on the first problem found."""
+    if not isinstance(group, dict):
+        raise _Bad("malformed", f"group is {type(group).__name__}, not an object")
+    for key in ("tokens", "masks", "scores"):
+        if not isinstance(group.get(key), list):
+            raise _Bad("malformed", f"{key!r} is {type(group.get(key)).__name__}, not a list")
+    tokens_in, masks_in, scores_in = group["tokens"], group["masks"], group["scores"]
+    n = len(tokens_in)
+    if n == 0:
+        raise _Bad("empty_sequence", "group has no sequences")
+    per_token = {f: group.get(f) for f in _PER_TOKEN_FLOAT_FIELDS if group.get(f) is not None}
+    if cfg.use_inference_logprobs and "inference_logprobs" not in per_token:
+        raise _Bad("missing_logprobs", "data.use_inference_logprobs is set but the group has no inference_logprobs")
+    if cfg.use_ref_logprobs and "ref_logprobs" not in per_token:
+        raise _Bad("missing_logprobs", "data.use_ref_logprobs is set but the group has no ref_logprobs")
+    overrides = group.get("overrides")
+    counts = {"tokens": n, "masks": len(masks_in), "scores": len(scores_in)}
+    for f, v in per_token.items():
+        if not isinstance(v, list):
+            raise _Bad("malformed", f"{f!r} is {type(v).__name__}, not a list")
+        counts[f] = len(v)
+    if overrides is not None:
+        if not isinstance(overrides, list) or not all(o is None or isinstance(o, dict) for o in overrides):
+            raise _Bad("malformed", "'overrides' must be a list of objects (or null)")
+        # Atropos's BaseEnv sends [] when no item set one: treat that as "none".
+        if overrides:
+            counts["overrides"] = len(overrides)
+    if len(set(counts.values())) != 1:
+        raise _Bad("count_mismatch", "numbers of sequences differ: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+    group_overrides = group.get("group_overrides")
+    if group_overrides is not None and not isinstance(group_overrides, dict):
+        raise _Bad("malformed", "'group_overrides' must be an object (or null)")
+    group_zero = bool((group_overrides or {}).get("set_advantage_to_zero", False))
+
+    scores = _float_row(scores_in, "scores", 0) if scores_in else np.zeros(0)
+    if scores.shape != (n,):
+        raise _Bad("malformed", "'scores' must be a flat list of numbers")
+    if not np.isfinite(scores).all():
+        raise _Bad("non_finite", f"scores hold {scores[~np.isfinite(scores)][:3].tolist()}")
+
+    seqs = []
+    for i in range(n):
+        tok = _int_row(tokens_in[i], "tokens", i)
+        mask = _int_row(masks_in[i], "masks", i)
+        floats = {f: _float_row(v[i], f, i) for f, v in per_token.items()}
+        L = len(tok)
+        if L == 0:
+            raise _Bad("empty_sequence", f"sequence {i} has no tokens")
+        lens = {"tokens": L, "masks": len(mask), **{f: len(a) for f, a in floats.items()}}
+        if len(set(lens.values())) != 1:
+            raise _Bad("length_mismatch", f"sequence {i}: " + ", ".join(f"len({k})={v}" for k, v in lens.items()))
+        if L > cfg.max_token_len:
+            raise _Bad("too_long", f"sequence {i} has {L} tokens > data.max_token_len {cfg.max_token_len}")
+        lo, hi = int(tok.min()), int(tok.max())
+        if lo < 0 or (cfg.vocab_size is not None and hi >= cfg.vocab_size):
+            raise _Bad("token_out_of_range", f"sequence {i} has token ids in [{lo}, {hi}], allowed "
+                                             f"[0, {cfg.vocab_size if cfg.vocab_size is not None else 'inf'})")
+        masked = mask == IGNORE
+        if not np.all(masked | (mask == tok)):
+            t = int(np.flatnonzero(~(masked | (mask == tok)))[0])
+            raise _Bad("bad_mask", f"sequence {i} position {t}: mask {int(mask[t])} is neither -100 nor the "
+                                   f"token id {int(tok[t])}")
+        for f, a in floats.items():
+            if not np.isfinite(a).all():
+                raise _Bad("non_finite", f"{f}[{i}] holds {a[~np.isfinite(a)][:3].tolist()}")
+        trained = ~masked
+        trained[0] = False  # nothing predicts token 0
+        for f in ("inference_logprobs", "ref_logprobs"):
+            if f in floats and trained.any() and float(floats[f][trained].max()) > _LOGPROB_SLACK:
+                raise _Bad("bad_logprobs", f"{f}[{i}] has {float(floats[f][trained].max()):.4g} > 0 at a trained "
+                                           f"position (misaligned, or a prompt's 1.0 under a trained mask)")
+        if not trained.any():
+            raise _Bad("no_trained_tokens", f"sequence {i} has no trained position after the first token")
+        ov = overrides[i] if overrides else None
+        seqs.append(_Seq(tokens=tok, trained=trained, score=float(scores[i]),
+                         advantages=floats.get("advantages"),
+                         inference_logprobs=floats.get("inference_logprobs"),
+                         ref_logprobs=floats.get("ref_logprobs"),
+                         zero_advantage=group_zero or bool((ov or {}).get("set_advantage_to_zero", False))))
+    return seqs
+
+
+def validate_group(group, cfg: DataConfig) -> tuple[bool, str]:
+    """Check one Atropos group. Returns `(True, "")` or `(False, "<reason>: <detail>")`, where
+    `<reason>` is one of `DROP_REASONS` (see `reason_key`)."""
+    try:
+        _check_group(group, cfg)
+    except _Bad as e:
+        return False, str(e)
+    return True, ""
+
+
+def reason_key(reason: str) -> str:
+    """The `DROP_REASONS` entry of a `validate_group` reason string."""
+    return reason.split(":", 1)[0]
+
+
+def _group_digest(group: dict) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    for key in ("tokens", "masks", "scores"):
+        h.update(json.dumps(group[key], separators=(",", ":")).encode())
+        h.update(b"|")
+    return h.digest()
+
+
+def filter_groups(groups: Sequence, cfg: DataConfig) -> tuple[list[dict], list[list[_Seq]], dict]:
+    """Drop bad groups whole. Returns (kept groups, their parsed sequences, metrics) where metrics
+    has `data/dropped` (total) and `data/dropped/<reason>` for each reason that occurred."""
+    kept, parsed, drops, seen = [], [], Counter(), set()
+    for gi, group in enumerate(groups):
+        try:
+            seqs = _check_group(group, cfg)
+            digest = _group_digest(group)
+            if digest in seen:
+                raise _Bad("duplicate", "same tokens, masks and scores as an earlier group of this batch")
+        except _Bad as e:
+            drops[e.reason] += 1
+            env = group.get("env_id") if isinstance(group, dict) else None
+            logger.warning("dropping group %d of the batch (env_id=%s): %s", gi, env, e)
+            continue
+        seen.add(digest)
+        kept.append(group)
+        parsed.append(seqs)
+    metrics = {"data/dropped": sum(drops.values())}
+    metrics.update({f"data/dropped/{r}": c for r, c in sorted(drops.items())})
+    return kept, parsed, metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Advantages
+# ---------------------------------------------------------------------------------------------
+
+def _std(x: np.ndarray) -> float:
+    return float(np.sqrt(np.mean((x - x.mean()) ** 2))) if x.size else 0.0
+
+
+def compute_advantages(parsed: list[list[_Seq]], cfg: DataConfig,
+                       reduce_fn: Optional[ReduceFn] = None) -> list[np.ndarray]:
+    """Token advantages per sequence (flattened over groups), aligned with tokens, zero where not
+    trained. `reduce_fn` (for advantage_norm="global") sums a float64 tensor across ranks, e.g.
+    `lambda t: (dist.all_reduce(t), t)[1]`."""
+    score_groups = [g for g in parsed if g[0].advantages is None]
+    batch_std = _std(np.array([s.score for g in score_groups for s in g])) if score_groups else 0.0
+    out: list[np.ndarray] = []
+    for g in parsed:
+        if g[0].advantages is not None:
+            for s in g:
+                out.append(np.where(s.trained, s.advantages, 0.0))
+            continue
+        scores = np.array([s.score for s in g])
+        centred = scores - scores.mean()
+        scale = {"group": _std(scores), "batch": batch_std, "none": 1.0}[cfg.advantage_scale]
+        if scale > cfg.advantage_eps:
+            centred = centred / scale
+        for s, a in zip(g, centred):
+            out.append(np.where(s.trained, a, 0.0))
+    seqs = [s for g in parsed for s in g]
+    live = [s.trained & ~s.zero_advantage for s in seqs]   # positions the statistics see
+    if cfg.advantage_norm != "none":
+        vals = np.concatenate([a[m] for a, m in zip(out, live)]) if out else np.zeros(0)
+        reduce = reduce_fn if cfg.advantage_norm == "global" else None
+        stats = torch.tensor([float(vals.size), float(vals.sum())], dtype=torch.float64)
+        if reduce is not None:
+            stats = reduce(stats)
+        count, total = float(stats[0]), float(stats[1])
+        if count > 0:
+            mean = total / count
+            sq = torch.tensor([float(((vals - mean) ** 2).sum())], dtype=torch.float64)
+            if reduce is not None:
+                sq = reduce(sq)
+            std = math.sqrt(float(sq[0]) / count)
+            for k, (a, m) in enumerate(zip(out, live)):
+                a = np.where(m, a - mean, 0.0)
+                out[k] = a / std if std > cfg.advantage_eps else a
+    if cfg.advantage_clip is not None:
+        lo, hi = cfg.advantage_clip
+        out = [np.clip(a, lo, hi) for a in out]
+    for k, s in enumerate(seqs):
+        out[k] = np.where(live[k], out[k], 0.0)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Packing
+# ---------------------------------------------------------------------------------------------
+
+def _cost(rows: int, longest: int, total: int, padded: bool) -> int:
+    return rows * longest if padded else total
+
+
+def plan_micro_batches(lengths: Sequence[int], budget: int, padded: bool) -> list[list[int]]:
+    """Indices of the sequences in each micro-batch: fewest micro-batches whose cost fits `budget`
+    (a longer sequence alone), balanced by cost (longest-processing-time first)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    alone = [[i] for i in order if lengths[i] > budget]
+    rest = [i for i in order if lengths[i] <= budget]
+    if not rest:
+        return alone
+    k = max(1, math.ceil(sum(lengths[i] for i in rest) / budget))
+    while True:
+        bins: list[list[int]] = [[] for _ in range(k)]
+        loads = [0] * k                       # cost so far
+        longest = [0] * k
+        totals = [0] * k
+        ok = True
+        for i in rest:
+            best = None
+            for b in range(k):
+                new_cost = _cost(len(bins[b]) + 1, max(longest[b], lengths[i]), totals[b] + lengths[i], padded)
+                if new_cost <= budget and (best is None or loads[b] < loads[best]):
+                    best = b
+            if best is None:
+                ok = False
+                break
+            bins[best].append(i)
+            longest[best] = max(longest[best], lengths[i])
+            totals[best] += lengths[i]
+            loads[best] = _cost(len(bins[best]), longest[best], totals[best], padded)
+        if ok:
+            return alone + [sorted(b) for b in bins if b]
+        k += 1
+
+
+@dataclass
+class _Row:
+    """One sequence shifted for training: position t predicts targets[t] = tokens[t+1]."""
+
+    input_ids: np.ndarray
+    targets: np.ndarray
+    loss_mask: np.ndarray
+    advantages: np.ndarray
+    old_logprobs: Optional[np.ndarray]
+    ref_logprobs: Optional[np.ndarray]
+    seq_id: int
+
+
+def _shift(s: _Seq, adv: np.ndarray, seq_id: int, cfg: DataConfig) -> _Row:
+    m = s.trained[1:]
+    lp = lambda a: np.where(m, a[1:], 0.0) if a is not None else None  # noqa: E731 - prompt 1.0s go
+    return _Row(input_ids=s.tokens[:-1], targets=s.tokens[1:], loss_mask=m.astype(np.float32),
+                advantages=np.where(m, adv[1:], 0.0),
+                old_logprobs=lp(s.inference_logprobs) if cfg.use_inference_logprobs else None,
+                ref_logprobs=lp(s.ref_logprobs) if cfg.use_ref_logprobs else None, seq_id=seq_id)
+
+
+def _make_micro_batch(rows: list[_Row], cfg: DataConfig) -> MicroBatch:
+    with_old = cfg.use_inference_logprobs
+    with_ref = cfg.use_ref_logprobs
+    if cfg.layout == "packed":
+        T = sum(len(r.input_ids) for r in rows)
+        shape = (1, T)
+        placements = [(r, 0, off) for r, off in zip(rows, np.cumsum([0] + [len(r.input_ids) for r in rows[:-1]]))]
+    else:
+        T = max(len(r.input_ids) for r in rows)
+        shape = (len(rows), T)
+        placements = [(r, k, 0) for k, r in enumerate(rows)]
+    input_ids = torch.full(shape, cfg.pad_token_id, dtype=torch.int64)
+    targets = torch.zeros(shape, dtype=torch.int64)
+    loss_mask = torch.zeros(shape, dtype=torch.float32)
+    advantages = torch.zeros(shape, dtype=torch.float32)
+    attention_mask = torch.zeros(shape, dtype=torch.int64)
+    position_ids = torch.zeros(shape, dtype=torch.int64)
+    sequence_ids = torch.full(shape, -1, dtype=torch.int64)
+    old = torch.zeros(shape, dtype=torch.float32) if with_old else None
+    ref = torch.zeros(shape, dtype=torch.float32) if with_ref else None
+    for r, k, off in placements:
+        n = len(r.input_ids)
+        sl = (k, slice(int(off), int(off) + n))
+        input_ids[sl] = torch.from_numpy(r.input_ids)
+        targets[sl] = torch.from_numpy(r.targets)
+        loss_mask[sl] = torch.from_numpy(r.loss_mask)
+        advantages[sl] = torch.from_numpy(r.advantages).to(torch.float32)
+        attention_mask[sl] = 1
+        position_ids[sl] = torch.arange(n)
+        sequence_ids[sl] = r.seq_id
+        if with_old:
+            old[sl] = torch.from_numpy(r.old_logprobs).to(torch.float32)
+        if with_ref:
+            ref[sl] = torch.from_numpy(r.ref_logprobs).to(torch.float32)
+    cu = None
+    if cfg.layout == "packed":
+        cu = torch.tensor([0] + np.cumsum([len(r.input_ids) for r in rows]).tolist(), dtype=torch.int32)
+    return MicroBatch(input_ids=input_ids, targets=targets, loss_mask=loss_mask, advantages=advantages,
+                      attention_mask=attention_mask, position_ids=position_ids, old_logprobs=old,
+                      ref_logprobs=ref, layout=cfg.layout, cu_seqlens=cu, num_sequences=len(rows),
+                      sequence_ids=sequence_ids)
+
+
+def build_train_batch(groups: Sequence, cfg: DataConfig, reduce_fn: Optional[ReduceFn] = None) -> TrainBatch:
+    """Validate, compute advantages and pack one Atropos batch (a list of groups as `/batch` sends).
+
+    Sequences are numbered in the order of the kept groups (`MicroBatch.sequence_ids`,
+    `TrainBatch.scores`). With every group dropped, `micro_batches` is empty and
+    `total_trained_tokens` 0: skip the step.
+    """
+    kept, parsed, metrics = filter_groups(groups, cfg)
+    seqs = [s for g in parsed for s in g]
+    advs = compute_advantages(parsed, cfg, reduce_fn)
+    rows = [_shift(s, a, k, cfg) for k, (s, a) in enumerate(zip(seqs, advs))]
+    plan = plan_micro_batches([len(r.input_ids) for r in rows], cfg.max_tokens_per_micro_batch,
+                              padded=cfg.layout == "padded")
+    mbs = [_make_micro_batch([rows[i] for i in idx], cfg) for idx in plan]
+    trained = int(sum(r.loss_mask.sum() for r in rows))
+    real = sum(len(r.input_ids) for r in rows)
+    slots = sum(mb.input_ids.numel() for mb in mbs)
+    all_adv = np.concatenate([r.advantages[r.loss_mask > 0] for r in rows]) if rows else np.zeros(0)
+    metrics.update({
+        "data/groups": len(kept),
+        "data/sequences": len(seqs),
+        "data/tokens": real,
+        "data/trained_tokens": trained,
+        "data/micro_batches": len(mbs),
+        "data/padding_fraction": (1.0 - real / slots) if slots else 0.0,
+        "data/seq_len_mean": (real / len(rows)) if rows else 0.0,
+        "data/advantage_mean": float(all_adv.mean()) if all_adv.size else 0.0,
+        "data/advantage_abs_mean": float(np.abs(all_adv).mean()) if all_adv.size else 0.0,
+    })
+    return TrainBatch(micro_batches=mbs, total_trained_tokens=trained, num_groups=len(kept),
+                      num_sequences=len(seqs), scores=[s.score for s in seqs], metrics=metrics)
+
+
+def _dummy_like(mb: MicroBatch, pad_token_id: int) -> MicroBatch:
+    """A 1×1 micro-batch that trains nothing. Its one token is attended (attention_mask 1): a row
+    with no attended key gives NaN attention, and NaN × 0 is still NaN in the loss."""
+    zeros = lambda dt: torch.zeros((1, 1), dtype=dt)  # noqa: E731
+    return MicroBatch(
+        input_ids=torch.full((1, 1), pad_token_id, dtype=torch.int64),
+        targets=zeros(torch.int64), loss_mask=zeros(torch.float32), advantages=zeros(torch.float32),
+        attention_mask=torch.ones((1, 1), dtype=torch.int64), position_ids=zeros(torch.int64),
+        old_logprobs=zeros(torch.float32) if mb.old_logprobs is not None else None,
+        ref_logprobs=zeros(torch.float32) if mb.ref_logprobs is not None else None,
+        layout=mb.layout, cu_seqlens=torch.tensor([0, 1], dtype=torch.int32) if mb.layout == "packed" else None,
+        num_sequences=0, sequence_ids=torch.full((1, 1), -1, dtype=torch.int64))
+
+
+def split_for_ranks(micro_batches: Sequence[MicroBatch], world_size: int,
+                    pad_token_id: int = 0) -> list[list[MicroBatch]]:
+    """Share micro-batches between ranks, balanced by token slots (rows × length), with the SAME
+    number per rank: FSDP runs the same collectives per forward/backward on every rank, so a rank
+    with one micro-batch fewer would hang the others. Short ranks get an all-masked 1×1 micro-batch
+    (it must still go through forward and backward). Deterministic: every rank computes the same
+    split and takes `result[rank]`."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if not micro_batches:
+        raise ValueError("split_for_ranks needs at least one micro-batch (an empty batch is a skipped step)")
+    per_rank = math.ceil(len(micro_batches) / world_size)
+    order = sorted(range(len(micro_batches)), key=lambda i: (-micro_batches[i].input_ids.numel(), i))
+    shares: list[list[int]] = [[] for _ in range(world_size)]
+    loads = [0] * world_size
+    for i in order:
+        r = min((r for r in range(world_size) if len(shares[r]) < per_rank), key=lambda r: (loads[r], r))
+        shares[r].append(i)
+        loads[r] += micro_batches[i].input_ids.numel()
+    out = []
+    for share in shares:
+        mbs = [micro_batches[i] for i in sorted(share)]
+        mbs += [_dummy_like(micro_batches[0], pad_token_id) for _ in range(per_rank - len(mbs))]
+        out.append(mbs)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Shipping raw groups between ranks (JSON in a uint8 tensor: no pickle)
+# ---------------------------------------------------------------------------------------------
+
+def groups_to_json_bytes(groups: Sequence) -> bytes:
+    """Encode a batch as compact JSON. NaN/Infinity are kept (as Python's json writes them) so the
+    receiving side drops those groups exactly as rank 0 would."""
+    return json.dumps(list(groups), separators=(",", ":"), allow_nan=True).encode("utf-8")
+
+
+def groups_from_json_bytes(data: bytes) -> list[dict]:
+    out = json.loads(bytes(data).decode("utf-8"))
+    if not isinstance(out, list):
+        raise ValueError(f"a batch must decode to a JSON list of groups, got {type(out).__name__}")
+    return out
+
+
+def groups_to_tensor(groups: Sequence) -> torch.Tensor:
+    """The batch as a 1-D uint8 tensor (for torch.distributed broadcast)."""
+    return torch.frombuffer(bytearray(groups_to_json_bytes(groups)), dtype=torch.uint8)
+
+
+def groups_from_tensor(t: torch.Tensor) -> list[dict]:
+    return groups_from_json_bytes(t.detach().to("cpu", torch.uint8).numpy().tobytes())
+
+
+def broadcast_groups(groups: Optional[Sequence], src: int = 0, group=None,
+                     device: torch.device | str = "cpu") -> list[dict]:
+    """Send the raw groups of global rank `src` to every rank of the process group (length, then
+    payload); the other ranks pass `groups=None`. `device` must suit the backend ("cuda" for NCCL)."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    if rank == src:
+        payload = groups_to_tensor(groups if groups is not None else []).to(device)
+        size = torch.tensor([payload.numel()], dtype=torch.int64, device=device)
+    else:
+        size = torch.zeros(1, dtype=torch.int64, device=device)
+    dist.broadcast(size, src=src, group=group)
+    if rank != src:
+        payload = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
+    dist.broadcast(payload, src=src, group=group)
+    return groups_from_tensor(payload)

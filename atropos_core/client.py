@@ -1,0 +1,337 @@
+"""Trainer-side client of the Atropos trajectory API (atroposlib 0.4.0's `run-api`).
+
+The protocol, as the installed server implements it (`atroposlib/api/server.py`):
+- `POST /register` sends the trainer's settings. Only the first registration after a start (or a
+  `GET /reset_data`) sets the server's state; later ones just get a new uuid.
+- `GET /batch` returns `{"batch": null}` or `{"batch": [group, ...]}` holding exactly `batch_size`
+  sequences (groups are never split). **The first `/batch` call is what lets environments in**:
+  until a trainer has polled once, `/register-env` answers "wait for trainer to start", so a trainer
+  that waits for data before polling waits forever. Call `wait_for_batch` (or `get_batch`) right
+  after `register`.
+- `GET /info` → `{batch_size, max_token_len}`, -1 when no trainer is registered.
+- `GET /status` → `{current_step, queue_size}` (queue in groups).
+
+What can go wrong and what this client does about it:
+- The server is not up yet or is restarting: connection errors are retried with exponential
+  backoff and jitter (tenacity) up to `max_wait_s`, then one `AtroposUnavailable` naming the URL
+  and what was tried, without the retry machinery's stack.
+- A queued group holding NaN/Infinity (the server accepts it) makes `/batch` answer 500 and that
+  batch is lost: counted in `data/api_errors`, logged, and polling goes on.
+- The server restarted (state is in memory only) or was reset: `/batch` answers "Trainer not
+  registered" or 500 and `/info` says -1: the client registers again (`data/reregistered`) with
+  the step it has reached, and goes on.
+- An environment posted data to a fresh server before the trainer registered: atroposlib 0.4.0
+  then ignores the registration (it only initialises when no queue exists) and every `/batch`
+  fails. Seen as `/info` still -1 right after registering; the client resets the server's data
+  (`GET /reset_data`, losing those early groups) and registers again (`data/api_resets`).
+- A registration that does not match ours (another trainer's state): `AtroposConfigMismatch`.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+from urllib.parse import urlparse
+
+import requests
+from tenacity import (RetryError, Retrying, retry_if_exception_type, stop_before_delay,
+                      wait_exponential_jitter)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class AtroposConfig:
+    """Where the trajectory API is and what the trainer registers with it."""
+
+    url: str = "http://127.0.0.1:8000"
+    """Base URL of the trajectory API (`run-api`), e.g. http://127.0.0.1:8000."""
+    batch_size: int = 64
+    """Sequences per training batch (not groups): the server ships exactly this many."""
+    max_token_len: int = 2048
+    """Longest sequence the environments may send; keep it equal to `data.max_token_len`."""
+    group_size: Optional[int] = None
+    """Sequences per group the environments send, if known: checked against batch_size at start."""
+    request_timeout_s: float = 30.0
+    """Timeout of one HTTP request (connect and read)."""
+    max_wait_s: float = 900.0
+    """Longest total wait for the server to answer (register) or for one batch to be ready."""
+    backoff_initial_s: float = 0.05
+    """First pause between polls; it doubles each time up to backoff_max_s."""
+    backoff_max_s: float = 1.0
+    """Longest pause between two polls (also the worst latency added to a batch that is ready)."""
+    backoff_jitter_s: float = 0.1
+    """Random extra pause in [0, this] added to each wait, so many clients do not poll in step."""
+    log_every_s: float = 30.0
+    """While waiting, log a line saying what we wait for at most this often."""
+    wandb_group: str = "atropos-trainer"
+    """wandb group the environments log under (registered with the server)."""
+    wandb_project: str = "atropos"
+    """wandb project the environments log under (registered with the server)."""
+    checkpoint_dir: str = "checkpoints"
+    """Checkpoint directory the server hands to environments (informational for them)."""
+    save_checkpoint_interval: int = 0
+    """Steps between checkpoints, told to environments (<= 0: they do not act on it)."""
+    starting_step: int = 0
+    """Step the run starts at (non-zero when resuming); the server counts steps from it."""
+    num_steps: int = 1
+    """Total steps of the run, told to environments."""
+
+    def __post_init__(self):
+        parsed = urlparse(self.url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise ValueError(f"atropos.url must be an http(s) URL like http://127.0.0.1:8000, got {self.url!r}")
+        self.url = self.url.rstrip("/")
+        if self.batch_size < 1:
+            raise ValueError(f"atropos.batch_size must be >= 1 (sequences), got {self.batch_size}")
+        if self.max_token_len < 2:
+            raise ValueError(f"atropos.max_token_len must be >= 2, got {self.max_token_len}")
+        if self.group_size is not None:
+            if self.group_size < 1:
+                raise ValueError(f"atropos.group_size must be >= 1 or None, got {self.group_size}")
+            if self.group_size > self.batch_size:
+                raise ValueError(
+                    f"atropos.group_size {self.group_size} > atropos.batch_size {self.batch_size}: the API never "
+                    f"splits a group, so a group larger than a batch blocks its queue forever; raise batch_size "
+                    f"or lower the environment's group_size")
+            if self.batch_size % self.group_size:
+                raise ValueError(
+                    f"atropos.batch_size {self.batch_size} is not a multiple of atropos.group_size "
+                    f"{self.group_size}: the API fills a batch with whole groups only, so it would never ship one")
+        for name in ("request_timeout_s", "max_wait_s", "backoff_max_s", "log_every_s"):
+            v = getattr(self, name)
+            if not (v > 0 and math.isfinite(v)):
+                raise ValueError(f"atropos.{name} must be a finite number > 0, got {v}")
+        if not (0 < self.backoff_initial_s <= self.backoff_max_s):
+            raise ValueError(f"atropos.backoff_initial_s must be in (0, backoff_max_s={self.backoff_max_s}], "
+                             f"got {self.backoff_initial_s}")
+        if not (0 <= self.backoff_jitter_s <= self.backoff_max_s):
+            raise ValueError(f"atropos.backoff_jitter_s must be in [0, backoff_max_s], got {self.backoff_jitter_s}")
+        if self.starting_step < 0:
+            raise ValueError(f"atropos.starting_step must be >= 0, got {self.starting_step}")
+        if self.num_steps < 1:
+            raise ValueError(f"atropos.num_steps must be >= 1, got {self.num_steps}")
+
+
+class AtroposUnavailable(ConnectionError):
+    """The trajectory API could not be reached within `max_wait_s`."""
+
+
+class AtroposAPIError(RuntimeError):
+    """The trajectory API answered something this client cannot use (bad status or payload)."""
+
+
+class AtroposConfigMismatch(AtroposAPIError):
+    """The server holds another trainer's registration (batch size / max length differ)."""
+
+
+class _NoBatchYet(Exception):
+    pass
+
+
+_NETWORK_ERRORS = (requests.ConnectionError, requests.Timeout)
+
+
+class AtroposClient:
+    """One trainer's connection to the trajectory API (rank 0 only; see `batch.broadcast_groups`)."""
+
+    def __init__(self, cfg: AtroposConfig, session: Optional[requests.Session] = None):
+        self.cfg = cfg
+        self.session = session or requests.Session()
+        self.uuid: Optional[int] = None
+        self.batches_received = 0
+        self._deadline: Optional[float] = None   # set while a bounded wait runs
+        self._counters = {k: 0 for k in ("data/polls", "data/empty_polls", "data/batches", "data/api_errors",
+                                         "data/connection_errors", "data/reregistered", "data/api_resets")}
+        self._last_wait_s = 0.0
+        self._total_wait_s = 0.0
+
+    # -- plumbing ------------------------------------------------------------------------------
+    def _timeout(self) -> float:
+        if self._deadline is None:
+            return self.cfg.request_timeout_s
+        return max(0.5, min(self.cfg.request_timeout_s, self._deadline - time.monotonic()))
+
+    def _request(self, method: str, path: str, **kw) -> requests.Response:
+        try:
+            return self.session.request(method, self.cfg.url + path, timeout=self._timeout(), **kw)
+        except _NETWORK_ERRORS:
+            self._counters["data/connection_errors"] += 1
+            raise
+
+    def _json(self, resp: requests.Response, what: str) -> Any:
+        if resp.status_code != 200:
+            raise AtroposAPIError(f"{what} at {self.cfg.url} answered HTTP {resp.status_code}: {resp.text[:300]!r}")
+        try:
+            return resp.json()
+        except ValueError:
+            raise AtroposAPIError(f"{what} at {self.cfg.url} answered non-JSON: {resp.text[:300]!r}") from None
+
+    def _retrying(self, retry_on: tuple, before_sleep=None) -> Retrying:
+        return Retrying(
+            stop=stop_before_delay(self.cfg.max_wait_s),
+            wait=wait_exponential_jitter(initial=self.cfg.backoff_initial_s, max=self.cfg.backoff_max_s,
+                                         jitter=self.cfg.backoff_jitter_s),
+            retry=retry_if_exception_type(retry_on), before_sleep=before_sleep, reraise=False)
+
+    def _unavailable(self, err: RetryError, what: str, started: float) -> AtroposUnavailable:
+        last = err.last_attempt.exception() if err.last_attempt.failed else None
+        return AtroposUnavailable(
+            f"Atropos API at {self.cfg.url} did not answer {what}: tried {err.last_attempt.attempt_number} "
+            f"times over {time.monotonic() - started:.1f} s (atropos.max_wait_s={self.cfg.max_wait_s}); last "
+            f"error: {type(last).__name__}: {str(last)[:200]}. Is `run-api` running there?")
+
+    # -- one request each ------------------------------------------------------------------------
+    def info(self) -> dict:
+        """`GET /info` → {"batch_size", "max_token_len"} (-1 when no trainer is registered)."""
+        return self._json(self._request("GET", "/info"), "GET /info")
+
+    def status(self) -> dict:
+        """`GET /status` → {"current_step", "queue_size"} (queue size in groups)."""
+        return self._json(self._request("GET", "/status"), "GET /status")
+
+    def registration_payload(self) -> dict:
+        c = self.cfg
+        return {"wandb_group": c.wandb_group, "wandb_project": c.wandb_project, "batch_size": c.batch_size,
+                "max_token_len": c.max_token_len, "checkpoint_dir": c.checkpoint_dir,
+                "save_checkpoint_interval": c.save_checkpoint_interval,
+                "starting_step": c.starting_step + self.batches_received, "num_steps": c.num_steps}
+
+    def _register_once(self) -> int:
+        body = self._json(self._request("POST", "/register", json=self.registration_payload()), "POST /register")
+        info = self.info()
+        if info.get("batch_size") == -1:
+            # atroposlib 0.4.0 initialises only when no queue exists: data posted before the first
+            # registration makes it ignore ours. Clearing that data is the only way in.
+            logger.warning("Atropos API at %s ignored the registration (an environment posted data before any "
+                           "trainer registered); resetting its data and registering again", self.cfg.url)
+            self._request("GET", "/reset_data")
+            self._counters["data/api_resets"] += 1
+            body = self._json(self._request("POST", "/register", json=self.registration_payload()),
+                              "POST /register")
+            info = self.info()
+            if info.get("batch_size") == -1:
+                raise AtroposAPIError(f"Atropos API at {self.cfg.url} still reports no trainer after reset and "
+                                      f"registration: {info}")
+        if info.get("batch_size") != self.cfg.batch_size or info.get("max_token_len") != self.cfg.max_token_len:
+            raise AtroposConfigMismatch(
+                f"Atropos API at {self.cfg.url} holds another registration: batch_size={info.get('batch_size')}, "
+                f"max_token_len={info.get('max_token_len')}; ours: batch_size={self.cfg.batch_size}, "
+                f"max_token_len={self.cfg.max_token_len}. Restart the API or GET /reset_data first.")
+        self.uuid = int(body["uuid"])
+        return self.uuid
+
+    def register(self) -> int:
+        """Register this trainer (waiting up to `max_wait_s` for the server to come up); returns the
+        uuid. Call `wait_for_batch` next: environments can only join after the first `/batch`."""
+        started = time.monotonic()
+        self._deadline = started + self.cfg.max_wait_s
+        try:
+            for attempt in self._retrying(_NETWORK_ERRORS):
+                with attempt:
+                    uid = self._register_once()
+        except RetryError as e:
+            raise self._unavailable(e, "POST /register", started) from None
+        finally:
+            self._deadline = None
+        logger.info("registered with Atropos API at %s (batch_size=%d sequences, max_token_len=%d)",
+                    self.cfg.url, self.cfg.batch_size, self.cfg.max_token_len)
+        return uid
+
+    def _ensure_registered(self) -> None:
+        """Register again if the server has lost our registration (restart or /reset_data)."""
+        if self.info().get("batch_size") == -1:
+            logger.warning("Atropos API at %s has no trainer registered (restarted or reset?): registering "
+                           "again at step %d", self.cfg.url, self.cfg.starting_step + self.batches_received)
+            self._register_once()
+            self._counters["data/reregistered"] += 1
+
+    def get_batch(self) -> Optional[list[dict]]:
+        """One `GET /batch`: the groups of one batch, or None when none is ready (also after a
+        survived server error). Network errors propagate (`wait_for_batch` retries them)."""
+        self._counters["data/polls"] += 1
+        resp = self._request("GET", "/batch")
+        if resp.status_code >= 500:
+            # uvicorn closes the connection after an unhandled error: drop the pooled one, or the
+            # next request on it fails with "connection reset".
+            self.session.close()
+            self._counters["data/api_errors"] += 1
+            logger.warning("GET /batch at %s answered HTTP %d (atroposlib does this when a queued group holds "
+                           "NaN/Infinity, losing that batch, or after a reset); polling on. Body: %r",
+                           self.cfg.url, resp.status_code, resp.text[:200])
+            self._ensure_registered()
+            return None
+        body = self._json(resp, "GET /batch")
+        if not isinstance(body, dict):
+            raise AtroposAPIError(f"GET /batch at {self.cfg.url} answered {type(body).__name__}, not an object")
+        if body.get("status") == "error":
+            logger.info("GET /batch at %s: %s", self.cfg.url, body.get("message"))
+            self._ensure_registered()
+            return None
+        batch = body.get("batch")
+        if not batch:
+            self._counters["data/empty_polls"] += 1
+            return None
+        if not isinstance(batch, list):
+            raise AtroposAPIError(f"GET /batch at {self.cfg.url}: 'batch' is {type(batch).__name__}, not a list")
+        self._counters["data/batches"] += 1
+        self.batches_received += 1
+        return batch
+
+    def wait_for_batch(self) -> list[dict]:
+        """Poll `/batch` (exponential backoff with jitter) until a batch comes or `max_wait_s` passes.
+
+        Raises `AtroposUnavailable` if the server cannot be reached all that time, `TimeoutError` if
+        it answers but has no batch for us, `AtroposAPIError` on an unusable answer."""
+        started = time.monotonic()
+        self._deadline = started + self.cfg.max_wait_s
+        last_note = [started]
+
+        def note(retry_state) -> None:
+            now = time.monotonic()
+            if now - last_note[0] < self.cfg.log_every_s:
+                return
+            last_note[0] = now
+            try:
+                st = self.status()
+                where = f"queue holds {st.get('queue_size')} groups, server step {st.get('current_step')}"
+            except (*_NETWORK_ERRORS, AtroposAPIError) as e:
+                where = f"server unreachable ({type(e).__name__})"
+            logger.info("waiting %.0f s for a batch of %d sequences from %s: %s", now - started,
+                        self.cfg.batch_size, self.cfg.url, where)
+
+        try:
+            for attempt in self._retrying((_NoBatchYet, *_NETWORK_ERRORS), before_sleep=note):
+                with attempt:
+                    batch = self.get_batch()
+                    if batch is None:
+                        raise _NoBatchYet()
+        except RetryError as e:
+            waited = time.monotonic() - started
+            self._total_wait_s += waited
+            if isinstance(e.last_attempt.exception(), _NETWORK_ERRORS):
+                raise self._unavailable(e, "GET /batch", started) from None
+            raise TimeoutError(
+                f"no batch of {self.cfg.batch_size} sequences from the Atropos API at {self.cfg.url} within "
+                f"{waited:.1f} s (atropos.max_wait_s={self.cfg.max_wait_s}, {e.last_attempt.attempt_number} polls): "
+                f"are environments running and sending groups that add up to batch_size?") from None
+        finally:
+            self._deadline = None
+        self._last_wait_s = time.monotonic() - started
+        self._total_wait_s += self._last_wait_s
+        return batch
+
+    def metrics(self) -> dict:
+        """Counters since start, slash-namespaced (data/api_errors, data/reregistered, ...)."""
+        return {**self._counters, "data/last_wait_s": self._last_wait_s, "data/total_wait_s": self._total_wait_s}
+
+    def close(self) -> None:
+        self.session.close()
+
+    def __enter__(self) -> "AtroposClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
