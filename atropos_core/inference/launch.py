@@ -1,0 +1,98 @@
+"""Start and stop our vLLM server (`atropos_core.inference.server`) as a managed child process.
+
+The command is vLLM's own `serve` flags plus ours: fp32 on CPU (our tests compare logprobs with
+transformers at ~1e-4), `--enforce-eager` (no graph capture to invalidate on updates; on CPU it
+also saves ~10 s of start), `--seed 0`, the worker extension that registers our weight-transfer
+engine, and `--weight-transfer-config '{"backend": "atropos"}'`. The update token goes in the
+environment (`ATROPOS_UPDATE_TOKEN`), not on the command line where `ps` would show it.
+
+The same command serves CUDA machines: the engine picks NCCL when the trainer asks for it at
+`/weights/init` (`WeightSyncConfig.backend`), and `VLLM_CPU_KVCACHE_SPACE` is ignored there; pass
+`dtype="bfloat16"` and drop `--enforce-eager` via `extra_args`-free keyword arguments there.
+"""
+from __future__ import annotations
+
+import logging
+import secrets
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import requests
+
+from atropos_core.services import ManagedProcess
+
+logger = logging.getLogger(__name__)
+
+SERVER_MODULE = "atropos_core.inference.server"
+WORKER_EXTENSION = "atropos_core.inference.worker_ext.AtroposWorkerExtension"
+TRANSFER_CONFIG = '{"backend": "atropos"}'
+
+
+def new_update_token() -> str:
+    """A fresh per-launch token for the weight-update routes."""
+    return secrets.token_urlsafe(32)
+
+
+@dataclass
+class VLLMServerHandle:
+    """A running server: its base URL, update token and process."""
+
+    url: str
+    token: str
+    process: ManagedProcess
+    model_dir: Path
+
+    def stop(self) -> None:
+        self.process.stop()
+
+    def alive(self) -> bool:
+        return self.process.alive()
+
+    def weight_version(self) -> int | None:
+        return requests.get(f"{self.url}/weight_version", timeout=10).json()["weight_version"]
+
+
+def vllm_server_command(model_dir: str | Path, *, port: int, host: str = "127.0.0.1", dtype: str = "float32",
+                        max_model_len: int = 512, enforce_eager: bool = True, seed: int = 0,
+                        extra_args: Sequence[str] = ()) -> list[str]:
+    """The argv that starts our server (without the environment it needs)."""
+    cmd = [sys.executable, "-m", SERVER_MODULE, "--model", str(model_dir), "--host", host, "--port", str(port),
+           "--dtype", dtype, "--max-model-len", str(max_model_len), "--seed", str(seed),
+           "--worker-extension-cls", WORKER_EXTENSION, "--weight-transfer-config", TRANSFER_CONFIG,
+           "--disable-uvicorn-access-log"]
+    if enforce_eager:
+        cmd.append("--enforce-eager")
+    return cmd + list(extra_args)
+
+
+def start_vllm_server(model_dir: str | Path, *, port: int, log_dir: str | Path, host: str = "127.0.0.1",
+                      update_token: str, extra_args: Sequence[str] = (), timeout: float = 300.0,
+                      dtype: str = "float32", max_model_len: int = 512, kv_cache_gib: int = 1,
+                      env: dict[str, str] | None = None, name: str = "vllm") -> VLLMServerHandle:
+    """Start our vLLM server on `host:port` and wait until `/health` answers 200.
+
+    Fails fast with the log tail (`services.ServiceError`) if the process dies while starting.
+    `update_token` is the secret the trainer's `WeightSync` sends; generate it with
+    `new_update_token()`. `kv_cache_gib` sets `VLLM_CPU_KVCACHE_SPACE` (CPU only).
+    """
+    if len(update_token) < 16:
+        raise ValueError("start_vllm_server: update_token must be at least 16 characters")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("vLLM server %s binds %s: the generation routes are reachable from the network", name, host)
+    child_env = {"VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), "ATROPOS_UPDATE_TOKEN": update_token,
+                 "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "VLLM_NO_USAGE_STATS": "1",
+                 "DO_NOT_TRACK": "1"}
+    child_env.update(env or {})
+    cmd = vllm_server_command(model_dir, port=port, host=host, dtype=dtype, max_model_len=max_model_len,
+                              extra_args=extra_args)
+    proc = ManagedProcess(name, cmd, Path(log_dir) / f"{name}_{port}.log", env=child_env).start()
+    url = f"http://{host}:{port}"
+    try:
+        proc.wait_http(f"{url}/health", timeout)
+    except BaseException:
+        proc.stop()
+        raise
+    logger.info("%s ready at %s (pid %d)", name, url, proc.pid)
+    return VLLMServerHandle(url=url, token=update_token, process=proc, model_dir=Path(model_dir))

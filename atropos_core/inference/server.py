@@ -1,0 +1,351 @@
+"""Our vLLM API server: vLLM's OpenAI server plus Atropos's `/generate` and token-protected
+`/weights/*` routes. Run as `python -m atropos_core.inference.server <vllm serve args>`.
+
+Why our own entry module rather than vLLM's dev-mode routes:
+* Atropos environments with `server_type="vllm"` call `POST /generate` with
+  `{"prompt": {"prompt_token_ids": [...]}, "logprobs": 0, "n", "max_tokens", ...}` and parse
+  `{"logprobs": [per completion: [per token: [{"<id>": logprob}]]], "finish_reasons": [...]}`
+  (atroposlib/envs/server_handling/vllm_server.py). vLLM serves no route of that shape.
+* vLLM's `VLLM_SERVER_DEV_MODE` routes (`/collective_rpc`, `/update_weights`, ...) let anyone who
+  reaches the port drive the workers. Our update routes do one thing each and require the
+  per-launch token (env `ATROPOS_UPDATE_TOKEN`, never on the command line where `ps` shows it) as
+  `Authorization: Bearer <token>`; refusals are logged with the client address. The server refuses
+  to start with dev mode on. Bodies on our routes are size-limited (`--max-request-bytes`).
+* The update protocol is two-phase so a bad manifest fails before the trainer broadcasts a byte:
+  `/weights/prepare` validates the manifest against the served checkpoint's tensor shapes, pauses
+  generation and starts the layerwise reload; `/weights/apply` receives (while the trainer
+  broadcasts), finishes, resets the prefix cache (re-computing in-flight requests' KV on the new
+  weights) and ALWAYS resumes, on the error path too (a failed update otherwise leaves vLLM
+  paused and later requests hang). `/weights/abort` and a watchdog undo a prepare that is never
+  applied (trainer died in between).
+
+The app is vLLM's own (`build_app`), with our routes added by wrapping it where vLLM's entry
+module looks it up, so every vLLM CLI flag and the serving loop stay vLLM's.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import json
+import logging
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+logger = logging.getLogger("atropos_core.inference.server")
+
+TOKEN_ENV = "ATROPOS_UPDATE_TOKEN"
+DEFAULT_MAX_BODY_BYTES = 8 << 20
+#: Request keys of /generate passed to SamplingParams (others are ignored, logged once).
+_SAMPLING_KEYS = ("n", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop",
+                  "stop_token_ids", "logprobs", "prompt_logprobs", "presence_penalty", "frequency_penalty",
+                  "repetition_penalty", "ignore_eos", "skip_special_tokens", "include_stop_str_in_output",
+                  "min_tokens", "spaces_between_special_tokens")
+
+
+class _UpdateState:
+    """The server's side of the update protocol (one update at a time)."""
+
+    def __init__(self) -> None:
+        self.phase = "idle"          # idle | prepared | applying
+        self.manifest: dict | None = None
+        self.prepare_id = ""
+        self.version: int | None = 0  # None after a failed update: the weights are in an unknown state
+        self.last_error: str | None = None
+        self.lock = asyncio.Lock()
+
+
+def _checkpoint_spec(model: str) -> dict:
+    """Names and shapes of the served checkpoint's tensors, read from safetensors headers only."""
+    d = Path(model)
+    spec: dict[str, Any] = {"tensors": None, "tie_word_embeddings": None}
+    if not d.is_dir():
+        return spec
+    cfg = d / "config.json"
+    if cfg.exists():
+        spec["tie_word_embeddings"] = bool(json.loads(cfg.read_text()).get("tie_word_embeddings", False))
+    files = sorted(d.glob("*.safetensors"))
+    if not files:
+        return spec
+    tensors = {}
+    for f in files:
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        for name, meta in header.items():
+            if name != "__metadata__":
+                tensors[name] = {"shape": meta["shape"], "dtype": meta["dtype"]}
+    spec["tensors"] = tensors
+    return spec
+
+
+def _error(status: int, msg: str) -> JSONResponse:
+    return JSONResponse({"error": msg}, status_code=status)
+
+
+def add_atropos_routes(app: FastAPI, *, token: str, max_body_bytes: int, model: str) -> None:
+    """Add `/generate`, `/weight_version` and the token-protected `/weights/*` routes to `app`."""
+    from vllm import envs
+
+    if envs.VLLM_SERVER_DEV_MODE:
+        # Its /collective_rpc, /update_weights, ... are unauthenticated and bypass our protocol.
+        raise RuntimeError("VLLM_SERVER_DEV_MODE must be off for the Atropos server: its routes would let "
+                           "anyone who reaches the port drive the workers")
+    state = _UpdateState()
+    spec = _checkpoint_spec(model)
+    ignored_keys_logged: set[str] = set()
+
+    def refused(request: Request) -> JSONResponse | None:
+        """None if the request carries the update token, else the 401/403 answer (logged)."""
+        header = request.headers.get("authorization", "")
+        given = header[7:] if header.startswith("Bearer ") else ""
+        if given and hmac.compare_digest(given.encode(), token.encode()):
+            return None
+        client = request.client.host if request.client else "?"
+        logger.warning("refused %s %s from %s: %s", request.method, request.url.path, client,
+                       "no token" if not given else "wrong token")
+        return _error(401 if not given else 403, "weight routes need the update token")
+
+    async def body_json(request: Request) -> dict:
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > max_body_bytes:
+            raise ValueError(f"request body over {max_body_bytes} bytes")
+        raw = await request.body()
+        if len(raw) > max_body_bytes:
+            raise ValueError(f"request body over {max_body_bytes} bytes")
+        data = json.loads(raw or b"{}")
+        if not isinstance(data, dict):
+            raise ValueError("request body must be a JSON object")
+        return data
+
+    def engine(request: Request):
+        return request.app.state.engine_client
+
+    # -- Atropos's token-in/token-out route ----------------------------------------------------
+    @app.post("/generate")
+    async def generate(request: Request):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        try:
+            body = await body_json(request)
+            prompt = body.get("prompt")
+            if isinstance(prompt, dict) and isinstance(prompt.get("prompt_token_ids"), list):
+                ids = prompt["prompt_token_ids"]
+                if not ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                    raise ValueError("prompt.prompt_token_ids must be a non-empty list of ints")
+                engine_prompt: Any = {"prompt_token_ids": ids}
+            elif isinstance(prompt, str) and prompt:
+                engine_prompt = prompt
+            else:
+                raise ValueError('"prompt" must be {"prompt_token_ids": [...]} or a string')
+            kwargs = {k: body[k] for k in _SAMPLING_KEYS if k in body and body[k] is not None}
+            unknown = set(body) - set(_SAMPLING_KEYS) - {"prompt"} - ignored_keys_logged
+            if unknown:
+                ignored_keys_logged.update(unknown)
+                logger.warning("/generate ignores request keys %s", sorted(unknown))
+            params = SamplingParams(output_kind=RequestOutputKind.FINAL_ONLY, **kwargs)
+        except (ValueError, TypeError) as err:
+            return _error(400, str(err))
+        final = None
+        try:
+            async for out in engine(request).generate(engine_prompt, params, f"atropos-{uuid.uuid4().hex}"):
+                final = out
+        except ValueError as err:  # e.g. prompt longer than max_model_len, token id out of range
+            return _error(400, str(err))
+        if final is None:
+            return _error(500, "generation produced no output")
+        want_lp = params.logprobs is not None
+        result: dict[str, Any] = {
+            "text": [o.text for o in final.outputs],
+            "token_ids": [list(o.token_ids) for o in final.outputs],
+            "finish_reasons": [o.finish_reason for o in final.outputs],
+            "prompt_token_ids": list(final.prompt_token_ids or []),
+            "weight_version": state.version,
+        }
+        if want_lp:
+            # Atropos reads item[0] of each token entry: a dict whose FIRST key is the sampled token.
+            result["logprobs"] = [
+                [[{str(tid): lps[tid].logprob, **{str(k): v.logprob for k, v in lps.items() if k != tid}}]
+                 for tid, lps in zip(o.token_ids, o.logprobs or [])]
+                for o in final.outputs]
+        if params.prompt_logprobs is not None:
+            result["prompt_logprobs"] = [
+                None if lps is None else {str(k): v.logprob for k, v in lps.items()}
+                for lps in (final.prompt_logprobs or [])]
+        return JSONResponse(result)
+
+    @app.get("/weight_version")
+    async def weight_version():
+        return JSONResponse({"weight_version": state.version, "phase": state.phase,
+                             "last_error": state.last_error})
+
+    # -- weight updates (each checks the token first) -------------------------------------
+    @app.get("/weights/spec")
+    async def weights_spec(request: Request):
+        if (denied := refused(request)) is not None:
+            return denied
+        pc = request.app.state.vllm_config.parallel_config
+        return JSONResponse(dict(spec, num_workers=pc.world_size_across_dp, weight_version=state.version))
+
+    @app.post("/weights/init")
+    async def weights_init(request: Request):
+        if (denied := refused(request)) is not None:
+            return denied
+        from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
+
+        try:
+            body = await body_json(request)
+            keys = ("host", "port", "world_size", "rank_offset", "backend", "init_timeout_s", "op_timeout_s")
+            init = {k: body[k] for k in keys if k in body}
+            if set(keys[:4]) - set(init):
+                raise ValueError(f"/weights/init needs {list(keys[:4])}")
+        except ValueError as err:
+            return _error(400, str(err))
+        async with state.lock:
+            if state.phase != "idle":
+                return _error(409, f"an update is {state.phase}")
+            try:
+                await engine(request).init_weight_transfer_engine(WeightTransferInitRequest(init_info=init))
+            except Exception as err:  # noqa: BLE001 - reported to the trainer
+                logger.exception("joining the weight-transfer group failed")
+                return _error(500, f"joining the weight-transfer group failed: {err}")
+        return JSONResponse({"status": "joined"})
+
+    async def _undo_prepare(eng, why: str) -> None:
+        try:
+            await eng.finish_weight_update()  # nothing was loaded: every layer gets its tensors back
+        except Exception:  # noqa: BLE001
+            logger.exception("finishing the aborted update failed")
+        finally:
+            await eng.resume_generation()
+            state.phase, state.manifest = "idle", None
+            logger.warning("pending weight update undone: %s", why)
+
+    async def _watchdog(eng, prepare_id: str, after_s: float) -> None:
+        await asyncio.sleep(after_s)
+        async with state.lock:
+            if state.phase == "prepared" and state.prepare_id == prepare_id:
+                await _undo_prepare(eng, f"not applied within {after_s:.0f} s")
+
+    @app.post("/weights/prepare")
+    async def weights_prepare(request: Request):
+        if (denied := refused(request)) is not None:
+            return denied
+        from atropos_core.weight_sync import validate_manifest
+
+        try:
+            body = await body_json(request)
+            manifest = body.get("manifest")
+            if not isinstance(manifest, dict):
+                raise ValueError("/weights/prepare needs a 'manifest' object")
+            validate_manifest(manifest, spec, "this server")
+            pause_mode = body.get("pause_mode", "keep")
+            if pause_mode not in ("keep", "wait", "abort"):
+                raise ValueError(f"bad pause_mode {pause_mode!r}")
+            watchdog_s = float(body.get("watchdog_s", 120.0))
+            version = int(manifest.get("version", 0))
+        except (ValueError, TypeError) as err:
+            return _error(400, str(err))
+        eng = engine(request)
+        async with state.lock:
+            if state.phase != "idle":
+                return _error(409, f"an update is {state.phase}")
+            await eng.pause_generation(mode=pause_mode, clear_cache=True)
+            try:
+                await eng.start_weight_update()
+            except Exception as err:  # noqa: BLE001
+                await eng.resume_generation()
+                logger.exception("start_weight_update failed")
+                return _error(500, f"start_weight_update failed: {err}")
+            state.phase = "prepared"
+            state.manifest = {k: manifest[k] for k in ("names", "dtypes", "shapes", "buckets")}
+            state.manifest["version"] = version
+            state.prepare_id = uuid.uuid4().hex
+            asyncio.get_running_loop().create_task(_watchdog(eng, state.prepare_id, watchdog_s))
+        return JSONResponse({"status": "prepared"})
+
+    @app.post("/weights/apply")
+    async def weights_apply(request: Request):
+        if (denied := refused(request)) is not None:
+            return denied
+        from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
+
+        try:
+            body = await body_json(request)
+            version = int(body["version"])
+        except (ValueError, TypeError, KeyError) as err:
+            return _error(400, f"/weights/apply needs an integer 'version': {err}")
+        eng = engine(request)
+        async with state.lock:
+            if state.phase != "prepared" or state.manifest is None:
+                return _error(409, f"no prepared update (phase {state.phase})")
+            if version != state.manifest["version"]:
+                return _error(400, f"version {version} differs from the prepared {state.manifest['version']}")
+            state.phase = "applying"
+            t0 = time.perf_counter()
+            try:
+                await eng.update_weights(request=WeightTransferUpdateRequest(update_info=state.manifest))
+                await eng.finish_weight_update(str(version))
+                if not await eng.reset_prefix_cache(reset_running_requests=True):
+                    logger.warning("prefix cache was not reset after the update to v%d", version)
+                state.version, state.last_error = version, None
+            except Exception as err:  # noqa: BLE001 - reported to the trainer
+                state.version = None
+                state.last_error = f"update to v{version} failed: {err}"
+                logger.exception("weight update to v%d failed", version)
+                return _error(500, f"weight update to v{version} failed on this server: {err}")
+            finally:
+                await eng.resume_generation()
+                state.phase, state.manifest = "idle", None
+        ms = (time.perf_counter() - t0) * 1e3
+        logger.info("weights updated to v%d in %.0f ms", version, ms)
+        return JSONResponse({"status": "updated", "weight_version": version, "ms": ms})
+
+    @app.post("/weights/abort")
+    async def weights_abort(request: Request):
+        if (denied := refused(request)) is not None:
+            return denied
+        eng = engine(request)
+        async with state.lock:
+            if state.phase == "prepared":
+                await _undo_prepare(eng, "aborted by the trainer")
+            else:
+                await eng.resume_generation()
+        return JSONResponse({"status": "idle"})
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse our flags, hand the rest to vLLM's `serve` entry with our routes added to its app."""
+    ours = argparse.ArgumentParser(add_help=False)
+    ours.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                      help="size limit of request bodies on our routes")
+    args, rest = ours.parse_known_args(sys.argv[1:] if argv is None else argv)
+    token = os.environ.get(TOKEN_ENV, "")
+    if len(token) < 16:
+        sys.exit(f"{TOKEN_ENV} must hold the per-launch update token (>= 16 characters)")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s [atropos] %(message)s")
+
+    import vllm.entrypoints.launchers.api_server.entry as entry
+
+    vllm_build_app = entry.build_app
+
+    def build_app_with_atropos_routes(vllm_args, *a, **kw):
+        app = vllm_build_app(vllm_args, *a, **kw)
+        add_atropos_routes(app, token=token, max_body_bytes=args.max_request_bytes, model=vllm_args.model)
+        return app
+
+    entry.build_app = build_app_with_atropos_routes
+    sys.argv = [sys.argv[0], *rest]
+    entry.main()
+
+
+if __name__ == "__main__":
+    main()
