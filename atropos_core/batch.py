@@ -341,7 +341,7 @@ def compute_advantages(parsed: list[list[_Seq]], cfg: DataConfig,
         for s, a in zip(g, centred):
             out.append(np.where(s.trained, a, 0.0))
     seqs = [s for g in parsed for s in g]
-    live = [s.trained & ~s.zero_advantage for s in seqs]   # positions the statistics see
+    live = [s.trained & (not s.zero_advantage) for s in seqs]   # bool (L,): positions the statistics see
     if cfg.advantage_norm != "none":
         vals = np.concatenate([a[m] for a, m in zip(out, live)]) if out else np.zeros(0)
         reduce = reduce_fn if cfg.advantage_norm == "global" else None
@@ -374,37 +374,55 @@ def _cost(rows: int, longest: int, total: int, padded: bool) -> int:
     return rows * longest if padded else total
 
 
+def _first_fit(order: list[int], lengths: Sequence[int], budget: int, padded: bool) -> list[list[int]]:
+    bins: list[list[int]] = []
+    for i in order:
+        for b in bins:
+            if _cost(len(b) + 1, max(lengths[b[0]], lengths[i]), sum(lengths[j] for j in b) + lengths[i],
+                     padded) <= budget:
+                b.append(i)
+                break
+        else:
+            bins.append([i])
+    return bins
+
+
+def _balanced(order: list[int], lengths: Sequence[int], budget: int, padded: bool, k: int) -> Optional[list[list[int]]]:
+    """Longest first onto the least loaded of `k` micro-batches it fits in; None if one fits nowhere."""
+    bins: list[list[int]] = [[] for _ in range(k)]
+    loads, longest, totals = [0] * k, [0] * k, [0] * k
+    for i in order:
+        best = None
+        for b in range(k):
+            new_cost = _cost(len(bins[b]) + 1, max(longest[b], lengths[i]), totals[b] + lengths[i], padded)
+            if new_cost <= budget and (best is None or loads[b] < loads[best]):
+                best = b
+        if best is None:
+            return None
+        bins[best].append(i)
+        longest[best] = max(longest[best], lengths[i])
+        totals[best] += lengths[i]
+        loads[best] = _cost(len(bins[best]), longest[best], totals[best], padded)
+    return [b for b in bins if b]
+
+
 def plan_micro_batches(lengths: Sequence[int], budget: int, padded: bool) -> list[list[int]]:
-    """Indices of the sequences in each micro-batch: fewest micro-batches whose cost fits `budget`
-    (a longer sequence alone), balanced by cost (longest-processing-time first)."""
+    """Indices of the sequences in each micro-batch (sorted within it): a sequence longer than
+    `budget` alone; the rest in as few micro-batches as first-fit-decreasing needs, spread evenly
+    by cost (longest-processing-time first onto the least loaded micro-batch) when that many
+    balanced micro-batches suffice, else first-fit-decreasing's own grouping (which keeps rows of
+    similar length together: less padding)."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     alone = [[i] for i in order if lengths[i] > budget]
     rest = [i for i in order if lengths[i] <= budget]
     if not rest:
         return alone
-    k = max(1, math.ceil(sum(lengths[i] for i in rest) / budget))
-    while True:
-        bins: list[list[int]] = [[] for _ in range(k)]
-        loads = [0] * k                       # cost so far
-        longest = [0] * k
-        totals = [0] * k
-        ok = True
-        for i in rest:
-            best = None
-            for b in range(k):
-                new_cost = _cost(len(bins[b]) + 1, max(longest[b], lengths[i]), totals[b] + lengths[i], padded)
-                if new_cost <= budget and (best is None or loads[b] < loads[best]):
-                    best = b
-            if best is None:
-                ok = False
-                break
-            bins[best].append(i)
-            longest[best] = max(longest[best], lengths[i])
-            totals[best] += lengths[i]
-            loads[best] = _cost(len(bins[best]), longest[best], totals[best], padded)
-        if ok:
-            return alone + [sorted(b) for b in bins if b]
-        k += 1
+    packed_ffd = _first_fit(rest, lengths, budget, padded)
+    for k in range(max(1, math.ceil(sum(lengths[i] for i in rest) / budget)), len(packed_ffd) + 1):
+        bins = _balanced(rest, lengths, budget, padded, k)
+        if bins is not None:
+            return alone + [sorted(b) for b in bins]
+    return alone + [sorted(b) for b in packed_ffd]
 
 
 @dataclass

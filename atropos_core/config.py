@@ -92,7 +92,7 @@ class EnvConfig:
     """Python module of the environment to start (its `BaseEnv.cli()` runs with `serve`)."""
     group_size: int = 8
     """Completions sampled per prompt (one Atropos group)."""
-    max_new_tokens: int = 4
+    max_new_tokens: int = 1
     """Tokens sampled per completion."""
     extra_args: str = ""
     """Extra `--env.*` / `--openai.*` arguments for the environment process, space separated."""

@@ -142,3 +142,30 @@ def start_atropos_api(port: int, log_dir: Path, host: str = "127.0.0.1", timeout
                           log_dir / "atropos_api.log").start()
     proc.wait_http(f"http://{host}:{port}/status", timeout)
     return proc
+
+
+def start_environment(module: str, *, api_url: str, inference_urls: Sequence[str], tokenizer_dir: str,
+                      group_size: int, max_token_len: int, log_dir: Path, api_key: str = "local",
+                      extra_args: Sequence[str] = (), env_name: str = "env") -> ManagedProcess:
+    """Start an atroposlib environment (`python -m MODULE serve ...`) pointed at our API and servers.
+
+    Offline by construction: wandb off, the tokenizer a local directory, HF hub calls disabled.
+    Readiness is not awaited here: an environment registers only after the trainer's first
+    `/batch`, so the trainer's wait for data is the readiness check.
+    """
+    cmd = [sys.executable, "-m", module, "serve",
+           "--env.rollout_server_url", api_url,
+           "--env.tokenizer_name", str(tokenizer_dir),
+           "--env.use_wandb", "false",
+           "--env.wandb_name", env_name,
+           "--env.group_size", str(group_size),
+           "--env.max_token_length", str(max_token_len)]
+    # One server config per inference replica (atroposlib's ServerManager balances over them).
+    for url in inference_urls[:1]:
+        cmd += ["--openai.base_url", f"{url.rstrip('/')}/v1", "--openai.server_type", "vllm",
+                "--openai.api_key", api_key, "--openai.model_name", "default",
+                "--openai.tokenizer_name", str(tokenizer_dir)]
+    cmd += list(extra_args)
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled",
+           "TOKENIZERS_PARALLELISM": "false"}
+    return ManagedProcess(env_name, cmd, log_dir / f"{env_name}.log", env=env).start()

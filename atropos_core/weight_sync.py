@@ -464,33 +464,37 @@ class WeightSync:
         gathered = self._gathered(params)
         err: BaseException | None = None
         current = None
-        for bucket in manifest["buckets"]:
-            tensors = []
-            for i in bucket:
-                t = next(gathered)
-                wire = WIRE_DTYPES[manifest["dtypes"][i]]
-                tensors.append(t if t.dtype == wire else t.to(wire))
-            if err is not None:
-                continue
-            current = manifest["names"][bucket[0]]
-            try:
-                if len(tensors) == 1:
-                    broadcast(self._group, tensors[0].contiguous())
-                else:
-                    broadcast(self._group, torch.cat([t.contiguous().view(-1).view(torch.uint8) for t in tensors]))
-            except BaseException as e:  # noqa: BLE001 - reported after the loop
-                err = e
-                self._group = None  # a failed collective leaves the group unusable
-        for _ in gathered:  # only reached after a failure that left tensors unsent
-            pass
+        try:
+            for bucket in manifest["buckets"]:
+                tensors = []
+                for i in bucket:
+                    current = manifest["names"][i]
+                    t = next(gathered)
+                    wire = WIRE_DTYPES[manifest["dtypes"][i]]
+                    tensors.append(t if t.dtype == wire else t.to(wire))
+                if err is not None:
+                    continue  # keep gathering in lockstep with the other trainer ranks
+                current = manifest["names"][bucket[0]]
+                try:
+                    if len(tensors) == 1:
+                        broadcast(self._group, tensors[0].contiguous())
+                    else:
+                        broadcast(self._group, torch.cat([t.contiguous().view(-1).view(torch.uint8)
+                                                          for t in tensors]))
+                except BaseException as e:  # noqa: BLE001 - reported after the loop
+                    err = e
+                    self._group = None  # a failed collective leaves the group unusable
+        except BaseException as e:  # noqa: BLE001 - gathering itself failed: nothing more can be sent
+            err = e
+            self._group = None
         if err is not None:
             # The server's own error (e.g. it rejected or lost the update) is the better message.
             for url, f in zip(self.urls, applies):
                 try:
-                    f.result(timeout=5)
+                    f.result(timeout=self.cfg.update_timeout_s + 10)
                 except BaseException as server_err:  # noqa: BLE001
-                    return WeightSyncError(f"{server_err} (while sending tensor {current!r})")
-            return WeightSyncError(f"broadcast of tensor {current!r} failed: {err}")
+                    return WeightSyncError(f"{server_err} (trainer side: {err!r} at tensor {current!r})")
+            return WeightSyncError(f"sending tensor {current!r} failed: {err!r}")
         try:
             self._raise_first(applies)
         except WeightSyncError as e:

@@ -1,4 +1,4 @@
-"""The built-in offline environment: "say WORD :" → the policy must answer WORD.
+"""The built-in offline environment: "say WORD" → the policy must answer WORD (one token).
 
 An unmodified atroposlib `BaseEnv` subclass: it samples a group of completions per prompt from our
 inference server through atroposlib's own `ServerManager` (`server_type="vllm"`, the `/generate`
@@ -8,9 +8,14 @@ the trajectory API. Nothing leaves the machine: the tokenizer is a local directo
 Why this task. A random-initialised tiny model puts ~1/V of its mass on any one token, so a task
 with one right token out of 512 gives GRPO almost no signal. The default model is therefore
 warm-started on the *format only* (`warm_start_format`): prompts followed by a uniformly random
-word from the answer set. It then answers with some listed word and stops, right 1/K of the time
+word from the answer set. It then answers with some listed word, right 1/K of the time
 (K = len(WORDS)): a dense, honest starting reward (~0.125), and everything above that is learned
 from reward alone. Verifiable by a program, learnable on two CPU cores in minutes.
+
+Why one token. With multi-token answers ending in end-of-sequence, a negative advantage on a wrong
+answer also pushes down the end-of-sequence token after it; in our runs (in-process simulation,
+tiny model) the policy then stopped ending its answers and reward collapsed to 0. Every answer
+word is a single token of the tiny tokenizer, so the completion is exactly one sampled token.
 
 Run as its own process (the driver does this):
     python -m atropos_core.envs.repeat_env serve --env.rollout_server_url URL \
@@ -32,7 +37,7 @@ WORDS = ["red", "green", "blue", "black", "white", "cat", "dog", "sun"]
 
 
 def prompt_for(word: str) -> str:
-    return f"say {word} :"
+    return f"say {word}"
 
 
 def score_completion(word: str, completion: str) -> float:
@@ -41,7 +46,7 @@ def score_completion(word: str, completion: str) -> float:
 
 
 class RepeatEnvConfig(BaseEnvConfig):
-    max_new_tokens: int = Field(default=4, description="Tokens sampled per completion")
+    max_new_tokens: int = Field(default=1, description="Tokens sampled per completion")
     temperature: float = Field(default=1.0, description="Sampling temperature")
     seed: int = Field(default=0, description="Seed of the prompt order")
 
@@ -88,8 +93,7 @@ class RepeatEnv(BaseEnv):
 
 
 def warm_start_format(model_dir, *, steps: int = 150, batch: int = 64, lr: float = 3e-3, seed: int = 0) -> None:
-    """Teach the format only: after "say W :" comes some word of WORDS (uniformly random, NOT W) and
-    end-of-sequence. Uses the trainer's own fused loss with advantage 1 (plain SFT). Overwrites the
+    """Teach the format only: after "say W" comes some word of WORDS (uniformly random, NOT W). Uses the trainer's own fused loss with advantage 1 (plain SFT). Overwrites the
     model in `model_dir`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -106,7 +110,7 @@ def warm_start_format(model_dir, *, steps: int = 150, batch: int = 64, lr: float
         rows, masks = [], []
         for _ in range(batch):
             p = tok.encode(prompt_for(rng.choice(WORDS)), add_special_tokens=False)
-            a = tok.encode(" " + rng.choice(WORDS), add_special_tokens=False) + [tok.eos_token_id]
+            a = tok.encode(" " + rng.choice(WORDS), add_special_tokens=False)
             rows.append(p + a)
             masks.append([0.0] * len(p) + [1.0] * len(a))
         width = max(map(len, rows))

@@ -1,0 +1,174 @@
+"""Per-step metrics: one fixed-order line, metrics.jsonl, curves.png, optional wandb. Rank 0 only.
+
+Why this shape: the step line is what a person watches (always the same columns, so a glance down
+the terminal compares steps); metrics.jsonl is what tools read (every metric, slash-namespaced,
+one JSON object per step, appended and flushed so a killed run keeps its history); curves.png is
+redrawn from the in-memory history every `plot_every` steps with matplotlib's Agg backend (no
+display needed). wandb is imported only when enabled, so a run never needs it installed.
+
+Keys the step line reads (missing ones print as "-"): `loss/total`, `reward/mean`, `kl/mean`,
+`clip/frac`, `grad/norm`, `perf/tokens_per_s` (else `perf/train_tokens_per_s`),
+`perf/sync_ms` (else `sync/ms`), `perf/mem_gb`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, TextIO
+
+from . import dist as adist
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LoggingConfig", "MetricsLogger", "format_step_line"]
+
+# (header, metric keys tried in order, format)
+_COLUMNS = (
+    ("loss", ("loss/total",), "{:+.4f}"),
+    ("reward", ("reward/mean",), "{:+.3f}"),
+    ("kl", ("kl/mean",), "{:.4f}"),
+    ("clip", ("clip/frac",), "{:.3f}"),
+    ("grad_norm", ("grad/norm",), "{:.3f}"),
+    ("tok/s", ("perf/tokens_per_s", "perf/train_tokens_per_s"), "{:.0f}"),
+    ("sync ms", ("perf/sync_ms", "sync/ms"), "{:.0f}"),
+    ("mem", ("perf/mem_gb",), "{:.2f}G"),
+)
+# (title, key) of the four panels of curves.png
+_PANELS = (("reward", "reward/mean"), ("loss", "loss/total"), ("KL", "kl/mean"),
+           ("tokens/s", ("perf/tokens_per_s", "perf/train_tokens_per_s")))
+
+
+@dataclass
+class LoggingConfig:
+    """Where metrics go."""
+
+    run_dir: str = "runs/default"
+    """Directory for metrics.jsonl and curves.png (created on rank 0)."""
+    plot_every: int = 10
+    """Redraw curves.png every K steps (0 disables plotting)."""
+    wandb: bool = False
+    """Also log to Weights & Biases (needs `pip install wandb`)."""
+    wandb_project: str = "atropos-trainer"
+    """wandb project name."""
+    wandb_run_name: Optional[str] = None
+    """wandb run name (default: wandb's own)."""
+
+    def __post_init__(self):
+        if not self.run_dir:
+            raise ValueError("logging.run_dir must not be empty")
+        if self.plot_every < 0:
+            raise ValueError(f"logging.plot_every must be >= 0, got {self.plot_every}")
+
+
+def _pick(metrics: dict, keys) -> Optional[float]:
+    for k in (keys,) if isinstance(keys, str) else keys:
+        v = metrics.get(k)
+        if v is not None:
+            return v
+    return None
+
+
+def format_step_line(step: int, metrics: dict) -> str:
+    """`step N | loss +0.1234 | reward ... | mem 1.23G` with every column always present."""
+    parts = [f"step {step:>6d}"]
+    for name, keys, fmt in _COLUMNS:
+        v = _pick(metrics, keys)
+        parts.append(f"{name} " + (fmt.format(v) if isinstance(v, (int, float)) and math.isfinite(v) else
+                                   (str(v) if v is not None else "-")))
+    return " | ".join(parts)
+
+
+def _jsonable(v):
+    if hasattr(v, "item") and getattr(v, "numel", lambda: 1)() == 1:
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no NaN/Infinity; keep the information as a string
+    return v
+
+
+class MetricsLogger:
+    """Rank-0 sink for per-step metric dicts; on other ranks every method is a no-op."""
+
+    def __init__(self, cfg: LoggingConfig, *, run_config: Optional[dict] = None, stream: TextIO = None):
+        self.cfg = cfg
+        self.active = adist.is_main()
+        self.stream = stream or sys.stdout
+        self.history: list[dict] = []
+        self._wandb = None
+        self._jsonl = None
+        if not self.active:
+            return
+        self.run_dir = Path(cfg.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        if cfg.wandb:
+            try:
+                import wandb
+            except ImportError as e:
+                raise ImportError("logging.wandb=True needs wandb: pip install wandb") from e
+            self._wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=run_config or {},
+                                     dir=str(self.run_dir))
+
+    def log(self, step: int, metrics: dict) -> None:
+        """Print the step line, append to metrics.jsonl, redraw curves.png when due, push to wandb."""
+        if not self.active:
+            return
+        rec = {"step": int(step)}
+        rec.update({k: _jsonable(v) for k, v in metrics.items()})
+        self.history.append(rec)
+        self._jsonl.write(json.dumps(rec, sort_keys=True) + "\n")
+        self._jsonl.flush()
+        # The one line per step is this logger's output channel (the driver's console), not a log.
+        print(format_step_line(step, metrics), file=self.stream, flush=True)
+        if self.cfg.plot_every and step % self.cfg.plot_every == 0:
+            self.plot()
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in rec.items() if isinstance(v, (int, float))}, step=int(step))
+
+    def plot(self) -> Optional[Path]:
+        """Redraw `<run dir>/curves.png` from the history (atomically replaced)."""
+        if not self.active or not self.history:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(2, 2, figsize=(10, 6.5))
+        for ax, (title, keys) in zip(axes.flat, _PANELS):
+            xs, ys = [], []
+            for rec in self.history:
+                v = _pick(rec, keys)
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    xs.append(rec["step"])
+                    ys.append(v)
+            ax.plot(xs, ys, marker="." if len(xs) < 50 else None)
+            ax.set_title(title)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+            if not xs:
+                ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+        fig.tight_layout()
+        out = self.run_dir / "curves.png"
+        tmp = self.run_dir / ".curves.tmp.png"
+        fig.savefig(tmp, dpi=90)
+        plt.close(fig)
+        os.replace(tmp, out)
+        return out
+
+    def close(self) -> None:
+        if not self.active:
+            return
+        if self.history and self.cfg.plot_every:
+            self.plot()
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
