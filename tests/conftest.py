@@ -19,6 +19,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 pytest_plugins = [
     "tests.fixtures.models",
     "tests.fixtures.atropos_api",
+    "tests.fixtures.vllm_server",
 ]
 
 
