@@ -1,0 +1,464 @@
+"""atropos_core.batch: validation, advantages, packing, rank split, shipping between ranks.
+
+Every tensor `build_train_batch` makes is compared with `reference_rows`, a plain-Python loop
+written from the Atropos conventions (mask/advantage/logprob at t belong to token t; the model
+predicts token t from t-1). The bad-input tests post real groups through the real `run-api`
+(marker `api`), fetch them with the client and check that exactly the bad group is dropped and
+counted while its batch-mates come through; faults the server cannot carry (NaN: it answers 500;
+wrong JSON types: pydantic refuses them) are injected into a fetched batch instead.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from atropos_core.batch import (DROP_REASONS, DataConfig, build_train_batch, groups_from_json_bytes,
+                                groups_from_tensor, groups_to_json_bytes, groups_to_tensor, plan_micro_batches,
+                                reason_key, split_for_ranks, validate_group)
+from atropos_core.client import AtroposClient, AtroposConfig
+from tests.fixtures.atropos_api import make_group, post_groups
+
+VOCAB = 50
+
+
+# ---- the independent reference ----------------------------------------------------------------
+
+def _pstd(xs):
+    m = sum(xs) / len(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / len(xs))
+
+
+def reference_rows(groups, cfg: DataConfig, world_values=None):
+    """Per kept sequence (groups assumed valid): the shifted training row, by plain loops."""
+    eps = cfg.advantage_eps
+    score_groups = [g for g in groups if g.get("advantages") is None]
+    all_scores = [s for g in score_groups for s in g["scores"]]
+    seqs = []
+    for g in groups:
+        n = len(g["tokens"])
+        gzero = bool((g.get("group_overrides") or {}).get("set_advantage_to_zero"))
+        mean = sum(g["scores"]) / n
+        scale = {"group": _pstd(g["scores"]), "batch": _pstd(all_scores) if all_scores else 0.0,
+                 "none": 1.0}[cfg.advantage_scale]
+        for i in range(n):
+            toks, masks = g["tokens"][i], g["masks"][i]
+            trained = [t >= 1 and masks[t] != -100 for t in range(len(toks))]
+            if g.get("advantages") is not None:
+                adv = [g["advantages"][i][t] if trained[t] else 0.0 for t in range(len(toks))]
+            else:
+                a = g["scores"][i] - mean
+                if scale > eps:
+                    a = a / scale
+                adv = [a if tr else 0.0 for tr in trained]
+            ov = (g.get("overrides") or [None] * n)[i] or {}
+            seqs.append({"tokens": toks, "trained": trained, "adv": adv, "score": g["scores"][i],
+                         "zero": gzero or bool(ov.get("set_advantage_to_zero")),
+                         "old": g.get("inference_logprobs") and g["inference_logprobs"][i],
+                         "ref": g.get("ref_logprobs") and g["ref_logprobs"][i]})
+    if cfg.advantage_norm != "none":
+        vals = [s["adv"][t] for s in seqs if not s["zero"] for t in range(len(s["tokens"])) if s["trained"][t]]
+        mean = sum(vals) / len(vals)
+        std = math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals))
+        for s in seqs:
+            s["adv"] = [((a - mean) / std if std > eps else a - mean) if tr else 0.0
+                        for a, tr in zip(s["adv"], s["trained"])]
+    for s in seqs:
+        if cfg.advantage_clip is not None:
+            lo, hi = cfg.advantage_clip
+            s["adv"] = [min(max(a, lo), hi) for a in s["adv"]]
+        if s["zero"]:
+            s["adv"] = [0.0] * len(s["adv"])
+    rows = []
+    for s in seqs:
+        L = len(s["tokens"])
+        rows.append({
+            "input_ids": s["tokens"][:L - 1], "targets": s["tokens"][1:],
+            "loss_mask": [1.0 if s["trained"][t] else 0.0 for t in range(1, L)],
+            "advantages": [s["adv"][t] if s["trained"][t] else 0.0 for t in range(1, L)],
+            "old_logprobs": [s["old"][t] if s["trained"][t] else 0.0 for t in range(1, L)] if s["old"] else None,
+            "ref_logprobs": [s["ref"][t] if s["trained"][t] else 0.0 for t in range(1, L)] if s["ref"] else None,
+            "score": s["score"],
+        })
+    return rows
+
+
+def check_against_reference(tb, groups, cfg: DataConfig) -> None:
+    """Every position of every micro-batch equals the reference; padding is inert."""
+    ref = reference_rows(groups, cfg)
+    assert tb.num_sequences == len(ref)
+    assert tb.scores == [r["score"] for r in ref]
+    assert sum(mb.num_sequences for mb in tb.micro_batches) == len(ref)
+    assert tb.total_trained_tokens == sum(int(sum(r["loss_mask"])) for r in ref)
+    assert tb.total_trained_tokens == sum(mb.num_trained_tokens for mb in tb.micro_batches)
+    got = {}
+    for mb in tb.micro_batches:
+        assert mb.layout == cfg.layout
+        R, T = mb.input_ids.shape
+        for name in ("targets", "loss_mask", "advantages", "attention_mask", "position_ids", "sequence_ids"):
+            assert getattr(mb, name).shape == (R, T), name
+        assert mb.input_ids.dtype == torch.int64 and mb.targets.dtype == torch.int64
+        assert mb.loss_mask.dtype == torch.float32 and mb.advantages.dtype == torch.float32
+        pad = mb.sequence_ids == -1
+        assert (mb.loss_mask[pad] == 0).all() and (mb.advantages[pad] == 0).all()
+        assert (mb.attention_mask[pad] == 0).all() and (mb.attention_mask[~pad] == 1).all()
+        assert (mb.input_ids[pad] == cfg.pad_token_id).all()
+        assert (mb.old_logprobs is not None) == cfg.use_inference_logprobs
+        assert (mb.ref_logprobs is not None) == cfg.use_ref_logprobs
+        if cfg.layout == "packed":
+            assert R == 1
+            bounds = [0]
+            ids = mb.sequence_ids[0].tolist()
+            for t in range(1, T):
+                if ids[t] != ids[t - 1]:
+                    bounds.append(t)
+            bounds.append(T)
+            assert mb.cu_seqlens.dtype == torch.int32 and mb.cu_seqlens.tolist() == bounds
+        else:
+            assert mb.cu_seqlens is None
+        for r in range(R):
+            for k in sorted(set(mb.sequence_ids[r].tolist()) - {-1}):
+                sel = mb.sequence_ids[r] == k
+                assert k not in got, f"sequence {k} split over rows"
+                got[k] = {"input_ids": mb.input_ids[r][sel].tolist(), "targets": mb.targets[r][sel].tolist(),
+                          "loss_mask": mb.loss_mask[r][sel].tolist(), "advantages": mb.advantages[r][sel],
+                          "position_ids": mb.position_ids[r][sel].tolist(),
+                          "old_logprobs": mb.old_logprobs[r][sel] if mb.old_logprobs is not None else None,
+                          "ref_logprobs": mb.ref_logprobs[r][sel] if mb.ref_logprobs is not None else None}
+                if cfg.layout == "padded":
+                    assert sel.nonzero().flatten().tolist() == list(range(int(sel.sum())))  # left-aligned
+    assert sorted(got) == list(range(len(ref)))
+    for k, exp in enumerate(ref):
+        g = got[k]
+        assert g["input_ids"] == exp["input_ids"], k
+        assert g["targets"] == exp["targets"], k
+        assert g["loss_mask"] == exp["loss_mask"], k
+        assert g["position_ids"] == list(range(len(exp["input_ids"]))), k
+        # float32 storage of float64 values: equal up to one rounding
+        torch.testing.assert_close(g["advantages"], torch.tensor(exp["advantages"], dtype=torch.float32),
+                                   rtol=1e-6, atol=1e-6)
+        for name in ("old_logprobs", "ref_logprobs"):
+            if g[name] is not None:
+                torch.testing.assert_close(g[name], torch.tensor(exp[name], dtype=torch.float32), rtol=0, atol=0)
+
+
+def post_and_fetch(url: str, groups: list[dict], batch_size: int = 16) -> list[dict]:
+    """Register a trainer, post `groups` as an environment would, fetch one batch with the client.
+    (Registration first: atroposlib ignores a registration that comes after data.)"""
+    client = AtroposClient(AtroposConfig(url=url, batch_size=batch_size, max_token_len=64, max_wait_s=20))
+    client.register()
+    post_groups(url, groups)
+    batch = client.wait_for_batch()
+    assert client.metrics()["data/batches"] == 1 and client.metrics()["data/api_resets"] == 0
+    return batch
+
+
+def good_groups(seed: int, k: int = 3, n: int = 4, **kw) -> list[dict]:
+    rng = random.Random(seed)
+    return [make_group(rng, n=n, vocab=VOCAB, **kw) for _ in range(k)]
+
+
+# ---- advantages and packing against the reference (no server) ---------------------------------
+
+CONFIGS = [
+    dict(advantage_scale="group"),
+    dict(advantage_scale="batch", layout="packed"),
+    dict(advantage_scale="none", advantage_norm="batch", advantage_clip=(-1.0, 1.5)),
+    dict(advantage_scale="group", advantage_norm="global", layout="packed", max_tokens_per_micro_batch=7),
+    dict(advantage_scale="group", max_tokens_per_micro_batch=5, use_inference_logprobs=True, use_ref_logprobs=True),
+]
+
+
+@pytest.mark.parametrize("overrides", CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_build_matches_reference(overrides):
+    overrides = dict(overrides)
+    rng = random.Random(1)
+    groups = [make_group(rng, n=4, vocab=VOCAB) for _ in range(4)]
+    groups.append(make_group(rng, n=4, vocab=VOCAB, scores=[0.5] * 4))             # std 0: all zero
+    groups.append(make_group(rng, n=4, vocab=VOCAB, token_advantages=True))        # used as sent
+    groups[1]["overrides"] = [None, {"set_advantage_to_zero": True}, {}, None]
+    groups[2]["group_overrides"] = {"set_advantage_to_zero": True}
+    groups[3]["masks"][0][0] = groups[3]["tokens"][0][0]                           # token 0: not trainable
+    cfg = DataConfig(max_token_len=64, vocab_size=VOCAB, max_tokens_per_micro_batch=overrides.pop(
+        "max_tokens_per_micro_batch", 32), **overrides)
+    groups = groups_from_json_bytes(groups_to_json_bytes(groups))                   # as received
+    tb = build_train_batch(groups, cfg)
+    assert tb.metrics["data/dropped"] == 0 and tb.num_groups == len(groups)
+    check_against_reference(tb, groups, cfg)
+    seqs_of_zeroed = [4 + 1] + list(range(8, 12))
+    for mb in tb.micro_batches:
+        for k in seqs_of_zeroed:
+            assert (mb.advantages[mb.sequence_ids == k] == 0).all()
+    budget = cfg.max_tokens_per_micro_batch
+    for mb in tb.micro_batches:
+        cost = mb.input_ids.numel()
+        assert cost <= budget or mb.num_sequences == 1
+
+
+def test_global_norm_uses_reduce_fn():
+    """advantage_norm="global" takes its statistics from reduce_fn (the all-reduce across ranks):
+    a reduce that doubles the sums (two ranks with identical data) leaves the result unchanged, and
+    one that adds a second rank's different values shifts it as the pooled computation says."""
+    groups = good_groups(2, k=2)
+    cfg = DataConfig(max_token_len=64, vocab_size=VOCAB, advantage_norm="global")
+    base = build_train_batch(groups, cfg)
+    doubled = build_train_batch(groups, cfg, reduce_fn=lambda t: t * 2)
+    for a, b in zip(base.micro_batches, doubled.micro_batches):
+        torch.testing.assert_close(a.advantages, b.advantages, rtol=1e-6, atol=1e-6)
+    calls = []
+
+    def other_rank_adds(t):  # pretend a second rank holds one trained token with advantage 10
+        calls.append(t.clone())
+        if len(calls) == 1:
+            return t + torch.tensor([1.0, 10.0], dtype=torch.float64)
+        mean = float(calls[0][1] + 10.0) / float(calls[0][0] + 1.0)
+        return t + torch.tensor([(10.0 - mean) ** 2], dtype=torch.float64)
+
+    shifted = build_train_batch(groups, cfg, reduce_fn=other_rank_adds)
+    raw = build_train_batch(groups, DataConfig(max_token_len=64, vocab_size=VOCAB))
+    vals = torch.cat([mb.advantages[mb.loss_mask > 0] for mb in raw.micro_batches]).double()
+    pooled = torch.cat([vals, torch.tensor([10.0], dtype=torch.float64)])
+    mean, std = pooled.mean(), pooled.std(unbiased=False)
+    got = torch.cat([mb.advantages[mb.loss_mask > 0] for mb in shifted.micro_batches])
+    torch.testing.assert_close(got, ((vals - mean) / std).float(), rtol=1e-6, atol=1e-6)
+
+
+def test_plan_respects_budget_and_balances():
+    rng = random.Random(3)
+    for padded in (True, False):
+        for _ in range(20):
+            lengths = [rng.randint(1, 60) for _ in range(rng.randint(1, 40))]
+            budget = rng.choice([16, 64, 200])
+            plan = plan_micro_batches(lengths, budget, padded)
+            assert sorted(i for b in plan for i in b) == list(range(len(lengths)))
+            for b in plan:
+                cost = len(b) * max(lengths[i] for i in b) if padded else sum(lengths[i] for i in b)
+                assert cost <= budget or len(b) == 1, (b, cost, budget)
+            assert plan == plan_micro_batches(lengths, budget, padded)  # deterministic
+    # balanced where a perfect split exists: 8×10 + 4×20 tokens into 40-token micro-batches
+    plan = plan_micro_batches([10] * 8 + [20] * 4, 40, padded=False)
+    assert len(plan) == 4 and all(sum(([10] * 8 + [20] * 4)[i] for i in b) == 40 for b in plan)
+    # padded cost is rows × longest: long rows go together, short rows together
+    plan = plan_micro_batches([4, 2, 4, 2, 4, 2, 4, 2], 8, padded=True)
+    assert sorted(sorted(b) for b in plan) == [[0, 2], [1, 3, 5, 7], [4, 6]]
+
+
+def test_split_for_ranks_equal_counts_and_balance():
+    groups = good_groups(4, k=6, max_completion=12)
+    cfg = DataConfig(max_token_len=64, vocab_size=VOCAB, max_tokens_per_micro_batch=24,
+                     use_inference_logprobs=True)
+    mbs = build_train_batch(groups, cfg).micro_batches
+    assert len(mbs) >= 5
+    for world in (1, 2, 3, len(mbs) + 2):
+        split = split_for_ranks(mbs, world)
+        assert len(split) == world
+        assert len({len(s) for s in split}) == 1 and len(split[0]) == math.ceil(len(mbs) / world)
+        real = [mb for s in split for mb in s if mb.num_sequences > 0]
+        assert sorted(map(id, real)) == sorted(map(id, mbs))
+        for s in split:
+            for mb in s:
+                if mb.num_sequences == 0:  # the padding micro-batch: runs, trains nothing
+                    assert mb.input_ids.shape == (1, 1) and mb.num_trained_tokens == 0
+                    assert mb.attention_mask.sum() == 1 and mb.old_logprobs is not None
+        loads = [sum(mb.input_ids.numel() for mb in s if mb.num_sequences) for s in split]
+        if world <= len(mbs):
+            assert max(loads) - min(loads) <= max(mb.input_ids.numel() for mb in mbs)
+    assert split_for_ranks(mbs, 2) == split_for_ranks(mbs, 2)  # deterministic: every rank agrees
+
+
+def test_json_and_tensor_round_trip_keep_nan():
+    groups = good_groups(5, k=2)
+    groups[0]["scores"][0] = float("nan")
+    groups[1]["advantages"] = [[float("inf")] * len(t) for t in groups[1]["tokens"]]
+    t = groups_to_tensor(groups)
+    assert t.dtype == torch.uint8 and t.dim() == 1
+    back = groups_from_tensor(t)
+    assert math.isnan(back[0]["scores"][0]) and back[1]["advantages"][0][0] == float("inf")
+    assert back[0]["tokens"] == groups[0]["tokens"]
+    with pytest.raises(ValueError, match="JSON list"):
+        groups_from_json_bytes(b'{"batch": 1}')
+
+
+def _broadcast_worker(rank: int, init_file: str, result_file: str) -> None:
+    import torch.distributed as dist
+
+    from atropos_core.batch import broadcast_groups
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        groups = good_groups(6, k=3) if rank == 0 else None
+        got = broadcast_groups(groups, src=0)
+        if rank == 1:
+            with open(result_file, "w") as f:
+                json.dump(got, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_broadcast_groups_between_two_gloo_ranks(tmp_path):
+    import torch.multiprocessing as mp
+
+    # fork: the children inherit the imports (spawn re-imports torch: ~10 s on 2 busy cores)
+    mp.start_processes(_broadcast_worker, args=(str(tmp_path / "init"), str(tmp_path / "got.json")), nprocs=2,
+                       join=True, start_method="fork")
+    assert json.loads((tmp_path / "got.json").read_text()) == good_groups(6, k=3)
+
+
+# ---- config ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(advantage_scale="rank"), "advantage_scale"), (dict(advantage_norm="all"), "advantage_norm"),
+    (dict(advantage_clip=(1.0, -1.0)), "advantage_clip"), (dict(layout="rows"), "layout"),
+    (dict(max_tokens_per_micro_batch=0), "max_tokens_per_micro_batch"), (dict(vocab_size=0), "vocab_size"),
+    (dict(max_token_len=1), "max_token_len"), (dict(pad_token_id=60, vocab_size=50), "pad_token_id"),
+])
+def test_data_config_validation(bad, match):
+    with pytest.raises(ValueError, match=f"data.{match}"):
+        DataConfig(**bad)
+
+
+# ---- bad input through the real API: each dropped and counted, batch-mates kept -----------------
+
+def _bad(kind: str, rng) -> list[dict]:
+    """The bad group(s) of one kind, built from a good one (4 sequences each)."""
+    g = make_group(rng, n=4, vocab=VOCAB)
+    if kind == "count_mismatch":
+        g["masks"] = g["masks"][:3]
+    elif kind == "length_mismatch":
+        g["masks"][2] = g["masks"][2][:-1]
+    elif kind == "length_mismatch_logprobs":
+        g["inference_logprobs"][1] = g["inference_logprobs"][1] + [-0.5]
+    elif kind == "too_long":
+        g["tokens"][0] = g["tokens"][0] + [7] * 64
+        g["masks"][0] = g["masks"][0] + [7] * 64
+        g["inference_logprobs"][0] = g["inference_logprobs"][0] + [-0.5] * 64
+        g["ref_logprobs"][0] = g["ref_logprobs"][0] + [-0.5] * 64
+    elif kind == "token_out_of_range":
+        g["tokens"][3][-1] = g["masks"][3][-1] = VOCAB
+    elif kind == "negative_token":
+        g["tokens"][3][0] = -5
+    elif kind == "bad_mask":
+        g["masks"][1][-1] = g["tokens"][1][-1] + 1
+    elif kind == "bad_mask_shifted":  # masks written for the shifted convention: one position off
+        g["masks"][0] = g["masks"][0][1:] + [-100]
+    elif kind == "empty_sequence":
+        g["tokens"][2] = []
+        g["masks"][2] = []
+        g["inference_logprobs"][2] = []
+        g["ref_logprobs"][2] = []
+    elif kind == "no_trained_tokens":
+        g["masks"] = [[-100] * len(t) for t in g["tokens"]]
+    elif kind == "bad_logprobs":
+        g["inference_logprobs"][0][-1] = 1.0
+    elif kind == "duplicate":
+        return [g, copy.deepcopy(g)]
+    elif kind == "several_mb":
+        g["tokens"] = [list(range(1, VOCAB)) * 2000 for _ in range(4)]  # 98k tokens each: ~3 MB JSON
+        g["masks"] = [list(t) for t in g["tokens"]]
+        g["inference_logprobs"] = g["ref_logprobs"] = None
+    else:
+        raise AssertionError(kind)
+    return [g]
+
+
+BAD_KINDS = {
+    "count_mismatch": "count_mismatch", "length_mismatch": "length_mismatch",
+    "length_mismatch_logprobs": "length_mismatch", "too_long": "too_long",
+    "token_out_of_range": "token_out_of_range", "negative_token": "token_out_of_range",
+    "bad_mask": "bad_mask", "bad_mask_shifted": "bad_mask", "empty_sequence": "empty_sequence",
+    "no_trained_tokens": "no_trained_tokens", "bad_logprobs": "bad_logprobs", "duplicate": "duplicate",
+    "several_mb": "too_long",
+}
+
+
+@pytest.mark.api
+@pytest.mark.parametrize("kind", list(BAD_KINDS))
+def test_bad_group_from_api_dropped_and_counted(atropos_api, kind):
+    rng = random.Random(list(BAD_KINDS).index(kind))
+    bad = _bad(kind, rng)
+    good = [make_group(rng, n=4, vocab=VOCAB) for _ in range(4 - len(bad))]
+    if kind == "several_mb":
+        assert len(json.dumps(bad)) > 2_500_000
+    posted = good[:1] + bad + good[1:]   # the bad group(s) in the middle of the batch
+    batch = post_and_fetch(atropos_api.url, posted)
+    assert len(batch) == 4
+    cfg = DataConfig(max_token_len=64, vocab_size=VOCAB, max_tokens_per_micro_batch=40,
+                     use_inference_logprobs=kind != "several_mb")
+    ok = [validate_group(g, cfg) for g in batch]
+    expect = BAD_KINDS[kind]
+    if kind != "duplicate":
+        assert [reason_key(r) for good_, r in ok if not good_] == [expect]
+    tb = build_train_batch(batch, cfg)
+    assert tb.metrics["data/dropped"] == 1
+    assert tb.metrics[f"data/dropped/{expect}"] == 1
+    assert expect in DROP_REASONS
+    assert tb.num_groups == len(batch) - 1
+    kept = []  # what should survive, in batch order: the good groups, and a duplicate's first copy
+    for g in batch:
+        if kind == "duplicate" and g not in kept or any(g["tokens"] == k["tokens"] for k in good):
+            kept.append(g)
+    assert len(kept) == tb.num_groups
+    check_against_reference(tb, kept, cfg)
+
+
+# ---- faults the server cannot carry: injected into a fetched batch ------------------------------
+
+INJECTED = {
+    "nan_score": (lambda g: g["scores"].__setitem__(1, float("nan")), "non_finite"),
+    "inf_advantages": (lambda g: g.__setitem__("advantages", [[0.0] * (len(t) - 1) + [float("inf")]
+                                                              for t in g["tokens"]]), "non_finite"),
+    "nan_inference_logprobs": (lambda g: g["inference_logprobs"][2].__setitem__(-1, float("nan")), "non_finite"),
+    "neg_inf_ref_logprobs": (lambda g: g["ref_logprobs"][0].__setitem__(-1, float("-inf")), "non_finite"),
+    "string_tokens": (lambda g: g["tokens"].__setitem__(0, [str(x) for x in g["tokens"][0]]), "malformed"),
+    "float_tokens": (lambda g: g["tokens"][1].__setitem__(0, 1.5), "malformed"),
+    "nested_tokens": (lambda g: g["tokens"].__setitem__(0, [g["tokens"][0]]), "malformed"),
+    "null_masks": (lambda g: g.__setitem__("masks", None), "malformed"),
+    "not_a_dict": (None, "malformed"),
+    "no_logprobs": (lambda g: g.__setitem__("inference_logprobs", None), "missing_logprobs"),
+}
+
+
+@pytest.mark.api
+def test_injected_faults_dropped_and_counted(atropos_api):
+    """NaN/Infinity (in JSON text too: the server loses such batches with a 500, so they can only
+    come from elsewhere, e.g. another rank) and wrong JSON types are dropped per group."""
+    rng = random.Random(7)
+    fetched = post_and_fetch(atropos_api.url, [make_group(rng, n=4, vocab=VOCAB) for _ in range(4)])
+    cfg = DataConfig(max_token_len=64, vocab_size=VOCAB, use_inference_logprobs=True, use_ref_logprobs=True)
+    for name, (inject, reason) in INJECTED.items():
+        batch = copy.deepcopy(fetched)
+        if inject is None:
+            batch[1] = ["not", "a", "group"]
+        else:
+            inject(batch[1])
+        batch = groups_from_json_bytes(groups_to_json_bytes(batch))  # NaN/Infinity as JSON text
+        ok, why = validate_group(batch[1], cfg)
+        assert not ok and reason_key(why) == reason, (name, why)
+        tb = build_train_batch(batch, cfg)
+        assert tb.metrics["data/dropped"] == 1 and tb.metrics[f"data/dropped/{reason}"] == 1, name
+        check_against_reference(tb, [batch[0], batch[2], batch[3]], cfg)
+    # and all of them at once: each counted under its reason
+    batch = [copy.deepcopy(fetched[0]) for _ in INJECTED] + copy.deepcopy(fetched[1:])
+    for g, (inject, _) in zip(batch, INJECTED.values()):
+        g["scores"][0] += rng.random()  # not duplicates of each other
+        inject(g) if inject else None
+    batch[list(INJECTED).index("not_a_dict")] = 42
+    tb = build_train_batch(batch, cfg)
+    want = {}
+    for _, reason in INJECTED.values():
+        want[reason] = want.get(reason, 0) + 1
+    assert tb.metrics["data/dropped"] == len(INJECTED)
+    assert {k[len("data/dropped/"):]: v for k, v in tb.metrics.items() if k.startswith("data/dropped/")} == want
+    check_against_reference(tb, fetched[1:], cfg)
+
+
+def test_all_dropped_gives_empty_batch():
+    g = good_groups(8, k=1)[0]
+    g["masks"] = [[-100] * len(t) for t in g["tokens"]]
+    tb = build_train_batch([g], DataConfig(vocab_size=VOCAB))
+    assert tb.micro_batches == [] and tb.total_trained_tokens == 0 and tb.num_groups == 0
+    assert tb.metrics["data/dropped/no_trained_tokens"] == 1
