@@ -60,7 +60,7 @@ def _spec(value):
 
 
 def _kernel_args(kernel: str, vocab: int, dim: int, dtype: torch.dtype):
-    """(jit function, runtime args in order, chunk rows C) for one realistic chunk launch.
+    """(jit function, [(name, value)] of its runtime arguments) for one realistic chunk launch.
 
     Pointers appear as their Triton type ("*bf16"), assumed 16-byte aligned (torch allocations
     are); integers take the values a chunk of the default CUDA chunk size would pass.

@@ -7,7 +7,8 @@ operations (`TritonOps`) for one chunk of C tokens, logits `z = h_c @ W.T` of sh
     row_stats     x = z / T,  lse = logsumexp(x),  logp = x[t] - lse,
                   H = lse - sum softmax(x) * x           one read of z:  C*V*b bytes
     dlogits       dZ = g/T * (onehot(t) - exp(x - lse))  one read + one write of z, in place
-    accumulate_dw dW[v, d] += sum_c dZ[c, v] * h_c[c, d] 2*C*V*D FLOPs, fp32 accumulator
+    accumulate_dw dW[v, d] += sum_c dZ[c, v] * h_c[c, d] 2*C*V*D FLOPs, fp32 accumulator;
+                                                         dW read + written once: 8*V*D bytes
 
 (b = bytes per element of the input dtype, T = temperature, g = dL/dlogp from `kernels.losses`).
 
@@ -24,6 +25,9 @@ which dZ overwrites. The `[N, V]` logits are never materialised.
 temporary per chunk. Here each program owns one BLOCK_V x BLOCK_D tile of dW, accumulates
 `tl.dot` over the chunk's tokens in an fp32 register tile and adds it to dW once: no atomics,
 no bf16 accumulation (Liger's fused linear CE accumulated dW in bf16: its known divergence).
+Its read-modify-write of the fp32 dW costs 8*V*D bytes per chunk against 2*C*V*D FLOPs, C/4 FLOP
+per byte: compute-bound on an H100 (~240 FLOP/byte) once C passes ~1000 tokens, which the CUDA
+chunk budget of `kernels.chunked` (C = 2048 at V = 128k) does.
 
 All maths is fp32 whatever the input dtype; row offsets are int64 (C * V passes 2^31 at
 C = 16384, V = 131072); the vocabulary tail is masked, so no size needs to be a multiple of a
@@ -194,7 +198,7 @@ def row_stats(z: torch.Tensor, targets: torch.Tensor, inv_t: float, *, config: O
     meta, warps, stages = _split(cfg)
     out = torch.empty(3, c, dtype=torch.float32, device=z.device)
     if c:
-        _row_stats_kernel[(c,)](z, z.stride(0), targets, out[0], out[1], out[2], v, float(inv_t),
+        _row_stats_kernel[(c,)](z, z.stride(0), targets.contiguous(), out[0], out[1], out[2], v, float(inv_t),
                                 num_warps=warps, num_stages=stages, **meta)
     return out[0], out[1], out[2]
 
@@ -210,7 +214,7 @@ def dlogits(z: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, coef: tor
     coef = coef.to(torch.float32).contiguous()
     if c:
         grid = (c, triton.cdiv(v, meta["BLOCK_V"]))
-        _dlogits_kernel[grid](z, z.stride(0), out, out.stride(0), lse.contiguous(), targets, coef, v,
+        _dlogits_kernel[grid](z, z.stride(0), out, out.stride(0), lse.contiguous(), targets.contiguous(), coef, v,
                               float(inv_t), num_warps=warps, num_stages=stages, **meta)
     return out
 
