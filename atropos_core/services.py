@@ -169,3 +169,65 @@ def start_environment(module: str, *, api_url: str, inference_urls: Sequence[str
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled",
            "TOKENIZERS_PARALLELISM": "false"}
     return ManagedProcess(env_name, cmd, log_dir / f"{env_name}.log", env=env).start()
+
+
+class RunServices:
+    """The child processes of one run, started in dependency order and stopped in reverse.
+
+    API → vLLM server(s) → environment. Rank 0 of the trainer owns this; `check()` is called every
+    step so that a child that died is reported by name instead of as a hang or a stack trace.
+    """
+
+    def __init__(self, run_dir: Path, host: str = "127.0.0.1"):
+        self.log_dir = Path(run_dir) / "logs"
+        self.host = host
+        self.api: ManagedProcess | None = None
+        self.vllm: list = []           # inference.launch.VLLMServerHandle
+        self.env: ManagedProcess | None = None
+        self.token: str = ""
+        self.inference_urls: list[str] = []
+
+    def start_api(self, port: int = 0) -> str:
+        port = port or free_port(self.host)
+        logger.info("starting the Atropos trajectory API on %s:%d", self.host, port)
+        self.api = start_atropos_api(port, self.log_dir, host=self.host)
+        return f"http://{self.host}:{port}"
+
+    def start_inference(self, model_dir: str, *, num_servers: int = 1, port: int = 0, host: str = "127.0.0.1",
+                        timeout: float = 300.0, extra_args: Sequence[str] = ()) -> list[str]:
+        from .inference.launch import new_update_token, start_vllm_server
+
+        self.token = new_update_token()
+        urls = []
+        for i in range(num_servers):
+            p = (port + i) if port else free_port(host)
+            if port and port_in_use(p, host):
+                raise ServiceError(f"inference.port {p} is already in use on {host}: pick another or 0 for a free one")
+            logger.info("starting vLLM server %d/%d on %s:%d (cold start takes 30-60 s on CPU)", i + 1,
+                        num_servers, host, p)
+            handle = start_vllm_server(model_dir, port=p, log_dir=self.log_dir, host=host, update_token=self.token,
+                                       extra_args=extra_args, timeout=timeout, name=f"vllm{i}")
+            self.vllm.append(handle)
+            urls.append(handle.url)
+        return urls
+
+    def start_env(self, module: str, **kwargs) -> None:
+        self.env = start_environment(module, log_dir=self.log_dir, **kwargs)
+
+    def check(self) -> None:
+        """Raise ServiceError naming the first child process that is no longer running."""
+        procs = ([("Atropos API", self.api)] if self.api else []) + \
+                [(f"vLLM server {h.url}", h.process) for h in self.vllm] + \
+                ([("environment", self.env)] if self.env else [])
+        for name, proc in procs:
+            if not proc.alive():
+                raise ServiceError(f"{name} (pid {proc.pid}) exited with code {proc.proc.returncode}; "
+                                   f"log {proc.log_path}:\n{proc.log_tail(15)}")
+
+    def stop_all(self) -> None:
+        for proc in [self.env] + [h.process for h in reversed(self.vllm)] + [self.api]:
+            if proc is not None:
+                try:
+                    proc.stop()
+                except Exception as e:  # noqa: BLE001 - keep stopping the others
+                    logger.warning("could not stop %s: %s", proc.name, e)

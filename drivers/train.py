@@ -1,0 +1,148 @@
+"""The RL loop: fetch an Atropos batch → forward/backward with the fused loss → optimizer step →
+push the weights into vLLM → log. Everything else is a function in `atropos_core` called from here.
+
+    python drivers/train.py                 # the whole loop on this machine, built-in defaults:
+                                            # API + vLLM + built-in environment + trainer
+    python drivers/train.py --model DIR --atropos-url http://HOST:PORT --inference-port 9001
+    torchrun --nproc-per-node 2 drivers/train.py ...      # FSDP2 over 2 ranks
+    python drivers/train.py --help          # every config field, all overridable
+
+Exit codes: 0 done, 1 a part failed (the reason is printed; a checkpoint is saved when the
+trainer itself was healthy), 2 a config mistake, 130 interrupted (Ctrl-C / SIGTERM; checkpoint saved).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+
+import torch  # noqa: E402
+
+from atropos_core import dist as adist  # noqa: E402
+from atropos_core.batch import broadcast_groups, build_train_batch, split_for_ranks  # noqa: E402
+from atropos_core.checkpoint import load_checkpoint, resolve_resume, save_checkpoint  # noqa: E402
+from atropos_core.client import AtroposClient  # noqa: E402
+from atropos_core.config import ConfigError, parse_args, to_dict, write_config  # noqa: E402
+from atropos_core.launch import launch_services, share_launch_info  # noqa: E402
+from atropos_core.metrics import MetricsLogger  # noqa: E402
+from atropos_core.model import apply_fsdp, build_optimizer, load_model_and_tokenizer  # noqa: E402
+from atropos_core.trainer import train_step  # noqa: E402
+from atropos_core.weight_sync import WeightSync  # noqa: E402
+
+logger = logging.getLogger("train")
+
+
+def batch_metrics(batch) -> dict:
+    """Reward and advantage statistics of the batch, plus the data/* counters."""
+    scores = torch.tensor(batch.scores, dtype=torch.float64)
+    adv = sum(float((mb.advantages * mb.loss_mask).sum()) for mb in batch.micro_batches)
+    return {"reward/mean": float(scores.mean()) if len(scores) else float("nan"),
+            "reward/max": float(scores.max()) if len(scores) else float("nan"),
+            "advantage/mean": adv / max(batch.total_trained_tokens, 1),
+            "data/groups": batch.num_groups, "data/sequences": batch.num_sequences, **batch.metrics}
+
+
+def main(argv=None) -> int:
+    try:
+        cfg = parse_args(argv)
+    except ConfigError as e:
+        print(f"train.py: config error: {e}", file=sys.stderr)
+        return 2
+    rank, world, _, device = adist.init_distributed(None if cfg.run.device == "auto" else cfg.run.device)
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM ends the run like Ctrl-C
+    torch.manual_seed(cfg.run.seed + rank)
+    services, sync, model, step, safe_to_save, rc = None, None, None, 0, False, 1
+    try:
+        if rank == 0:
+            cfg, services = launch_services(cfg, device)       # model dir, API, vLLM, env
+        cfg, token, server_urls = share_launch_info(cfg, services, world)
+        if rank == 0:
+            write_config(cfg, Path(cfg.run.out) / "config.json")
+        model, tokenizer = load_model_and_tokenizer(cfg.model, device)
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+            cfg.data, vocab_size=model.get_input_embeddings().weight.shape[0],
+            pad_token_id=tokenizer.pad_token_id or 0))
+        if world > 1:
+            apply_fsdp(model, device, mixed_precision=cfg.model.mixed_precision)
+        optimizer, scheduler = build_optimizer(model, cfg.optim)
+        resume_from = resolve_resume(cfg.checkpoint)
+        if resume_from is not None:
+            step = load_checkpoint(resume_from, model, optimizer, scheduler)["step"]
+            logger.info("resumed from %s at step %d", resume_from, step)
+        client = AtroposClient(dataclasses.replace(cfg.atropos, starting_step=step)) if rank == 0 else None
+        if client:
+            client.register()
+        sync = WeightSync(cfg.sync, server_urls, token, rank, world) if server_urls else None
+        if sync:
+            sync.connect(device)
+            if step > 0:  # the servers loaded the base model; bring them to the resumed weights
+                sync.push(model, step)
+        log = MetricsLogger(cfg.logging, run_config=to_dict(cfg))
+        safe_to_save, nonfinite_streak = True, 0
+        while step < cfg.run.steps:
+            t0 = time.perf_counter()
+            if services:
+                services.check()
+            groups = client.wait_for_batch() if client else None
+            if world > 1:
+                groups = broadcast_groups(groups, device=device)
+            t_data = time.perf_counter() - t0
+            batch = build_train_batch(groups, cfg.data)
+            if batch.total_trained_tokens == 0:
+                logger.warning("every group of this batch was dropped (%s); waiting for the next", batch.metrics)
+                continue
+            mine = split_for_ranks(batch.micro_batches, world, pad_token_id=cfg.data.pad_token_id)[rank]
+            safe_to_save = False  # an exception inside the step may leave weights half-updated
+            m = train_step(model, optimizer, scheduler, mine, cfg.loss,
+                           global_normalizer=batch.total_trained_tokens, grad_clip=cfg.optim.grad_clip)
+            safe_to_save = True
+            step += 1
+            nonfinite_streak = nonfinite_streak + 1 if m["train/skipped_nonfinite"] else 0
+            if nonfinite_streak >= cfg.run.max_nonfinite_steps:
+                raise RuntimeError(f"{nonfinite_streak} consecutive steps had a non-finite loss or gradient "
+                                   f"(run.max_nonfinite_steps={cfg.run.max_nonfinite_steps}); stopping")
+            if sync:
+                m.update(sync.push(model, step))
+            dt = time.perf_counter() - t0
+            m.update(batch_metrics(batch), **(client.metrics() if client else {}))
+            m.update({"perf/step_s": dt, "perf/wait_data_s": t_data, "perf/tokens_per_s": m["train/tokens_total"] / dt})
+            log.log(step, m)
+            if cfg.checkpoint.should_save(step):
+                save_checkpoint(cfg.checkpoint.dir, step, model, optimizer, scheduler, tokenizer,
+                                keep_last=cfg.checkpoint.keep_last)
+        log.plot()
+        rc = 0
+    except KeyboardInterrupt:
+        logger.warning("interrupted at step %d", step)
+        rc = 130
+    except Exception as e:  # noqa: BLE001 - every failure ends here with its reason, then clean-up
+        logger.error("run failed at step %d: %s: %s", step, type(e).__name__, e, exc_info=rank == 0 and
+                     not isinstance(e, (RuntimeError, ConnectionError, TimeoutError)))
+        rc = 1
+    finally:
+        try:
+            if model is not None and safe_to_save and step > 0 and cfg.checkpoint.dir:
+                save_checkpoint(cfg.checkpoint.dir, step, model, optimizer, scheduler, tokenizer,
+                                keep_last=cfg.checkpoint.keep_last)
+        except Exception as e:  # noqa: BLE001
+            logger.error("could not save the final checkpoint: %s", e)
+        if sync:
+            sync.close()
+        if services:
+            services.stop_all()
+        adist.cleanup()
+    if rank == 0:
+        print(f"train.py: {'done' if rc == 0 else 'stopped'} at step {step} (exit {rc}); run dir {cfg.run.out}",
+              file=sys.stderr if rc else sys.stdout)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
