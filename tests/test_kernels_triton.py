@@ -107,7 +107,7 @@ def _ops_inputs(dname):
     dt = DTYPES[dname]
     return dict(z=(torch.randn(c, v, generator=g) * 4).to(dt), targets=torch.randint(0, v, (c,), generator=g),
                 coef=torch.randn(c, generator=g), h=torch.randn(c, d, generator=g).to(dt),
-                dw0=torch.randn(v, d, generator=g), inv_t=1 / 0.8)
+                dw0=torch.randn(v, d, generator=g), w=torch.randn(v, d, generator=g).to(dt), inv_t=1 / 0.8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,7 +185,8 @@ def _worker(in_path: str, out_path: str) -> None:
             dw_ref_in = x["dw0"].clone()
             tll.accumulate_dw(dw_ref_in, ref_dz, x["h"], config=dw_cfg)
             out[f"ops_{dname}_{label}"] = dict(lse=lse, logp=logp, entropy=ent, dz=dz, dw=dw, dw_from_ref_dz=dw_ref_in,
-                                               in_place=torch.tensor(dz.data_ptr() == z.data_ptr()))
+                                               in_place=torch.tensor(dz.data_ptr() == z.data_ptr()),
+                                               logits=tll.TritonOps.logits(x["h"], x["w"]))
     vocabs = [33, 1000, 4500, 32768, 151936]
     dw_cfgs = [tll.launch_config("accumulate_dw", vocab=v, dim=48, dtype=torch.bfloat16) for v in vocabs]
     try:
@@ -332,6 +333,8 @@ def test_ops_match_torch_ops(interpreted, dname, label):
         _check(name, what, got[what], same[i], gold[i], dname)
     _check(name, "dz", got["dz"], same[3], gold[3], dname)
     assert got["dz"].dtype == DTYPES[dname] and bool(got["in_place"]), "dZ must overwrite the logits chunk"
+    # Both are one torch.mm (thread counts differ between the processes: not bit-equal by contract).
+    torch.testing.assert_close(got["logits"], TorchOps.logits(x["h"], x["w"]))
     # dW: the whole chain, then the GEMM alone on the reference dZ (rounded to the dtype) against
     # an fp64 GEMM of the same rounded operands: only accumulation error is left.
     _check(name, "dw", got["dw"], same[4], gold[4], dname)
