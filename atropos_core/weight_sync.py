@@ -187,15 +187,36 @@ def tensor_nbytes(shape: Sequence[int], dtype_name: str) -> int:
     return n * WIRE_DTYPES[dtype_name].itemsize
 
 
+#: Every tensor in a packed bucket starts at a multiple of this many bytes, so each can be viewed
+#: back as its dtype (a view needs its offset divisible by the element size).
+BUCKET_ALIGN = 16
+
+
+def bucket_layout(shapes: Sequence[Sequence[int]], dtype_names: Sequence[str]) -> tuple[list[int], int]:
+    """Byte offset of each tensor in a packed bucket, and the bucket's total size."""
+    offsets, off = [], 0
+    for shape, dname in zip(shapes, dtype_names):
+        offsets.append(off)
+        off += -(-tensor_nbytes(shape, dname) // BUCKET_ALIGN) * BUCKET_ALIGN
+    return offsets, off
+
+
+def pack_bucket(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The trainer's side of `unpack_bucket`: one uint8 buffer holding every tensor at its offset."""
+    offsets, total = bucket_layout([list(t.shape) for t in tensors], [_DTYPE_NAMES[t.dtype] for t in tensors])
+    buf = torch.empty(total, dtype=torch.uint8, device=tensors[0].device)
+    for off, t in zip(offsets, tensors):
+        raw = t.contiguous().view(-1).view(torch.uint8)
+        buf[off:off + raw.numel()].copy_(raw)
+    return buf
+
+
 def unpack_bucket(buf: torch.Tensor, shapes: Sequence[Sequence[int]], dtype_names: Sequence[str]
                   ) -> list[torch.Tensor]:
     """Views into a received uint8 bucket, one per tensor, in manifest order."""
-    out, off = [], 0
-    for shape, dname in zip(shapes, dtype_names):
-        n = tensor_nbytes(shape, dname)
-        out.append(buf[off:off + n].view(WIRE_DTYPES[dname]).view(tuple(shape)))
-        off += n
-    return out
+    offsets, _ = bucket_layout(shapes, dtype_names)
+    return [buf[off:off + tensor_nbytes(shape, dname)].view(WIRE_DTYPES[dname]).view(tuple(shape))
+            for off, shape, dname in zip(offsets, shapes, dtype_names)]
 
 
 def validate_manifest(manifest: dict, spec: dict | None, where: str) -> None:
@@ -479,8 +500,7 @@ class WeightSync:
                     if len(tensors) == 1:
                         broadcast(self._group, tensors[0].contiguous())
                     else:
-                        broadcast(self._group, torch.cat([t.contiguous().view(-1).view(torch.uint8)
-                                                          for t in tensors]))
+                        broadcast(self._group, pack_bucket(tensors))
                 except BaseException as e:  # noqa: BLE001 - reported after the loop
                     err = e
                     self._group = None  # a failed collective leaves the group unusable

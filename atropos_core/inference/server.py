@@ -86,8 +86,16 @@ def _checkpoint_spec(model: str) -> dict:
     return spec
 
 
+class _BodyTooLarge(ValueError):
+    pass
+
+
 def _error(status: int, msg: str) -> JSONResponse:
     return JSONResponse({"error": msg}, status_code=status)
+
+
+def _bad_request(err: Exception) -> JSONResponse:
+    return _error(413 if isinstance(err, _BodyTooLarge) else 400, str(err))
 
 
 def add_atropos_routes(app: FastAPI, *, token: str, max_body_bytes: int, model: str) -> None:
@@ -116,10 +124,10 @@ def add_atropos_routes(app: FastAPI, *, token: str, max_body_bytes: int, model: 
     async def body_json(request: Request) -> dict:
         length = request.headers.get("content-length", "")
         if length.isdigit() and int(length) > max_body_bytes:
-            raise ValueError(f"request body over {max_body_bytes} bytes")
+            raise _BodyTooLarge(f"request body over {max_body_bytes} bytes")
         raw = await request.body()
         if len(raw) > max_body_bytes:
-            raise ValueError(f"request body over {max_body_bytes} bytes")
+            raise _BodyTooLarge(f"request body over {max_body_bytes} bytes")
         data = json.loads(raw or b"{}")
         if not isinstance(data, dict):
             raise ValueError("request body must be a JSON object")
@@ -153,7 +161,7 @@ def add_atropos_routes(app: FastAPI, *, token: str, max_body_bytes: int, model: 
                 logger.warning("/generate ignores request keys %s", sorted(unknown))
             params = SamplingParams(output_kind=RequestOutputKind.FINAL_ONLY, **kwargs)
         except (ValueError, TypeError) as err:
-            return _error(400, str(err))
+            return _bad_request(err)
         final = None
         try:
             async for out in engine(request).generate(engine_prompt, params, f"atropos-{uuid.uuid4().hex}"):
@@ -208,7 +216,7 @@ def add_atropos_routes(app: FastAPI, *, token: str, max_body_bytes: int, model: 
             if set(keys[:4]) - set(init):
                 raise ValueError(f"/weights/init needs {list(keys[:4])}")
         except ValueError as err:
-            return _error(400, str(err))
+            return _bad_request(err)
         async with state.lock:
             if state.phase != "idle":
                 return _error(409, f"an update is {state.phase}")
@@ -253,7 +261,7 @@ def add_atropos_routes(app: FastAPI, *, token: str, max_body_bytes: int, model: 
             watchdog_s = float(body.get("watchdog_s", 120.0))
             version = int(manifest.get("version", 0))
         except (ValueError, TypeError) as err:
-            return _error(400, str(err))
+            return _bad_request(err)
         eng = engine(request)
         async with state.lock:
             if state.phase != "idle":
@@ -281,6 +289,8 @@ def add_atropos_routes(app: FastAPI, *, token: str, max_body_bytes: int, model: 
         try:
             body = await body_json(request)
             version = int(body["version"])
+        except _BodyTooLarge as err:
+            return _bad_request(err)
         except (ValueError, TypeError, KeyError) as err:
             return _error(400, f"/weights/apply needs an integer 'version': {err}")
         eng = engine(request)
@@ -331,7 +341,13 @@ def main(argv: list[str] | None = None) -> None:
     token = os.environ.get(TOKEN_ENV, "")
     if len(token) < 16:
         sys.exit(f"{TOKEN_ENV} must hold the per-launch update token (>= 16 characters)")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s [atropos] %(message)s")
+    # Our own handler: vLLM's logging setup (dictConfig) runs later and disables loggers that exist
+    # by then; `build_app_with_atropos_routes` re-enables ours.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s [atropos] %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
 
     import vllm.entrypoints.launchers.api_server.entry as entry
 
@@ -339,6 +355,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def build_app_with_atropos_routes(vllm_args, *a, **kw):
         app = vllm_build_app(vllm_args, *a, **kw)
+        logger.disabled = False
         add_atropos_routes(app, token=token, max_body_bytes=args.max_request_bytes, model=vllm_args.model)
         return app
 

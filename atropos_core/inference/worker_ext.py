@@ -30,7 +30,7 @@ from vllm.distributed.weight_transfer.base import (
 )
 from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
-from atropos_core.weight_sync import WIRE_DTYPES, broadcast, make_transfer_group, tensor_nbytes, unpack_bucket
+from atropos_core.weight_sync import WIRE_DTYPES, broadcast, bucket_layout, make_transfer_group, unpack_bucket
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class AtroposWeightTransferEngine(WeightTransferEngine[AtroposInitInfo, AtroposU
                 broadcast(self.group, t)
                 self.model.load_weights([(names[i], t)])
             else:
-                total = sum(tensor_nbytes(shapes[i], dtypes[i]) for i in bucket)
+                _, total = bucket_layout([shapes[i] for i in bucket], [dtypes[i] for i in bucket])
                 buf = torch.empty(total, dtype=torch.uint8, device=self.device)
                 broadcast(self.group, buf)
                 views = unpack_bucket(buf, [shapes[i] for i in bucket], [dtypes[i] for i in bucket])

@@ -1,0 +1,296 @@
+"""Weight sync: after a real optimizer step, vLLM serves exactly the trainer's weights.
+
+The reference is transformers on the trainer's own (updated) weights: vLLM's greedy continuation
+must equal it token for token and its logprobs must match within 1e-4 (fp32 on both sides; before
+any update they agree to ~1e-6, FACTS.md). Fault tests check that a failed update raises one clear
+`WeightSyncError` and leaves the server serving (not paused), and that the next push recovers.
+"""
+from __future__ import annotations
+
+import pytest
+import requests
+import torch
+
+from atropos_core.weight_sync import (
+    WeightSync,
+    WeightSyncConfig,
+    WeightSyncError,
+    clean_param_name,
+    pack_bucket,
+    plan_buckets,
+    unpack_bucket,
+    validate_manifest,
+)
+from tests.fixtures.vllm_server import hf_greedy, hf_token_logprobs, vllm_generate
+
+PROMPTS = [[5, 6, 7], [10, 20, 30, 40, 50], [100], [3, 1, 4, 1, 5, 9, 2, 6]]
+NEW_TOKENS = 8
+LOGPROB_TOL = 1e-4
+
+
+def load_hf(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+
+
+def train_step(model, seed: int, lr: float = 3e-2) -> None:
+    """One real AdamW step on a batch of random token sequences (next-token cross-entropy)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (4, 24), generator=g)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    model.eval()
+
+
+def assert_serves(url: str, model) -> None:
+    """vLLM's greedy tokens and their logprobs equal transformers' on `model`."""
+    for prompt in PROMPTS:
+        out = vllm_generate(url, prompt, n=1, max_tokens=NEW_TOKENS, temperature=0.0)
+        got_ids = out["token_ids"][0]
+        assert got_ids == hf_greedy(model, prompt, NEW_TOKENS), f"greedy tokens differ for prompt {prompt}"
+        got_lp = [list(tok[0].values())[0] for tok in out["logprobs"][0]]
+        ref_lp = hf_token_logprobs(model, prompt, got_ids)
+        err = max(abs(a - b) for a, b in zip(got_lp, ref_lp))
+        assert err < LOGPROB_TOL, f"logprobs differ by {err:.2e} for prompt {prompt}"
+
+
+def served_version(url: str):
+    return requests.get(f"{url}/weight_version", timeout=10).json()["weight_version"]
+
+
+def push_once(server, model, cfg: WeightSyncConfig | None = None) -> dict:
+    sync = WeightSync(cfg or WeightSyncConfig(), [server.url], server.token)
+    sync.connect()
+    try:
+        return sync.push(model, server.next_version())
+    finally:
+        sync.close()
+
+
+# -- wire helpers (no server) ----------------------------------------------------------------
+
+def test_plan_buckets_keeps_order_and_limits():
+    sizes = [10, 30, 5, 100, 1, 1]
+    assert plan_buckets(sizes, 0) == [[0], [1], [2], [3], [4], [5]]
+    buckets = plan_buckets(sizes, 40)
+    assert [i for b in buckets for i in b] == list(range(len(sizes)))
+    for b in buckets:
+        assert sum(sizes[i] for i in b) <= 40 or len(b) == 1
+
+
+def test_unpack_bucket_round_trip_mixed_dtypes():
+    tensors = [torch.randn(3, 5), torch.randn(7).to(torch.bfloat16), torch.arange(4, dtype=torch.int64)]
+    buf = pack_bucket(tensors)
+    views = unpack_bucket(buf, [list(t.shape) for t in tensors], ["float32", "bfloat16", "int64"])
+    for a, b in zip(tensors, views):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_validate_manifest_names_the_tensor():
+    spec = {"tensors": {"a.weight": {"shape": [2, 3]}, "lm_head.weight": {"shape": [4, 3]}},
+            "tie_word_embeddings": False}
+    good = {"names": ["a.weight", "lm_head.weight"], "dtypes": ["float32"] * 2, "shapes": [[2, 3], [4, 3]],
+            "buckets": [[0], [1]]}
+    validate_manifest(good, spec, "srv")
+    with pytest.raises(ValueError, match="a.weight.*shape"):
+        validate_manifest(dict(good, shapes=[[3, 3], [4, 3]]), spec, "srv")
+    with pytest.raises(ValueError, match="lacks.*lm_head.weight"):
+        validate_manifest(dict(good, names=["a.weight"], dtypes=["float32"], shapes=[[2, 3]], buckets=[[0]]),
+                          spec, "srv")
+    with pytest.raises(ValueError, match="not in the served model"):
+        validate_manifest(dict(good, names=["a.weight", "b.weight"]), spec, "srv")
+    with pytest.raises(ValueError, match="buckets"):
+        validate_manifest(dict(good, buckets=[[0]]), spec, "srv")
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ValueError, match="backend"):
+        WeightSyncConfig(backend="mpi")
+    with pytest.raises(ValueError, match="update_timeout_s"):
+        WeightSyncConfig(update_timeout_s=0)
+    with pytest.raises(ValueError, match="pause_mode"):
+        WeightSyncConfig(pause_mode="later")
+
+
+def test_clean_param_name_strips_wrappers():
+    assert clean_param_name("_orig_mod.model.layers.0._checkpoint_wrapped_module.mlp.up_proj.weight") == \
+        "model.layers.0.mlp.up_proj.weight"
+
+
+# -- against the session's vLLM server --------------------------------------------------------
+
+@pytest.mark.vllm
+def test_push_after_optimizer_step_serves_trainer_weights(vllm_server):
+    model = load_hf(vllm_server.model_dir)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train_step(model, seed=1)
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters()), "the step changed nothing"
+    sync = WeightSync(WeightSyncConfig(), [vllm_server.url], vllm_server.token)
+    sync.connect()
+    try:
+        v1 = vllm_server.next_version()
+        metrics = sync.push(model, v1)
+        assert served_version(vllm_server.url) == v1
+        assert metrics["sync/version"] == v1 and metrics["sync/ms"] > 0
+        assert metrics["sync/bytes"] == sum(p.numel() * p.element_size() for p in model.parameters())
+        assert_serves(vllm_server.url, model)
+        # A second step through the same connection: the version advances, outputs follow.
+        train_step(model, seed=2)
+        v2 = vllm_server.next_version()
+        sync.push(model, v2)
+        assert served_version(vllm_server.url) == v2 > v1
+        assert_serves(vllm_server.url, model)
+    finally:
+        sync.close()
+
+
+@pytest.mark.vllm
+def test_packed_buckets_give_the_same_weights(vllm_server):
+    """The NCCL-style packed path (several tensors per message) over gloo."""
+    model = load_hf(vllm_server.model_dir)
+    train_step(model, seed=3)
+    push_once(vllm_server, model, WeightSyncConfig(bucket_bytes=300_000))
+    assert_serves(vllm_server.url, model)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_push_tied_embeddings(vllm_tied_server):
+    model = load_hf(vllm_tied_server.model_dir)
+    assert model.config.tie_word_embeddings
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    train_step(model, seed=4)
+    metrics = push_once(vllm_tied_server, model)
+    assert served_version(vllm_tied_server.url) == metrics["sync/version"]
+    assert_serves(vllm_tied_server.url, model)
+
+
+@pytest.mark.vllm
+def test_update_without_token_is_refused(vllm_server):
+    manifest = {"names": [], "dtypes": [], "shapes": [], "buckets": [], "version": 1}
+    version = served_version(vllm_server.url)
+    for route in ("/weights/prepare", "/weights/apply", "/weights/init", "/weights/abort"):
+        r = requests.post(f"{vllm_server.url}{route}", json={"manifest": manifest, "version": 1}, timeout=10)
+        assert r.status_code == 401, route
+        r = requests.post(f"{vllm_server.url}{route}", json={"manifest": manifest, "version": 1}, timeout=10,
+                          headers={"Authorization": "Bearer " + "x" * 40})
+        assert r.status_code == 403, route
+    assert requests.get(f"{vllm_server.url}/weights/spec", timeout=10).status_code == 401
+    assert served_version(vllm_server.url) == version
+    log = vllm_server.handle.process.log_path.read_text(errors="replace")
+    assert "refused POST /weights/prepare" in log
+
+
+@pytest.mark.vllm
+def test_oversized_body_is_refused(vllm_server):
+    r = requests.post(f"{vllm_server.url}/weights/prepare", data=b"{" + b" " * (9 << 20) + b"}", timeout=30,
+                      headers={"Authorization": f"Bearer {vllm_server.token}", "Content-Type": "application/json"})
+    assert r.status_code == 413 and "over" in r.json()["error"]
+
+
+@pytest.mark.vllm
+def test_shape_mismatch_fails_before_sending(vllm_server, tmp_path):
+    """A trainer model whose shapes differ: one WeightSyncError naming server and tensor, checked on
+    the trainer and (with that check off) by the server, and the server keeps serving."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config.from_pretrained(str(vllm_server.model_dir))
+    cfg.intermediate_size = 2 * cfg.intermediate_size
+    wrong = Qwen2ForCausalLM(cfg)
+    version = served_version(vllm_server.url)
+    for validate in (True, False):
+        with pytest.raises(WeightSyncError) as info:
+            push_once(vllm_server, wrong, WeightSyncConfig(validate_shapes=validate))
+        msg = str(info.value)
+        assert vllm_server.url in msg or "this server" in msg
+        assert "mlp" in msg and "shape" in msg, msg
+    assert served_version(vllm_server.url) == version
+    assert requests.get(f"{vllm_server.url}/weight_version", timeout=10).json()["phase"] == "idle"
+    out = vllm_generate(vllm_server.url, PROMPTS[0], n=1, max_tokens=2, temperature=0.0)
+    assert len(out["token_ids"][0]) == 2
+
+
+class _DiesMidway(WeightSync):
+    """Fault injection: the trainer stops producing tensors half-way through an update."""
+
+    def _gathered(self, params):
+        for i, t in enumerate(super()._gathered(params)):
+            if i == len(params) // 2:
+                raise RuntimeError("trainer died")
+            yield t
+
+
+@pytest.mark.vllm
+def test_failed_update_raises_once_and_server_resumes(vllm_server):
+    model = load_hf(vllm_server.model_dir)
+    train_step(model, seed=5)
+    sync = _DiesMidway(WeightSyncConfig(update_timeout_s=3), [vllm_server.url], vllm_server.token)
+    sync.connect()
+    with pytest.raises(WeightSyncError, match="trainer died"):
+        sync.push(model, vllm_server.next_version())
+    sync.close()
+    state = requests.get(f"{vllm_server.url}/weight_version", timeout=10).json()
+    assert state["weight_version"] is None and "failed" in state["last_error"]
+    assert state["phase"] == "idle"
+    # Not left paused: generation answers promptly.
+    r = requests.post(f"{vllm_server.url}/generate", json={"prompt": {"prompt_token_ids": PROMPTS[0]},
+                                                           "max_tokens": 2, "temperature": 0.0}, timeout=30)
+    assert r.status_code == 200
+    # A fresh connection recovers a consistent state.
+    push_once(vllm_server, model)
+    assert_serves(vllm_server.url, model)
+
+
+# -- FSDP2: two trainer ranks ---------------------------------------------------------------
+
+def _fsdp_rank(rank: int, world: int, port: int, model_dir: str, url: str, token: str, version: int,
+               out_path: str) -> None:
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = load_hf(model_dir)
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        train_step(model, seed=10 + rank)  # each rank its own batch, as in data-parallel training
+        sync = WeightSync(WeightSyncConfig(), [url], token, rank=rank, world_size=world)
+        sync.connect()
+        metrics = sync.push(model, version)
+        sync.close()
+        full = {n: p.full_tensor() for n, p in model.named_parameters()}
+        if rank == 0:
+            torch.save({"state": full, "metrics": metrics}, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_fsdp2_two_ranks_push(vllm_server, tmp_path):
+    import torch.multiprocessing as mp
+
+    from atropos_core.services import free_port
+
+    version = vllm_server.next_version()
+    out = tmp_path / "fsdp_state.pt"
+    mp.spawn(_fsdp_rank, args=(2, free_port(), str(vllm_server.model_dir), vllm_server.url,
+                               vllm_server.token, version, str(out)), nprocs=2, join=True)
+    saved = torch.load(out, weights_only=True)
+    assert saved["metrics"]["sync/version"] == version
+    model = load_hf(vllm_server.model_dir)
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.load_state_dict(saved["state"], strict=False)
+    assert any(not torch.equal(original[n], p) for n, p in model.named_parameters())
+    assert served_version(vllm_server.url) == version
+    assert_serves(vllm_server.url, model)
