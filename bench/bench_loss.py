@@ -1,0 +1,224 @@
+"""Speed and peak memory of the fused linear policy loss against its peers, forward + backward.
+
+Why each provider runs in a fresh subprocess: peak memory on CPU is read from the process's
+`ru_maxrss` (torch's CPU allocations are invisible to `tracemalloc`), a high-water mark that never
+comes down, so one process can only measure one provider. The peak is reported against a baseline
+taken after the inputs (hidden, weight, targets, advantages, mask) are allocated, so it is the
+*extra* memory of one forward+backward: gradients, logits, temporaries. On CUDA the same number
+comes from `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`.
+
+Providers (all compute forward + backward of a loss on `hidden @ weight.T` with all tokens trained):
+    ours               kernels.fused_linear_policy_loss, backend "torch" (grpo, per-token advantages)
+    naive              kernels.reference.policy_loss_ref(upcast=False): full [N, V] logits
+    torch_lce_chunked  torch's F.linear_cross_entropy with LinearCrossEntropyOptions(): plain CE,
+                       the same GEMM work, the chunked peer shipped with torch
+    liger_chunked      liger_kernel.chunked_loss.LigerFusedLinearGRPOLoss(compiled=False), bnpo
+    gemm_floor         the three plain GEMMs (logits, dX, dW) of the same shape, nothing else
+    triton             (CUDA) ours with backend "triton"
+    liger_triton       (CUDA) Liger's Triton LigerFusedLinearCrossEntropyLoss (plain CE)
+
+Usage:
+    python bench/bench_loss.py --device cpu --shape 4096,1024,32768 --dtype float32 --reps 3
+Rows are appended to bench/results/loss.csv (long format: one row per provider and shape, with
+device, commit and date); `bench/plot.py` draws the figures from that file.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results" / "loss.csv"
+CSV_FIELDS = ["device", "commit", "date", "provider", "N", "D", "V", "dtype", "ms_median", "peak_mem_mb"]
+CPU_PROVIDERS = ["ours", "naive", "torch_lce_chunked", "liger_chunked", "gemm_floor"]
+CUDA_PROVIDERS = CPU_PROVIDERS + ["triton", "liger_triton"]
+
+
+def _make_inputs(n, d, v, dtype, device, seed=0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(n, d, generator=g) * 0.5).to(device=device, dtype=dtype).requires_grad_()
+    weight = (torch.randn(v, d, generator=g) / d ** 0.5).to(device=device, dtype=dtype).requires_grad_()
+    targets = torch.randint(0, v, (n,), generator=g).to(device)
+    advantages = torch.randn(n, generator=g).to(device)
+    mask = torch.ones(n, device=device)
+    return hidden, weight, targets, advantages, mask
+
+
+def _step_fn(provider, hidden, weight, targets, advantages, mask):
+    """A closure doing one forward+backward for `provider` (weights' .grad reset each call)."""
+    import torch
+    import torch.nn.functional as F
+
+    def run_loss(loss_fn):
+        def step():
+            hidden.grad = None
+            weight.grad = None
+            loss = loss_fn()
+            loss.backward()
+        return step
+
+    if provider in ("ours", "triton"):
+        import kernels
+
+        backend = "torch" if provider == "ours" else "triton"
+        return run_loss(lambda: kernels.fused_linear_policy_loss(
+            hidden, weight, targets, advantages, mask, loss_type="grpo", backend=backend)[0])
+    if provider == "naive":
+        from kernels.reference import policy_loss_ref
+
+        return run_loss(lambda: policy_loss_ref(hidden, weight, targets, advantages, mask, loss_type="grpo",
+                                                upcast=False)[0])
+    if provider == "torch_lce_chunked":
+        opts = torch.nn.LinearCrossEntropyOptions()
+        return run_loss(lambda: F.linear_cross_entropy(hidden, weight, targets, options=opts))
+    if provider == "liger_chunked":
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+        # One "sequence" of all N tokens: Liger takes per-sequence advantages only.
+        mod = LigerFusedLinearGRPOLoss(beta=0.0, compiled=False, use_ref_model=False, loss_type="bnpo")
+        adv_seq = advantages[:1].contiguous()
+        return run_loss(lambda: mod(hidden.unsqueeze(0), weight, targets.unsqueeze(0), mask.unsqueeze(0),
+                                    adv_seq)[0])
+    if provider == "liger_triton":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        mod = LigerFusedLinearCrossEntropyLoss()
+        return run_loss(lambda: mod(weight, hidden, targets))
+    if provider == "gemm_floor":
+        def step():
+            with torch.no_grad():
+                z = torch.mm(hidden, weight.t())
+                dx = torch.mm(z, weight)
+                dw = torch.mm(z.t(), hidden)
+            del z, dx, dw
+        return step
+    raise ValueError(f"unknown provider {provider!r}")
+
+
+def _rss_mb_now() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def _worker(args) -> dict:
+    """Runs in the child process: time one provider, report {ms_median, peak_mem_mb} as JSON."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    n, d, v = args.shape
+    dtype = getattr(torch, args.dtype)
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    inputs = _make_inputs(n, d, v, dtype, device)
+    step = _step_fn(args.worker, *inputs)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        # ru_maxrss is the high-water mark so far (imports + inputs): the baseline of "extra".
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    times = []
+    for i in range(args.warmup + args.reps):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    if cuda:
+        peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+    return {"ms_median": statistics.median(times) * 1e3, "peak_mem_mb": peak,
+            "ms_all": [t * 1e3 for t in times]}
+
+
+def _run_provider(provider, args) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", provider, "--device", args.device,
+           "--shape", ",".join(map(str, args.shape)), "--dtype", args.dtype, "--reps", str(args.reps),
+           "--warmup", str(args.warmup), "--threads", str(args.threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"error": " | ".join(tail)}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=ROOT, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--shape", default="4096,1024,32768", help="N,D,V")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--providers", default="", help="comma-separated subset (default: all for the device)")
+    p.add_argument("--json", default="", help="also write the rows to this JSON file")
+    p.add_argument("--csv", default=str(RESULTS), help="CSV to append to ('' to skip)")
+    p.add_argument("--worker", default="", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.shape = tuple(int(x) for x in args.shape.split(","))
+    if len(args.shape) != 3:
+        p.error("--shape must be N,D,V")
+    if args.worker:
+        print(json.dumps(_worker(args)))
+        return 0
+
+    providers = [x for x in args.providers.split(",") if x] or (
+        CUDA_PROVIDERS if args.device == "cuda" else CPU_PROVIDERS)
+    n, d, v = args.shape
+    commit, date = _commit(), datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    rows = []
+    print(f"{'provider':<18} {'ms_median':>10} {'peak_mem_mb':>12}  (N={n} D={d} V={v} {args.dtype} "
+          f"{args.device}, {args.reps} reps + {args.warmup} warm-up, each in a fresh process)")
+    for prov in providers:
+        res = _run_provider(prov, args)
+        if "error" in res:
+            print(f"{prov:<18} failed: {res['error']}")
+            continue
+        row = {"provider": prov, "N": n, "D": d, "V": v, "dtype": args.dtype,
+               "ms_median": round(res["ms_median"], 2), "peak_mem_mb": round(res["peak_mem_mb"], 1)}
+        rows.append(row)
+        print(f"{prov:<18} {row['ms_median']:>10.1f} {row['peak_mem_mb']:>12.1f}   all ms: "
+              + ", ".join(f"{t:.0f}" for t in res["ms_all"]))
+    if args.csv and rows:
+        path = Path(args.csv)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        new = not path.exists()
+        with path.open("a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+            if new:
+                w.writeheader()
+            for r in rows:
+                w.writerow({"device": args.device, "commit": commit, "date": date, **r})
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
