@@ -142,6 +142,7 @@ class AtroposClient:
         self.session = session or requests.Session()
         self.uuid: Optional[int] = None
         self.batches_received = 0
+        self.last_raw: Optional[bytes] = None   # JSON body of the last batch (for batch.broadcast_groups)
         self._deadline: Optional[float] = None   # set while a bounded wait runs
         self._counters = {k: 0 for k in ("data/polls", "data/empty_polls", "data/batches", "data/api_errors",
                                          "data/connection_errors", "data/reregistered", "data/api_resets")}
@@ -278,6 +279,7 @@ class AtroposClient:
             raise AtroposAPIError(f"GET /batch at {self.cfg.url}: 'batch' is {type(batch).__name__}, not a list")
         self._counters["data/batches"] += 1
         self.batches_received += 1
+        self.last_raw = resp.content
         return batch
 
     def wait_for_batch(self) -> list[dict]:

@@ -292,9 +292,10 @@ def _broadcast_worker(rank: int, init_file: str, result_file: str) -> None:
     try:
         groups = good_groups(6, k=3) if rank == 0 else None
         got = broadcast_groups(groups, src=0)
-        if rank == 1:
-            with open(result_file, "w") as f:
-                json.dump(got, f)
+        raw = json.dumps({"batch": good_groups(7, k=2)}).encode() if rank == 0 else None  # a /batch body
+        got_raw = broadcast_groups(src=0, raw=raw)
+        with open(f"{result_file}.{rank}", "w") as f:
+            json.dump([got, got_raw], f)
     finally:
         dist.destroy_process_group()
 
@@ -305,7 +306,8 @@ def test_broadcast_groups_between_two_gloo_ranks(tmp_path):
     # fork: the children inherit the imports (spawn re-imports torch: ~10 s on 2 busy cores)
     mp.start_processes(_broadcast_worker, args=(str(tmp_path / "init"), str(tmp_path / "got.json")), nprocs=2,
                        join=True, start_method="fork")
-    assert json.loads((tmp_path / "got.json").read_text()) == good_groups(6, k=3)
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"got.json.{rank}").read_text()) == [good_groups(6, k=3), good_groups(7, k=2)]
 
 
 # ---- config ------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import time
 import pytest
 import requests
 
-from atropos_core.batch import DataConfig, build_train_batch
+from atropos_core.batch import DataConfig, build_train_batch, groups_from_json_bytes
 from atropos_core.client import (AtroposAPIError, AtroposClient, AtroposConfig, AtroposConfigMismatch,
                                  AtroposUnavailable)
 from atropos_core.services import free_port
@@ -88,6 +88,7 @@ def test_fetch_validate_pack_exact(atropos_api, layout):
     post_groups(atropos_api.url, posted[2:])  # now two batches: the API serves the newer first
     batch = client.wait_for_batch()
     assert len(batch) == 4 and all(len(g) == 14 for g in batch)  # atroposlib's 14 keys
+    assert groups_from_json_bytes(client.last_raw) == batch      # what rank 0 forwards to the others
     got = {json.dumps(g["tokens"]) for g in batch}
     sent = [g for g in posted if json.dumps(g["tokens"]) in got]
     assert len(sent) == 4 and all(g[k] == s[k] for g, s in zip(sorted(batch, key=lambda g: g["tokens"]),
