@@ -9,7 +9,7 @@ one is dropped *whole* (its siblings give its advantages their meaning) with one
 
 Alignment: Atropos puts `masks`, `advantages`, `inference_logprobs` and `ref_logprobs` at position t
 for token t (prompt positions: mask -100, inference logprob 1.0). The model predicts token t from
-position t-1, so a sequence of L tokens becomes L-1 rows positions: `input_ids = tokens[:-1]`,
+position t-1, so a sequence of L tokens becomes L-1 row positions: `input_ids = tokens[:-1]`,
 `targets = tokens[1:]`, and every per-token field is taken at t+1 (see `types.py`). A mask on token 0
 cannot be trained (nothing predicts it) and is ignored.
 
@@ -22,17 +22,27 @@ divided). Then optional whitening over the batch's trained tokens (`advantage_no
 clipping, and finally the per-sequence `overrides[i]["set_advantage_to_zero"]` (or the group's
 `group_overrides`), whose sequences are left out of the whitening statistics.
 
-Packing: sequences are sorted longest first and spread over the fewest micro-batches whose cost fits
-`max_tokens_per_micro_batch` (cost = rows × longest row when padded, the sum of lengths when
-packed), each placed on the least loaded micro-batch it fits (LPT), so the micro-batches come out
-with similar token counts. A sequence longer than the budget gets a micro-batch of its own.
-`TrainBatch.total_trained_tokens` counts the whole batch, so the loss normaliser does not depend on
-how it was split. `split_for_ranks` gives every rank the same number of micro-batches (FSDP issues
-the same collectives per forward/backward on every rank), padding with an all-masked one.
+Packing: a micro-batch's cost is rows × longest row when padded, the sum of lengths when packed,
+and must fit `max_tokens_per_micro_batch` (a longer sequence gets a micro-batch of its own).
+Sequences go longest first onto the least loaded of k micro-batches they fit in (LPT), for the
+smallest k that works up to what first-fit-decreasing needs; if none does, first-fit-decreasing's
+grouping is kept (it puts rows of similar length together: less padding). So micro-batches come
+out few and with similar token counts. `TrainBatch.total_trained_tokens` counts the whole batch,
+so the loss normaliser does not depend on the split. `split_for_ranks` gives every rank the same
+number of micro-batches (FSDP issues the same collectives per forward/backward on every rank),
+padding with an all-masked one.
+
+Cost, measured on one busy CPU core: a batch of 64 groups × 16 sequences (1.27M tokens, both
+logprob fields) builds in ~1 s, mostly turning JSON lists into arrays; its JSON (48 MB) takes
+~6 s to encode and ~4 s to decode, so ship the bytes `/batch` sent rather than re-encoding.
 
 Shipping: rank 0 fetches the batch and sends the raw groups to the other ranks as JSON bytes in a
 uint8 tensor (`broadcast_groups`): nothing from the network is unpickled, and every rank then runs
-the same deterministic `build_train_batch`, so "batch" and "global" normalisation agree.
+the same deterministic `build_train_batch`, so "batch" and "global" normalisation agree and
+`total_trained_tokens` is already the global count on every rank.
+
+Ignored group fields: `messages`, `generation_params`, `images`, `env_id` (logged on a drop),
+`distill_token_ids`, `distill_logprobs`.
 """
 from __future__ import annotations
 

@@ -54,10 +54,13 @@ class AtroposConfig:
     """Longest sequence the environments may send; keep it equal to `data.max_token_len`."""
     group_size: Optional[int] = None
     """Sequences per group the environments send, if known: checked against batch_size at start."""
-    request_timeout_s: float = 30.0
-    """Timeout of one HTTP request (connect and read)."""
+    request_timeout_s: float = 60.0
+    """Timeout of one HTTP request (connect and read). Keep it generous: the API pops a batch
+    before it sends it, so a `/batch` answer cut off by the read timeout is lost (the API took ~4 s
+    to send a 6 MB batch on one busy core)."""
     max_wait_s: float = 900.0
-    """Longest total wait for the server to answer (register) or for one batch to be ready."""
+    """Longest total wait for the server to answer (register) or for one batch to be ready (an
+    answer already being read may add up to request_timeout_s)."""
     backoff_initial_s: float = 0.05
     """First pause between polls; it doubles each time up to backoff_max_s."""
     backoff_max_s: float = 1.0
@@ -135,7 +138,9 @@ _NETWORK_ERRORS = (requests.ConnectionError, requests.Timeout)
 
 
 class AtroposClient:
-    """One trainer's connection to the trajectory API (rank 0 only; see `batch.broadcast_groups`)."""
+    """One trainer's connection to the trajectory API. Use it on rank 0 only (the others get the
+    groups through `batch.broadcast_groups`) and from one thread at a time (a prefetch thread that
+    overlaps the next fetch with the current step is fine)."""
 
     def __init__(self, cfg: AtroposConfig, session: Optional[requests.Session] = None):
         self.cfg = cfg
@@ -150,10 +155,13 @@ class AtroposClient:
         self._total_wait_s = 0.0
 
     # -- plumbing ------------------------------------------------------------------------------
-    def _timeout(self) -> float:
-        if self._deadline is None:
-            return self.cfg.request_timeout_s
-        return max(0.5, min(self.cfg.request_timeout_s, self._deadline - time.monotonic()))
+    def _timeout(self) -> tuple[float, float]:
+        """(connect, read) timeouts. Connecting is bounded by the running wait's deadline; reading
+        never is: the server pops a batch before sending it, so a cut-off answer loses that batch."""
+        connect = self.cfg.request_timeout_s
+        if self._deadline is not None:
+            connect = max(0.5, min(connect, self._deadline - time.monotonic()))
+        return connect, self.cfg.request_timeout_s
 
     def _request(self, method: str, path: str, **kw) -> requests.Response:
         try:
@@ -253,7 +261,12 @@ class AtroposClient:
         """One `GET /batch`: the groups of one batch, or None when none is ready (also after a
         survived server error). Network errors propagate (`wait_for_batch` retries them)."""
         self._counters["data/polls"] += 1
-        resp = self._request("GET", "/batch")
+        try:
+            resp = self._request("GET", "/batch")
+        except requests.ReadTimeout:
+            logger.warning("GET /batch at %s timed out while reading (atropos.request_timeout_s=%s): if the API "
+                           "had a batch ready, that batch is lost", self.cfg.url, self.cfg.request_timeout_s)
+            raise
         if resp.status_code >= 500:
             # uvicorn closes the connection after an unhandled error: drop the pooled one, or the
             # next request on it fails with "connection reset".
