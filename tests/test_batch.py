@@ -199,34 +199,6 @@ def test_build_matches_reference(overrides):
         assert cost <= budget or mb.num_sequences == 1
 
 
-def test_global_norm_uses_reduce_fn():
-    """advantage_norm="global" takes its statistics from reduce_fn (the all-reduce across ranks):
-    a reduce that doubles the sums (two ranks with identical data) leaves the result unchanged, and
-    one that adds a second rank's different values shifts it as the pooled computation says."""
-    groups = good_groups(2, k=2)
-    cfg = DataConfig(max_token_len=64, vocab_size=VOCAB, advantage_norm="global")
-    base = build_train_batch(groups, cfg)
-    doubled = build_train_batch(groups, cfg, reduce_fn=lambda t: t * 2)
-    for a, b in zip(base.micro_batches, doubled.micro_batches):
-        torch.testing.assert_close(a.advantages, b.advantages, rtol=1e-6, atol=1e-6)
-    calls = []
-
-    def other_rank_adds(t):  # pretend a second rank holds one trained token with advantage 10
-        calls.append(t.clone())
-        if len(calls) == 1:
-            return t + torch.tensor([1.0, 10.0], dtype=torch.float64)
-        mean = float(calls[0][1] + 10.0) / float(calls[0][0] + 1.0)
-        return t + torch.tensor([(10.0 - mean) ** 2], dtype=torch.float64)
-
-    shifted = build_train_batch(groups, cfg, reduce_fn=other_rank_adds)
-    raw = build_train_batch(groups, DataConfig(max_token_len=64, vocab_size=VOCAB))
-    vals = torch.cat([mb.advantages[mb.loss_mask > 0] for mb in raw.micro_batches]).double()
-    pooled = torch.cat([vals, torch.tensor([10.0], dtype=torch.float64)])
-    mean, std = pooled.mean(), pooled.std(unbiased=False)
-    got = torch.cat([mb.advantages[mb.loss_mask > 0] for mb in shifted.micro_batches])
-    torch.testing.assert_close(got, ((vals - mean) / std).float(), rtol=1e-6, atol=1e-6)
-
-
 def test_plan_respects_budget_and_balances():
     rng = random.Random(3)
     for padded in (True, False):
@@ -294,20 +266,41 @@ def _broadcast_worker(rank: int, init_file: str, result_file: str) -> None:
         got = broadcast_groups(groups, src=0)
         raw = json.dumps({"batch": good_groups(7, k=2)}).encode() if rank == 0 else None  # a /batch body
         got_raw = broadcast_groups(src=0, raw=raw)
+        # advantage_norm="global" with a real all-reduce over ranks holding different groups
+        cfg = DataConfig(max_token_len=64, vocab_size=VOCAB, advantage_norm="global")
+        tb = build_train_batch(good_groups(8 + rank, k=2 + rank), cfg,
+                               reduce_fn=lambda t: (dist.all_reduce(t), t)[1])
+        advs = {}
+        for mb in tb.micro_batches:
+            for k in set(mb.sequence_ids.flatten().tolist()) - {-1}:
+                advs[k] = mb.advantages[mb.sequence_ids == k].tolist()
         with open(f"{result_file}.{rank}", "w") as f:
-            json.dump([got, got_raw], f)
+            json.dump([got, got_raw, [advs[k] for k in sorted(advs)]], f)
     finally:
         dist.destroy_process_group()
 
 
-def test_broadcast_groups_between_two_gloo_ranks(tmp_path):
+def test_broadcast_groups_and_global_norm_on_two_gloo_ranks(tmp_path):
     import torch.multiprocessing as mp
 
     # fork: the children inherit the imports (spawn re-imports torch: ~10 s on 2 busy cores)
     mp.start_processes(_broadcast_worker, args=(str(tmp_path / "init"), str(tmp_path / "got.json")), nprocs=2,
                        join=True, start_method="fork")
-    for rank in (0, 1):
-        assert json.loads((tmp_path / f"got.json.{rank}").read_text()) == [good_groups(6, k=3), good_groups(7, k=2)]
+    results = [json.loads((tmp_path / f"got.json.{rank}").read_text()) for rank in (0, 1)]
+    for got, got_raw, _ in results:
+        assert got == good_groups(6, k=3) and got_raw == good_groups(7, k=2)
+    # global normalisation on two ranks == batch normalisation of the union on one
+    union = build_train_batch(good_groups(8, k=2) + good_groups(9, k=3),
+                              DataConfig(max_token_len=64, vocab_size=VOCAB, advantage_norm="batch"))
+    expected = {}
+    for mb in union.micro_batches:
+        for k in set(mb.sequence_ids.flatten().tolist()) - {-1}:
+            expected[k] = mb.advantages[mb.sequence_ids == k]
+    per_rank = results[0][2] + results[1][2]
+    assert len(per_rank) == len(expected) == 4 * 5
+    for k, adv in enumerate(per_rank):
+        torch.testing.assert_close(torch.tensor(adv), expected[k], rtol=1e-6, atol=1e-6)
+    assert any(abs(a) > 0 for adv in per_rank for a in adv)
 
 
 # ---- config ------------------------------------------------------------------------------------
