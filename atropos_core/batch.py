@@ -303,9 +303,11 @@ def _group_digest(seqs: list[_Seq]) -> bytes:
     return h.digest()
 
 
-def filter_groups(groups: Sequence, cfg: DataConfig) -> tuple[list[dict], list[list[_Seq]], dict]:
+def filter_groups(groups: Sequence, cfg: DataConfig,
+                  log_drops: bool = True) -> tuple[list[dict], list[list[_Seq]], dict]:
     """Drop bad groups whole. Returns (kept groups, their parsed sequences, metrics) where metrics
-    has `data/dropped` (total) and `data/dropped/<reason>` for each reason that occurred."""
+    has `data/dropped` (total) and `data/dropped/<reason>` for each reason that occurred. Each drop
+    is logged as a warning, or at debug level with `log_drops=False` (ranks other than 0)."""
     kept, parsed, drops, seen = [], [], Counter(), set()
     for gi, group in enumerate(groups):
         try:
@@ -316,7 +318,8 @@ def filter_groups(groups: Sequence, cfg: DataConfig) -> tuple[list[dict], list[l
         except _Bad as e:
             drops[e.reason] += 1
             env = group.get("env_id") if isinstance(group, dict) else None
-            logger.warning("dropping group %d of the batch (env_id=%s): %s", gi, env, e)
+            logger.log(logging.WARNING if log_drops else logging.DEBUG,
+                       "dropping group %d of the batch (env_id=%s): %s", gi, env, e)
             continue
         seen.add(digest)
         kept.append(group)
@@ -511,14 +514,15 @@ def _make_micro_batch(rows: list[_Row], cfg: DataConfig) -> MicroBatch:
                       sequence_ids=sequence_ids)
 
 
-def build_train_batch(groups: Sequence, cfg: DataConfig, reduce_fn: Optional[ReduceFn] = None) -> TrainBatch:
+def build_train_batch(groups: Sequence, cfg: DataConfig, reduce_fn: Optional[ReduceFn] = None,
+                      log_drops: bool = True) -> TrainBatch:
     """Validate, compute advantages and pack one Atropos batch (a list of groups as `/batch` sends).
 
     Sequences are numbered in the order of the kept groups (`MicroBatch.sequence_ids`,
     `TrainBatch.scores`). With every group dropped, `micro_batches` is empty and
-    `total_trained_tokens` 0: skip the step.
+    `total_trained_tokens` 0: skip the step. Pass `log_drops=False` on all ranks but one.
     """
-    kept, parsed, metrics = filter_groups(groups, cfg)
+    kept, parsed, metrics = filter_groups(groups, cfg, log_drops)
     seqs = [s for g in parsed for s in g]
     advs = compute_advantages(parsed, cfg, reduce_fn)
     rows = [_shift(s, a, k, cfg) for k, (s, a) in enumerate(zip(seqs, advs))]

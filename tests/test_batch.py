@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import random
 
@@ -451,9 +452,16 @@ def test_injected_faults_dropped_and_counted(atropos_api):
     check_against_reference(tb, fetched[1:], cfg)
 
 
-def test_all_dropped_gives_empty_batch():
+def test_all_dropped_gives_empty_batch_and_one_log_line(caplog):
     g = good_groups(8, k=1)[0]
     g["masks"] = [[-100] * len(t) for t in g["tokens"]]
-    tb = build_train_batch([g], DataConfig(vocab_size=VOCAB))
-    assert tb.micro_batches == [] and tb.total_trained_tokens == 0 and tb.num_groups == 0
-    assert tb.metrics["data/dropped/no_trained_tokens"] == 1
+    g["env_id"] = 3
+    with caplog.at_level(logging.WARNING, logger="atropos_core.batch"):
+        tb = build_train_batch([g], DataConfig(vocab_size=VOCAB))
+        assert tb.micro_batches == [] and tb.total_trained_tokens == 0 and tb.num_groups == 0
+        assert tb.metrics["data/dropped/no_trained_tokens"] == 1
+        assert [r.getMessage() for r in caplog.records] == [
+            "dropping group 0 of the batch (env_id=3): no_trained_tokens: sequence 0 has no trained position "
+            "after the first token"]
+        build_train_batch([g], DataConfig(vocab_size=VOCAB), log_drops=False)  # other ranks: quiet
+        assert len(caplog.records) == 1
