@@ -319,6 +319,40 @@ def add_atropos_routes(app: FastAPI, *, token: str, max_body_bytes: int, model: 
         logger.info("weights updated to v%d in %.0f ms", version, ms)
         return JSONResponse({"status": "updated", "weight_version": version, "ms": ms})
 
+    @app.post("/weights/load_from_disk")
+    async def weights_load_from_disk(request: Request):
+        """The disk round trip (fallback and benchmark baseline): reload a safetensors directory."""
+        if (denied := refused(request)) is not None:
+            return denied
+        try:
+            body = await body_json(request)
+            path, version = Path(str(body["path"])), int(body["version"])
+            if not path.is_dir() or not any(path.glob("*.safetensors")):
+                raise ValueError(f"{path} is not a directory of .safetensors files")
+        except (ValueError, TypeError, KeyError) as err:
+            return _bad_request(err) if isinstance(err, ValueError) else _error(400, f"needs 'path', 'version': {err}")
+        eng = engine(request)
+        async with state.lock:
+            if state.phase != "idle":
+                return _error(409, f"an update is {state.phase}")
+            state.phase = "applying"
+            t0 = time.perf_counter()
+            try:
+                await eng.pause_generation(mode="keep", clear_cache=True)
+                await eng.collective_rpc("reload_weights", kwargs={"weights_path": str(path)})
+                await eng.update_weight_version(str(version))
+                await eng.reset_prefix_cache(reset_running_requests=True)
+                state.version, state.last_error = version, None
+            except Exception as err:  # noqa: BLE001 - reported to the caller
+                state.version, state.last_error = None, f"reload of v{version} from {path} failed: {err}"
+                logger.exception("reload from %s failed", path)
+                return _error(500, state.last_error)
+            finally:
+                await eng.resume_generation()
+                state.phase = "idle"
+        return JSONResponse({"status": "updated", "weight_version": version,
+                             "ms": (time.perf_counter() - t0) * 1e3})
+
     @app.post("/weights/abort")
     async def weights_abort(request: Request):
         if (denied := refused(request)) is not None:

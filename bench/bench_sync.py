@@ -1,0 +1,186 @@
+"""Weight-sync benchmark: our in-place sync vs a raw gloo broadcast vs the disk round trip.
+
+For each model (the tiny test model and a ~100M-parameter Qwen2 built locally) it starts our vLLM
+server and times, in the same run:
+  * `atropos_sync`: `WeightSync.push` end to end (HTTP prepare, broadcast, load into vLLM, finish,
+    prefix-cache reset, resume), tensor by tensor on gloo;
+  * `raw_gloo`: a bare broadcast of the same tensors (same shapes, dtypes, order) from rank 0 to one
+    receiving process, nothing loaded: the floor for the transport;
+  * `disk_roundtrip`: `save_pretrained` (safetensors) + the server reloading that directory
+    (`/weights/load_from_disk`, vLLM's `reload_weights`).
+Targets (benchmark, not test): sync within 1.3x of raw broadcast, >= 5x faster than the disk trip.
+Rows go to bench/results/sync.csv (long format, with device, commit and date); a table is printed.
+
+    python bench/bench_sync.py [--models tiny,100m] [--repeats 5]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import logging
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from atropos_core.envs.tiny_model import build_tiny_model  # noqa: E402
+from atropos_core.inference import new_update_token, start_vllm_server  # noqa: E402
+from atropos_core.services import free_port  # noqa: E402
+from atropos_core.weight_sync import (  # noqa: E402
+    WIRE_DTYPES,
+    WeightSync,
+    WeightSyncConfig,
+    broadcast,
+    make_transfer_group,
+)
+
+MODELS = {
+    "tiny": dict(),
+    # 14 layers x (4*768^2 attention + 3*768*2048 MLP) ~ 99M parameters; head size 64 for vLLM's CPU backend.
+    "100m": dict(hidden_size=768, num_layers=14, num_heads=12, intermediate_size=2048),
+}
+
+
+def _raw_receiver(port: int, world: int, shapes, dtypes, rounds: int) -> None:
+    torch.set_num_threads(1)
+    group, _ = make_transfer_group("gloo", "127.0.0.1", port, 1, world, 120, 120)
+    for _ in range(rounds):
+        for shape, dname in zip(shapes, dtypes):
+            broadcast(group, torch.empty(shape, dtype=WIRE_DTYPES[dname]))
+
+
+def time_raw_gloo(tensors: list[torch.Tensor], warmup: int, repeats: int) -> list[float]:
+    import torch.distributed as dist
+
+    port = free_port()
+    shapes = [list(t.shape) for t in tensors]
+    dtypes = [str(t.dtype).removeprefix("torch.") for t in tensors]
+    ctx = mp.get_context("spawn")
+    proc = ctx.Process(target=_raw_receiver, args=(port, 2, shapes, dtypes, warmup + repeats))
+    store = dist.TCPStore("127.0.0.1", port, 2, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=120))
+    proc.start()
+    group, _ = make_transfer_group("gloo", "127.0.0.1", port, 0, 2, 120, 120, store=store)
+    times = []
+    for i in range(warmup + repeats):
+        t0 = time.perf_counter()
+        for t in tensors:
+            broadcast(group, t.contiguous())
+        if i >= warmup:
+            times.append((time.perf_counter() - t0) * 1e3)
+    proc.join(timeout=60)
+    return times
+
+
+def bench_model(name: str, work: Path, repeats: int, warmup: int) -> list[dict]:
+    from transformers import AutoModelForCausalLM
+
+    model_dir = build_tiny_model(work / name, **MODELS[name])
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    params = sum(p.numel() for p in model.parameters())
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    token = new_update_token()
+    server = start_vllm_server(model_dir, port=free_port(), log_dir=work / "logs", update_token=token,
+                               timeout=900, name=f"vllm_{name}")
+    results: dict[str, list[float]] = {}
+    try:
+        sync = WeightSync(WeightSyncConfig(update_timeout_s=120), [server.url], token)
+        sync.connect()
+        version = 0
+        times = []
+        for i in range(warmup + repeats):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.mul_(1.0001)  # new content every round, as after an optimizer step
+            version += 1
+            ms = sync.push(model, version)["sync/ms"]
+            if i >= warmup:
+                times.append(ms)
+        sync.close()
+        results["atropos_sync"] = times
+        results["raw_gloo"] = time_raw_gloo([p.detach() for p in model.parameters()], warmup, repeats)
+        disk = []
+        for i in range(warmup + repeats):
+            out = work / f"{name}_ckpt_{i}"
+            version += 1
+            t0 = time.perf_counter()
+            model.save_pretrained(str(out), safe_serialization=True)
+            r = requests.post(f"{server.url}/weights/load_from_disk", json={"path": str(out), "version": version},
+                              headers={"Authorization": f"Bearer {token}"}, timeout=600)
+            r.raise_for_status()
+            if i >= warmup:
+                disk.append((time.perf_counter() - t0) * 1e3)
+        results["disk_roundtrip"] = disk
+    finally:
+        server.stop()
+    rows = []
+    raw = statistics.median(results["raw_gloo"])
+    for method, times in results.items():
+        med = statistics.median(times)
+        rows.append({"model": name, "params": params, "bytes": nbytes, "method": method, "repeats": len(times),
+                     "ms_median": round(med, 2), "ms_min": round(min(times), 2),
+                     "MB_per_s": round(nbytes / 1e6 / (med / 1e3), 1), "x_raw_gloo": round(med / raw, 2)})
+    return rows
+
+
+def device_string() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu: {cpu} x{os.cpu_count()}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="tiny,100m")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "sync.csv"))
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    meta = {"device": device_string(), "commit": commit,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_sync_") as tmp:
+        for name in args.models.split(","):
+            rows += [dict(meta, **r) for r in bench_model(name, Path(tmp), args.repeats, args.warmup)]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    new = not out.exists()
+    with open(out, "a", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+    print(f"{'model':6} {'method':15} {'MB':>8} {'ms (median)':>12} {'MB/s':>8} {'x raw':>6}")
+    for r in rows:
+        print(f"{r['model']:6} {r['method']:15} {r['bytes'] / 1e6:8.1f} {r['ms_median']:12.1f} "
+              f"{r['MB_per_s']:8.1f} {r['x_raw_gloo']:6.2f}")
+    for name in args.models.split(","):
+        by = {r["method"]: r["ms_median"] for r in rows if r["model"] == name}
+        print(f"{name}: sync/raw = {by['atropos_sync'] / by['raw_gloo']:.2f}x (target <= 1.3), "
+              f"disk/sync = {by['disk_roundtrip'] / by['atropos_sync']:.1f}x (target >= 5)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""Our vLLM server speaks Atropos's token-in/token-out protocol.
+
+The strongest check goes through atroposlib's own, unmodified `ServerManager` with
+`server_type="vllm"` (what every Atropos environment uses): sampled tokens come back with logprobs
+that equal transformers' teacher-forced logprobs of those same tokens (1e-4), on weights we pushed
+ourselves (the session server is shared, so the test first pushes the checkpoint's weights).
+"""
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import pytest
+import requests
+import torch
+
+from atropos_core.inference import vllm_server_command
+from atropos_core.weight_sync import WeightSync, WeightSyncConfig
+from tests.fixtures.vllm_server import hf_token_logprobs, vllm_generate
+
+pytestmark = pytest.mark.vllm
+
+LOGPROB_TOL = 1e-4
+
+
+def _served_checkpoint(server):
+    """Push the checkpoint's own weights, so the served model is known; return it (transformers)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(server.model_dir), dtype=torch.float32).eval()
+    sync = WeightSync(WeightSyncConfig(), [server.url], server.token)
+    sync.connect()
+    try:
+        sync.push(model, server.next_version())
+    finally:
+        sync.close()
+    return model
+
+
+def test_command_binds_loopback_and_keeps_token_off_argv(tmp_path):
+    cmd = vllm_server_command(tmp_path, port=1234)
+    assert cmd[:3] == [sys.executable, "-m", "atropos_core.inference.server"]
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
+    for flag, value in (("--dtype", "float32"), ("--max-model-len", "512"), ("--seed", "0")):
+        assert cmd[cmd.index(flag) + 1] == value
+    assert "--enforce-eager" in cmd and "--worker-extension-cls" in cmd and "--weight-transfer-config" in cmd
+    assert not any("token" in c.lower() for c in cmd)
+
+
+def test_atroposlib_server_manager_samples_from_our_server(vllm_server):
+    from atroposlib.envs.server_handling.server_baseline import APIServerConfig
+    from atroposlib.envs.server_handling.server_manager import ServerManager
+
+    model = _served_checkpoint(vllm_server)
+    prompt = [5, 6, 7, 8]
+    n, max_tokens = 4, 6
+
+    async def sample():
+        cfg = APIServerConfig(server_type="vllm", base_url=f"{vllm_server.url}/v1", api_key="env-key",
+                              model_name=str(vllm_server.model_dir), tokenizer_name=str(vllm_server.model_dir),
+                              timeout=120, num_max_requests_at_once=4, num_requests_for_eval=4)
+        manager = ServerManager([cfg])
+        try:
+            return await manager.tokens_and_logprobs_completion(
+                input_ids=prompt, n=n, max_tokens=max_tokens, temperature=1.0)
+        finally:
+            for server in manager.servers:
+                if getattr(server, "check_task", None) is not None:
+                    server.check_task.cancel()
+
+    prompt_tokens, output_tokens, output_logprobs, finish_reasons = asyncio.run(sample())
+    assert prompt_tokens == prompt
+    assert len(output_tokens) == len(output_logprobs) == len(finish_reasons) == n
+    vocab = model.config.vocab_size
+    for toks, lps, reason in zip(output_tokens, output_logprobs, finish_reasons):
+        assert reason in ("length", "stop")
+        assert 1 <= len(toks) <= max_tokens and len(lps) == len(toks)
+        assert all(0 <= t < vocab for t in toks)
+        ref = hf_token_logprobs(model, prompt, toks)
+        err = max(abs(a - b) for a, b in zip(lps, ref))
+        assert err < LOGPROB_TOL, f"sampled-token logprobs differ from transformers by {err:.2e}"
+
+
+def test_generate_prompt_logprobs_and_version(vllm_server):
+    out = vllm_generate(vllm_server.url, [5, 6, 7], n=1, max_tokens=2, temperature=0.0, prompt_logprobs=1)
+    assert out["prompt_logprobs"][0] is None and len(out["prompt_logprobs"]) == 3
+    assert all(isinstance(d, dict) and d for d in out["prompt_logprobs"][1:])
+    state = requests.get(f"{vllm_server.url}/weight_version", timeout=10).json()
+    assert out["weight_version"] == state["weight_version"]
+
+
+@pytest.mark.parametrize("body", [
+    {"prompt": {"prompt_token_ids": []}},
+    {"prompt": {"prompt_token_ids": ["a", "b"]}},
+    {"prompt": 17},
+    {"prompt": {"prompt_token_ids": [1, 2]}, "n": 0},
+    {"prompt": {"prompt_token_ids": [1] * 600}, "max_tokens": 4},
+])
+def test_generate_rejects_bad_input_clearly(vllm_server, body):
+    r = requests.post(f"{vllm_server.url}/generate", json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]
+
+
+def test_generate_needs_no_update_token_and_openai_routes_stay(vllm_server):
+    r = requests.post(f"{vllm_server.url}/generate", timeout=60,
+                      json={"prompt": {"prompt_token_ids": [5, 6]}, "max_tokens": 1, "temperature": 0.0})
+    assert r.status_code == 200
+    models = requests.get(f"{vllm_server.url}/v1/models", timeout=10).json()
+    assert models["data"][0]["id"] == str(vllm_server.model_dir)
