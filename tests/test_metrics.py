@@ -1,0 +1,55 @@
+"""MetricsLogger: fixed-order step line, metrics.jsonl with every key, curves.png."""
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import pytest
+
+from atropos_core.metrics import LoggingConfig, MetricsLogger, format_step_line
+
+
+def _metrics(step):
+    return {"loss/total": 0.5 / step, "reward/mean": 0.1 * step, "kl/mean": 0.01 * step, "clip/frac": 0.02,
+            "grad/norm": 1.5, "perf/train_tokens_per_s": 1000.0 + step, "perf/sync_ms": 12.0, "perf/mem_gb": 0.75,
+            "entropy/mean": 3.2, "lr": 1e-6, "train/skipped_nonfinite": 0.0}
+
+
+def test_jsonl_has_every_key_and_curves_png_exists(tmp_path):
+    out = io.StringIO()
+    log = MetricsLogger(LoggingConfig(run_dir=str(tmp_path / "run"), plot_every=2), stream=out)
+    for step in range(1, 5):
+        m = _metrics(step)
+        if step == 3:
+            m["loss/total"] = float("nan")  # a skipped step: recorded, not a JSON error
+        log.log(step, m)
+    log.close()
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 4
+    recs = [json.loads(x) for x in lines]
+    for step, rec in enumerate(recs, 1):
+        assert rec["step"] == step
+        assert set(_metrics(step)) <= set(rec)
+    assert recs[0]["perf/train_tokens_per_s"] == 1001.0
+    assert recs[2]["loss/total"] == "nan"
+    png = tmp_path / "run" / "curves.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    printed = out.getvalue().splitlines()
+    assert len(printed) == 4 and all(p.startswith("step ") for p in printed)
+
+
+def test_step_line_fixed_order_and_missing_columns():
+    line = format_step_line(7, _metrics(7))
+    heads = [part.split(" ")[0] for part in line.split(" | ")]
+    assert heads == ["step", "loss", "reward", "kl", "clip", "grad_norm", "tok/s", "sync", "mem"]
+    assert "tok/s 1007" in line and "mem 0.75G" in line
+    sparse = format_step_line(1, {"loss/total": 1.0})
+    assert sparse.count(" -") == 7 and "loss +1.0000" in sparse
+
+
+def test_logging_config_validation():
+    with pytest.raises(ValueError, match="plot_every"):
+        LoggingConfig(plot_every=-1)
+    with pytest.raises(ValueError, match="run_dir"):
+        LoggingConfig(run_dir="")

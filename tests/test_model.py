@@ -1,0 +1,80 @@
+"""Model loading, attention choice, optimizer groups and the LR schedule."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from atropos_core.model import (ModelConfig, OptimConfig, apply_fsdp, build_optimizer, load_model_and_tokenizer,
+                                lr_lambda, resolve_attn_implementation)
+
+CPU = torch.device("cpu")
+
+
+def test_attn_auto_is_sdpa_on_cpu_and_flash_refused():
+    assert resolve_attn_implementation("auto", CPU) == "sdpa"
+    assert resolve_attn_implementation("eager", CPU) == "eager"
+    with pytest.raises(ValueError, match="attn_implementation"):
+        resolve_attn_implementation("flash_attention_2", CPU)
+
+
+def test_load_tied_and_untied(tiny_model_dir, tiny_tied_model_dir):
+    m, tok = load_model_and_tokenizer(ModelConfig(path=str(tiny_tied_model_dir)), CPU)
+    assert m.lm_head.weight is m.model.embed_tokens.weight
+    assert m.training and m.dtype == torch.float32
+    assert tok.decode(tok("say red :")["input_ids"]) == "say red :"
+    # No process group: apply_fsdp leaves the model as is.
+    assert apply_fsdp(m, CPU) is m
+    u, _ = load_model_and_tokenizer(ModelConfig(path=str(tiny_model_dir), dtype="bfloat16"), CPU)
+    assert u.lm_head.weight is not u.model.embed_tokens.weight and u.dtype == torch.bfloat16
+
+
+def test_optimizer_groups_each_param_once_no_decay_on_vectors(tiny_tied_model_dir):
+    m, _ = load_model_and_tokenizer(ModelConfig(path=str(tiny_tied_model_dir)), CPU)
+    opt, _ = build_optimizer(m, OptimConfig(lr=1e-4, weight_decay=0.1))
+    ids = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(m.parameters()))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and all(p.dim() >= 2 for p in decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and all(p.dim() == 1 for p in no_decay["params"])
+
+
+def test_lr_schedule_warmup_constant_and_cosine():
+    const = lr_lambda(OptimConfig(lr=1.0, warmup_steps=4, schedule="constant"))
+    assert [const(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    cfg = OptimConfig(lr=1.0, warmup_steps=2, schedule="cosine", total_steps=12, min_lr_ratio=0.1)
+    cos = lr_lambda(cfg)
+    assert cos(0) == 0.5 and cos(2) == pytest.approx(1.0)
+    assert cos(7) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert cos(12) == pytest.approx(0.1) and cos(100) == pytest.approx(0.1)
+    vals = [cos(s) for s in range(2, 13)]
+    assert all(a >= b for a, b in zip(vals, vals[1:]))
+
+
+def test_scheduler_drives_optimizer_lr(tiny_model_dir):
+    m, _ = load_model_and_tokenizer(ModelConfig(path=str(tiny_model_dir)), CPU)
+    opt, sched = build_optimizer(m, OptimConfig(lr=2e-3, warmup_steps=2))
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3)
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(2e-3)
+
+
+@pytest.mark.parametrize("field,kwargs", [
+    ("optim.lr", {"lr": 0.0}), ("optim.betas", {"betas": (0.9, 1.0)}), ("optim.schedule", {"schedule": "linear"}),
+    ("optim.min_lr_ratio", {"min_lr_ratio": 1.5}), ("optim.warmup_steps", {"warmup_steps": -1}),
+    ("optim.grad_clip", {"grad_clip": -1.0}), ("optim.total_steps", {"total_steps": 0}),
+])
+def test_optim_config_validation_names_field(field, kwargs):
+    with pytest.raises(ValueError, match=field):
+        OptimConfig(**kwargs)
+
+
+def test_model_config_validation():
+    with pytest.raises(ValueError, match="model.dtype"):
+        ModelConfig(path="x", dtype="fp8")
+    with pytest.raises(ValueError, match="model.attn_implementation"):
+        ModelConfig(path="x", attn_implementation="flash")
+    with pytest.raises(ValueError, match="model.path"):
+        load_model_and_tokenizer(ModelConfig(), CPU)

@@ -1,0 +1,182 @@
+"""train_step: split invariance, FSDP2 (2 gloo ranks) against one process, the non-finite guard."""
+from __future__ import annotations
+
+import os
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from atropos_core.loss import LossConfig
+from atropos_core.model import ModelConfig, OptimConfig, apply_fsdp, build_optimizer, load_model_and_tokenizer
+from atropos_core.services import free_port
+from atropos_core.trainer import train_step
+from atropos_core.types import MicroBatch
+
+CPU = torch.device("cpu")
+LOSS = LossConfig(loss_type="grpo", clip_low=0.2, clip_high=0.28, kl_coef=0.05, backend="torch")
+# eps well above Adam's default: with eps=1e-8 the first steps move every weight by ~lr·sign(g), so a
+# 1e-9 gradient whose sign depends on summation order (1 rank vs 2) would flip a whole lr step and
+# no fp32 tolerance could tell that from a bug. A large eps keeps the update linear in small grads.
+OPTIM = OptimConfig(lr=1e-2, eps=1e-3, weight_decay=0.01, warmup_steps=1, schedule="cosine", total_steps=4,
+                    grad_clip=0.5)
+
+
+def make_micro_batch(seed: int, R: int = 2, T: int = 11, V: int = 500) -> MicroBatch:
+    """A deterministic padded micro-batch in the shifted layout of atropos_core.types."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (R, T), generator=g)
+    attn = torch.ones(R, T, dtype=torch.int64)
+    attn[-1, T - 3:] = 0
+    targets = torch.zeros_like(ids)
+    targets[:, :-1] = ids[:, 1:]
+    lm = (torch.rand(R, T, generator=g) > 0.3).float()
+    lm[:, -1] = 0
+    lm = lm * attn
+    lm[:, :-1] *= attn[:, 1:]
+    return MicroBatch(input_ids=ids, targets=targets, loss_mask=lm, advantages=torch.randn(R, T, generator=g),
+                      attention_mask=attn, position_ids=torch.arange(T).expand(R, T).clone(),
+                      old_logprobs=-6.2 + 0.3 * torch.randn(R, T, generator=g),
+                      ref_logprobs=-6.2 + 0.3 * torch.randn(R, T, generator=g), num_sequences=R)
+
+
+MBS = [make_micro_batch(s) for s in (10, 11, 12)]
+SPLIT = {0: [0, 1], 1: [2]}  # uneven on purpose: rank 1 runs one empty micro-batch per step
+STEPS = 2
+
+
+def _params(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _fsdp_worker(rank: int, world: int, port: int, model_dirs: dict, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from atropos_core import dist as adist
+    from atropos_core.checkpoint import save_hf_model
+
+    try:
+        adist.init_distributed("cpu", timeout_s=120)
+        result = {}
+        for name, d in model_dirs.items():
+            model, _ = load_model_and_tokenizer(ModelConfig(path=d, attn_implementation="sdpa"), CPU)
+            model = apply_fsdp(model, CPU)
+            tied = model.lm_head.weight is model.model.embed_tokens.weight
+            opt, sched = build_optimizer(model, OPTIM)
+            mine = [MBS[i] for i in SPLIT[rank]]
+            z = adist.all_reduce_sum(sum(mb.num_trained_tokens for mb in mine))
+            metrics = [train_step(model, opt, sched, mine, LOSS, global_normalizer=z, grad_clip=OPTIM.grad_clip)
+                       for _ in range(STEPS)]
+            save_hf_model(model, Path(out_dir) / f"{name}_hf")
+            result[name] = {"metrics": metrics, "tied_after_shard": tied,
+                            "lm_head_is_dtensor": type(model.lm_head.weight).__name__ == "DTensor"}
+        if rank == 0:
+            torch.save(result, Path(out_dir) / "result.pt")
+    except BaseException:
+        Path(out_dir, f"error{rank}.txt").write_text(traceback.format_exc())
+        raise
+    finally:
+        adist.cleanup()
+
+
+@pytest.mark.slow
+def test_fsdp_two_ranks_equal_one_process(tiny_model_dir, tiny_tied_model_dir, tmp_path):
+    """Same batch: one process with all micro-batches vs two gloo FSDP2 ranks with an uneven split.
+    Same loss, grad norm and (after two steps) the same weights, tied and untied LM heads."""
+    dirs = {"untied": str(tiny_model_dir), "tied": str(tiny_tied_model_dir)}
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_fsdp_worker, args=(r, 2, port, dirs, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=400)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    errors = [f.read_text() for f in tmp_path.glob("error*.txt")]
+    assert not errors, errors[0]
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    result = torch.load(tmp_path / "result.pt", weights_only=True)
+
+    from safetensors.torch import load_file
+
+    for name, d in dirs.items():
+        model, _ = load_model_and_tokenizer(ModelConfig(path=d, attn_implementation="sdpa"), CPU)
+        before = _params(model)
+        opt, sched = build_optimizer(model, OPTIM)
+        z = sum(mb.num_trained_tokens for mb in MBS)
+        ref = [train_step(model, opt, sched, MBS, LOSS, global_normalizer=z, grad_clip=OPTIM.grad_clip)
+               for _ in range(STEPS)]
+        got = result[name]
+        assert got["tied_after_shard"] == (name == "tied")
+        assert got["lm_head_is_dtensor"]
+        for m_ref, m_got in zip(ref, got["metrics"]):
+            for k in ("loss/total", "grad/norm", "entropy/mean", "clip/frac", "kl/mean", "train/tokens", "lr"):
+                assert m_got[k] == pytest.approx(m_ref[k], rel=1e-5, abs=1e-7), (name, k)
+        assert ref[0]["grad/norm"] > OPTIM.grad_clip  # clipping was active, with the global norm
+        sharded = load_file(str(tmp_path / f"{name}_hf" / "model.safetensors"))
+        single = dict(model.named_parameters())
+        assert ("lm_head.weight" in sharded) == (name == "untied")  # tied weights stored once
+        for k, v in sharded.items():
+            moved = (single[k].detach() - before[k]).abs().max()
+            assert moved > 0, f"{name}: {k} did not change"
+            assert torch.allclose(v, single[k].detach(), rtol=1e-5, atol=2e-6), f"{name}: {k} differs"
+
+
+def test_split_into_micro_batches_does_not_change_the_update(tiny_tied_model_dir):
+    """Global normaliser: one micro-batch of 6 rows == three of 2 rows (same update, same metrics)."""
+    rows = [make_micro_batch(s) for s in (20, 21, 22)]
+    whole = MicroBatch(**{k: (torch.cat([getattr(r, k) for r in rows]) if isinstance(getattr(rows[0], k), torch.Tensor)
+                              else getattr(rows[0], k)) for k in rows[0].__dict__})
+    z = whole.num_trained_tokens
+    out = []
+    for mbs in ([whole], rows):
+        model, _ = load_model_and_tokenizer(ModelConfig(path=str(tiny_tied_model_dir)), CPU)
+        opt, sched = build_optimizer(model, OPTIM)
+        m = train_step(model, opt, sched, mbs, LOSS, global_normalizer=z, grad_clip=0.0)
+        out.append((m, _params(model)))
+    (m1, p1), (m2, p2) = out
+    assert m1["loss/total"] == pytest.approx(m2["loss/total"], rel=1e-5)
+    assert m1["grad/norm"] == pytest.approx(m2["grad/norm"], rel=1e-5)
+    assert m2["train/micro_batches"] == 3
+    for k in p1:
+        assert torch.allclose(p1[k], p2[k], rtol=1e-5, atol=1e-7), k
+
+
+def test_nonfinite_step_is_skipped(tiny_model_dir):
+    model, _ = load_model_and_tokenizer(ModelConfig(path=str(tiny_model_dir)), CPU)
+    opt, sched = build_optimizer(model, OPTIM)
+    good = make_micro_batch(30)
+    cfg = LossConfig(loss_type="awsft", backend="torch")
+    m0 = train_step(model, opt, sched, [good], cfg, global_normalizer=good.num_trained_tokens, grad_clip=1.0)
+    assert m0["train/skipped_nonfinite"] == 0.0
+    before = _params(model)
+    state_before = {k: {kk: vv.clone() for kk, vv in v.items()} for k, v in opt.state.items()}
+    lr_before = sched.get_last_lr()
+    bad = make_micro_batch(31)
+    bad.advantages = torch.full_like(bad.advantages, 3e38)  # finite input, the loss overflows to inf
+    m = train_step(model, opt, sched, [bad], cfg, global_normalizer=bad.num_trained_tokens, grad_clip=1.0)
+    assert m["train/skipped_nonfinite"] == 1.0
+    assert not (m["loss/total"] == m["loss/total"] and abs(m["loss/total"]) < float("inf"))
+    for k, v in _params(model).items():
+        assert torch.equal(v, before[k]), k
+    for p, st in opt.state.items():
+        for kk, vv in st.items():
+            assert torch.equal(vv, state_before[p][kk])
+    assert sched.get_last_lr() == lr_before
+    assert all(p.grad is None for p in model.parameters())
+    m2 = train_step(model, opt, sched, [good], cfg, global_normalizer=good.num_trained_tokens, grad_clip=1.0)
+    assert m2["train/skipped_nonfinite"] == 0.0 and m2["lr"] == lr_before[0]
+
+
+def test_train_step_argument_errors(tiny_model_dir):
+    model, _ = load_model_and_tokenizer(ModelConfig(path=str(tiny_model_dir)), CPU)
+    opt, sched = build_optimizer(model, OPTIM)
+    with pytest.raises(ValueError, match="global_normalizer"):
+        train_step(model, opt, sched, [make_micro_batch(1)], LOSS, global_normalizer=0, grad_clip=1.0)
+    with pytest.raises(ValueError, match="grad_clip"):
+        train_step(model, opt, sched, [make_micro_batch(1)], LOSS, global_normalizer=3, grad_clip=-1.0)
