@@ -21,6 +21,19 @@ import requests
 
 logger = logging.getLogger(__name__)
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: ask Linux to SIGTERM it when the process that started it dies,
+    so a trainer killed with SIGKILL (no clean-up code runs) leaves no orphaned servers behind."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except Exception:  # noqa: BLE001 - not Linux: clean shutdown still stops children
+        pass
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free on `host` right now (the OS picks it)."""
@@ -62,7 +75,7 @@ class ManagedProcess:
         logger.info("starting %s: %s (log: %s)", self.name, " ".join(map(str, self.cmd)), self.log_path)
         self.proc = subprocess.Popen(
             list(map(str, self.cmd)), stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=env, cwd=self.cwd, start_new_session=True,
+            env=env, cwd=self.cwd, start_new_session=True, preexec_fn=_die_with_parent,
         )
         return self
 
@@ -223,6 +236,16 @@ class RunServices:
             if not proc.alive():
                 raise ServiceError(f"{name} (pid {proc.pid}) exited with code {proc.proc.returncode}; "
                                    f"log {proc.log_path}:\n{proc.log_tail(15)}")
+
+    def served_versions(self) -> list:
+        """The weight version each inference server reports serving (None if it cannot say)."""
+        out = []
+        for h in self.vllm:
+            try:
+                out.append(h.weight_version())
+            except Exception:  # noqa: BLE001 - reported as unknown; check() names dead servers
+                out.append(None)
+        return out
 
     def stop_all(self) -> None:
         for proc in [self.env] + [h.process for h in reversed(self.vllm)] + [self.api]:

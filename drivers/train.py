@@ -110,6 +110,9 @@ def main(argv=None) -> int:
                                    f"(run.max_nonfinite_steps={cfg.run.max_nonfinite_steps}); stopping")
             if sync:
                 m.update(sync.push(model, step))
+                if services and services.vllm:  # what the servers say they serve, read back
+                    served = services.served_versions()
+                    m["sync/server_version"] = min(served) if None not in served else -1
             dt = time.perf_counter() - t0
             m.update(batch_metrics(batch), **(client.metrics() if client else {}))
             m.update({"perf/step_s": dt, "perf/wait_data_s": t_data, "perf/tokens_per_s": m["train/tokens_total"] / dt})

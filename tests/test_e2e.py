@@ -1,0 +1,183 @@
+"""End to end through the real parts: `drivers/train.py` with the Atropos API, vLLM, an
+environment and the trainer as separate processes.
+
+- `test_default_run_short`: the no-argument run, shortened to a few steps: it finishes, every step
+  is in metrics.jsonl with the documented keys, the vLLM server reports the trainer's step as its
+  weight version after every sync, and nothing is left running.
+- `test_user_env_against_external_api`: an unmodified atroposlib environment defined here (not the
+  built-in one) feeds a driver started with `--atropos-url` and `--inference-port`.
+- `test_default_run_learns` (slow): the full default run; mean reward over the last 10 steps is at
+  least twice that of the first 10 and at least 0.5, within 10 minutes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from atropos_core.services import ManagedProcess, free_port, port_in_use
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = [sys.executable, str(REPO / "drivers" / "train.py")]
+REQUIRED_KEYS = ["step", "loss/total", "reward/mean", "advantage/mean", "entropy/mean", "clip/frac", "grad/norm",
+                 "perf/tokens_per_s", "perf/step_s", "sync/ms", "sync/version", "data/groups", "data/dropped"]
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Command lines of live processes that contain `text` (zombies excluded)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0]
+        except OSError:
+            continue
+        if text in cmd and state != "Z":
+            found.append(f"{pid}: {cmd[:200]}")
+    return found
+
+
+def assert_nothing_left(run_dir: Path, ports: list[int]) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        left = processes_mentioning(str(run_dir)) + [p for port in ports for p in processes_mentioning(f"--port {port}")]
+        busy = [p for p in ports if port_in_use(p)]
+        if not left and not busy:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"left running: {left}; ports still bound: {busy}")
+
+
+def test_default_run_short(tmp_path):
+    run_dir = tmp_path / "run"
+    inf_port = free_port()
+    proc = subprocess.run(TRAIN + ["--steps", "3", "--out", str(run_dir), "--inference-port", str(inf_port),
+                                   "--checkpoint.every", "2"],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        missing = [k for k in REQUIRED_KEYS if k not in r]
+        assert not missing, f"step {r['step']} lacks {missing}"
+        assert r["sync/version"] == r["step"]
+        assert r["sync/server_version"] == r["step"], "vLLM does not serve the trainer's step"
+        assert 0.0 <= r["reward/mean"] <= 1.0
+    # One fixed-order line per step on stdout.
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("step ")]
+    assert len(lines) == 3 and all("reward" in ln and "sync ms" in ln for ln in lines)
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert cfg["run"]["steps"] == 3
+    assert (run_dir / "curves.png").stat().st_size > 0
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert ckpts == ["step-00000002", "step-00000003"]
+    api_port = int(cfg["atropos"]["url"].rsplit(":", 1)[1])
+    assert_nothing_left(run_dir, [inf_port, api_port])
+
+
+USER_ENV = '''
+"""A user's own environment (not the built-in one): answer with any token but the prompt's last."""
+from atroposlib.envs.base import APIServerConfig, BaseEnv, BaseEnvConfig
+
+
+class NotLastEnv(BaseEnv):
+    name = "not_last"
+
+    @classmethod
+    def config_init(cls):
+        return (BaseEnvConfig(group_size=4, use_wandb=False, wandb_name="not_last", max_token_length=64,
+                              ensure_scores_are_not_same=False, max_batches_offpolicy=1),
+                [APIServerConfig(server_type="vllm", model_name="default", api_key="x", timeout=120)])
+
+    async def setup(self):
+        self.n = 0
+
+    async def get_next_item(self):
+        self.n += 1
+        return f"count {self.n % 10}"
+
+    async def evaluate(self, *args, **kwargs):
+        return None
+
+    async def collect_trajectories(self, item):
+        ids = self.tokenizer.encode(item, add_special_tokens=False)
+        _, outs, lps, _ = await self.server.tokens_and_logprobs_completion(
+            input_ids=list(ids), n=self.config.group_size, max_tokens=2, temperature=1.0)
+        group = {"tokens": [], "masks": [], "scores": [], "inference_logprobs": []}
+        for out, lp in zip(outs, lps):
+            group["tokens"].append(ids + out)
+            group["masks"].append([-100] * len(ids) + out)
+            group["scores"].append(0.0 if out[0] == ids[-1] else 1.0)
+            group["inference_logprobs"].append([1.0] * len(ids) + lp)
+        return group, []
+
+
+if __name__ == "__main__":
+    NotLastEnv.cli()
+'''
+
+
+def test_user_env_against_external_api(tmp_path, tiny_model_dir):
+    from atropos_core.services import start_atropos_api
+
+    (tmp_path / "user_env.py").write_text(USER_ENV)
+    api_port, inf_port = free_port(), free_port()
+    api = start_atropos_api(api_port, tmp_path / "logs")
+    run_dir = tmp_path / "run"
+    driver = ManagedProcess("driver", TRAIN + [
+        "--model", str(tiny_model_dir), "--atropos-url", f"http://127.0.0.1:{api_port}", "--inference-port",
+        str(inf_port), "--steps", "2", "--out", str(run_dir), "--atropos.batch_size", "8",
+        "--atropos.group_size", "4", "--atropos.max_token_len", "64", "--data.max_token_len", "64",
+        "--optim.lr", "1e-3"], tmp_path / "driver.log").start()
+    env = None
+    try:
+        # The user's environment needs our inference server up: wait for it like a user would.
+        driver.wait_http(f"http://127.0.0.1:{inf_port}/health", timeout=400)
+        env = ManagedProcess("user_env", [
+            sys.executable, str(tmp_path / "user_env.py"), "serve",
+            "--env.rollout_server_url", f"http://127.0.0.1:{api_port}", "--env.tokenizer_name", str(tiny_model_dir),
+            "--env.use_wandb", "false", "--env.wandb_name", "not_last",
+            "--openai.base_url", f"http://127.0.0.1:{inf_port}/v1", "--openai.server_type", "vllm",
+            "--openai.api_key", "x", "--openai.model_name", "default",
+            "--openai.tokenizer_name", str(tiny_model_dir)], tmp_path / "user_env.log",
+            env={"HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}).start()
+        rc = driver.proc.wait(timeout=400)
+        assert rc == 0, driver.log_tail(60)
+        rows = read_metrics(run_dir)
+        assert [r["step"] for r in rows] == [1, 2]
+        assert all(r["data/groups"] == 2 and r["sync/server_version"] == r["step"] for r in rows)
+        cfg = json.loads((run_dir / "config.json").read_text())
+        assert cfg["run"]["start_api"] is False and cfg["env"]["start"] is False
+    finally:
+        if env:
+            env.stop()
+        driver.stop()
+        api.stop()
+    assert_nothing_left(run_dir, [inf_port])
+
+
+def test_default_run_learns(tmp_path):
+    """The product promise: `python drivers/train.py` with no arguments learns, on 2 CPU cores,
+    within 10 minutes. Only `--out` differs from the plain command (a temporary run dir)."""
+    run_dir = tmp_path / "run"
+    t0 = time.monotonic()
+    proc = subprocess.run(TRAIN + ["--out", str(run_dir)], capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    wall = time.monotonic() - t0
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    rewards = [r["reward/mean"] for r in read_metrics(run_dir)]
+    first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
+    assert last >= 2 * first and last >= 0.5, f"reward first 10 {first:.3f}, last 10 {last:.3f}: {rewards}"
+    assert wall < 600, f"the default run took {wall:.0f} s"
