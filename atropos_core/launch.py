@@ -36,9 +36,22 @@ def resolve_model_dir(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+def check_ports(cfg: TrainConfig) -> None:
+    """Raise ConfigError if a fixed inference port is taken (checked before any child starts)."""
+    from .services import port_in_use
+
+    if not (cfg.inference.start and cfg.inference.port):
+        return
+    for p in range(cfg.inference.port, cfg.inference.port + cfg.inference.num_servers):
+        if port_in_use(p, cfg.inference.host):
+            raise ConfigError(f"inference.port {p} is already in use on {cfg.inference.host}: pick another, "
+                              f"or 0 for a free one")
+
+
 def launch_services(cfg: TrainConfig, device: torch.device) -> tuple[TrainConfig, RunServices]:
     """Start the run's child processes as configured; return the config with their URLs filled in."""
     cfg = resolve_model_dir(cfg)
+    check_ports(cfg)  # a taken port is a config mistake: report it before anything has started
     services = RunServices(Path(cfg.run.out))
     try:
         if cfg.run.start_api:

@@ -125,6 +125,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         logger.warning("interrupted at step %d", step)
         rc = 130
+    except ConfigError as e:  # found while launching (model dir, a taken port): still a config mistake
+        print(f"train.py: config error: {e}", file=sys.stderr)
+        rc = 2
     except Exception as e:  # noqa: BLE001 - every failure ends here with its reason, then clean-up
         logger.error("run failed at step %d: %s: %s", step, type(e).__name__, e, exc_info=rank == 0 and
                      not isinstance(e, (RuntimeError, ConnectionError, TimeoutError)))
