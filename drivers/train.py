@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from atropos_core import dist as adist  # noqa: E402
 from atropos_core.batch import broadcast_groups, build_train_batch, split_for_ranks  # noqa: E402
 from atropos_core.checkpoint import load_checkpoint, resolve_resume, save_checkpoint  # noqa: E402
-from atropos_core.client import AtroposClient  # noqa: E402
+from atropos_core.client import AtroposClient, AtroposUnavailable  # noqa: E402
 from atropos_core.config import ConfigError, parse_args, to_dict, write_config  # noqa: E402
 from atropos_core.launch import launch_services, share_launch_info  # noqa: E402
 from atropos_core.metrics import MetricsLogger  # noqa: E402
@@ -45,6 +45,27 @@ def batch_metrics(batch) -> dict:
             "reward/max": float(scores.max()) if len(scores) else float("nan"),
             "advantage/mean": adv / max(batch.total_trained_tokens, 1),
             "data/groups": batch.num_groups, "data/sequences": batch.num_sequences, **batch.metrics}
+
+
+def fetch_groups(client: AtroposClient, services, watch_every_s: float = 5.0) -> list:
+    """Wait for the next batch (up to atropos.max_wait_s) and, when we started child processes,
+    check them every `watch_every_s` meanwhile: a dead vLLM server starves the environments, and
+    waiting out max_wait_s (15 min by default) would hide it behind a timeout."""
+    if services is None:
+        return client.wait_for_batch()
+    cfg = client.cfg
+    deadline = time.monotonic() + cfg.max_wait_s
+    client.cfg = dataclasses.replace(cfg, max_wait_s=min(watch_every_s, cfg.max_wait_s))
+    try:
+        while True:
+            services.check()
+            try:
+                return client.wait_for_batch()
+            except (TimeoutError, AtroposUnavailable):
+                if time.monotonic() >= deadline:
+                    raise
+    finally:
+        client.cfg = cfg
 
 
 def main(argv=None) -> int:
@@ -90,7 +111,7 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             if services:
                 services.check()
-            groups = client.wait_for_batch() if client else None
+            groups = fetch_groups(client, services) if client else None
             if world > 1:
                 groups = broadcast_groups(groups, device=device)
             t_data = time.perf_counter() - t0
