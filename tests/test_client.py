@@ -187,27 +187,30 @@ def test_restart_between_polls_reregisters_and_continues(own_atropos_api):
         client.get_batch()
 
     second = groups(51, k=2)
-    errors = []
+    result: dict = {}
 
-    def restart_and_send():
+    def wait():
         try:
-            time.sleep(0.5)
-            server.start()
-            deadline = time.monotonic() + 15
-            while requests.get(server.url + "/info", timeout=5).json()["batch_size"] == -1:
-                assert time.monotonic() < deadline, "the client did not register again"
-                time.sleep(0.05)
-            post_groups(server.url, second)
+            result["batch"] = client.wait_for_batch()
         except Exception as e:  # noqa: BLE001 - reported by the test below
-            errors.append(e)
+            result["error"] = e
 
-    helper = threading.Thread(target=restart_and_send)
-    helper.start()
+    # The client waits in a thread; the server is restarted from this (main) thread: services.py
+    # asks Linux to SIGTERM a child when the *thread* that started it exits (PR_SET_PDEATHSIG).
+    waiter = threading.Thread(target=wait)
+    waiter.start()
     try:
-        batch = client.wait_for_batch()
+        time.sleep(0.5)
+        server.start()
+        deadline = time.monotonic() + 15
+        while requests.get(server.url + "/info", timeout=5).json()["batch_size"] == -1:
+            assert time.monotonic() < deadline, "the client did not register again"
+            time.sleep(0.05)
+        post_groups(server.url, second)
     finally:
-        helper.join()
-    assert not errors, errors
+        waiter.join()
+    assert "error" not in result, result
+    batch = result["batch"]
     assert [g["tokens"] for g in batch] == [g["tokens"] for g in second] != [g["tokens"] for g in first]
     m = client.metrics()
     assert m["data/reregistered"] == 1 and m["data/connection_errors"] >= 2 and m["data/batches"] == 2
