@@ -96,6 +96,28 @@ class AtroposWeightTransferEngine(WeightTransferEngine[AtroposInitInfo, AtroposU
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
         finalize_layerwise_reload(self.model, self.model_config)
+        self._reprocess_tied_layers()
+
+    def _reprocess_tied_layers(self) -> None:
+        """Re-run weight post-processing on layers that share a parameter with another layer.
+
+        With tied embeddings only `embed_tokens` receives a tensor; `lm_head` holds the same
+        Parameter, so the layerwise reload puts it back untouched and never re-processes it. On CPU
+        that processing is where the GEMM weight is pre-packed (`dispatch_cpu_unquantized_gemm`),
+        so without this `lm_head` keeps computing logits from the OLD embedding (measured: served
+        logprobs matched "new embedding, old head" exactly).
+        """
+        owners: dict[int, list[torch.nn.Module]] = {}
+        for module in self.model.modules():
+            for p in module.parameters(recurse=False):
+                owners.setdefault(id(p), []).append(module)
+        for modules in owners.values():
+            if len(modules) < 2:
+                continue
+            for module in modules:
+                method = getattr(module, "quant_method", None)
+                if method is not None and hasattr(method, "process_weights_after_loading"):
+                    method.process_weights_after_loading(module)
 
     def update_weights(self, update_info: dict[str, Any]) -> None:
         # The base class ends with torch.accelerator.synchronize(), which raises on CPU.
