@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,7 +76,9 @@ class ManagedProcess:
         logger.info("starting %s: %s (log: %s)", self.name, " ".join(map(str, self.cmd)), self.log_path)
         self.proc = subprocess.Popen(
             list(map(str, self.cmd)), stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=env, cwd=self.cwd, start_new_session=True, preexec_fn=_die_with_parent,
+            env=env, cwd=self.cwd, start_new_session=True,
+            # PDEATHSIG fires when the starting *thread* exits: only tie children to the main thread.
+            preexec_fn=_die_with_parent if threading.current_thread() is threading.main_thread() else None,
         )
         return self
 

@@ -56,8 +56,8 @@ class TrainBatch:
     """One Atropos batch after validation, advantages and packing."""
 
     micro_batches: list[MicroBatch]
-    total_trained_tokens: int               # over the whole batch (all micro-batches, this rank's share
-                                            # summed across ranks by the trainer) -> loss normaliser
+    total_trained_tokens: int               # over the whole batch (every rank builds the same full
+                                            # batch, so this is already global) -> loss normaliser
     num_groups: int                         # groups kept
     num_sequences: int
     scores: list[float] = field(default_factory=list)   # per kept sequence, for reward metrics

@@ -113,9 +113,9 @@ def main(argv=None) -> int:
                 services.check()
             groups = fetch_groups(client, services) if client else None
             if world > 1:
-                groups = broadcast_groups(groups, device=device)
+                groups = broadcast_groups(groups, device=device, raw=client.last_raw if client else None)
             t_data = time.perf_counter() - t0
-            batch = build_train_batch(groups, cfg.data)
+            batch = build_train_batch(groups, cfg.data, log_drops=rank == 0)
             if batch.total_trained_tokens == 0:
                 logger.warning("every group of this batch was dropped (%s); waiting for the next", batch.metrics)
                 continue
