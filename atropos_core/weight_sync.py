@@ -271,7 +271,8 @@ class WeightSync:
     """Pushes a trainer's weights into running vLLM servers after each optimizer step.
 
     Every trainer rank constructs it and calls `connect()`, `push()` and `close()` in the same order;
-    only rank 0 talks to the servers and joins the transfer group. `server_urls` are the servers'
+    only rank 0 talks to the servers and joins the transfer group. With `world_size > 1` the
+    trainer's default process group must be initialised (ranks agree on failures through it). `server_urls` are the servers'
     base URLs (e.g. "http://127.0.0.1:8000"); `token` is the per-launch update token they were
     started with.
     """
@@ -431,10 +432,10 @@ class WeightSync:
         err: BaseException | None = None
         manifest: dict = {}
         if self.rank == 0:
-            if self._group is None:
-                raise WeightSyncError("WeightSync.push: transfer group is closed (an earlier update failed?)")
             manifest = self._manifest(params, version)
             try:
+                if self._group is None:
+                    raise WeightSyncError("transfer group is closed (an earlier update failed?): reconnect")
                 self._prepare(manifest)
             except BaseException as e:  # noqa: BLE001 - re-raised on every rank below
                 err = e

@@ -6,9 +6,10 @@ also saves ~10 s of start), `--seed 0`, the worker extension that registers our 
 engine, and `--weight-transfer-config '{"backend": "atropos"}'`. The update token goes in the
 environment (`ATROPOS_UPDATE_TOKEN`), not on the command line where `ps` would show it.
 
-The same command serves CUDA machines: the engine picks NCCL when the trainer asks for it at
+The same command serves CUDA machines: the engine joins with NCCL when the trainer asks for it at
 `/weights/init` (`WeightSyncConfig.backend`), and `VLLM_CPU_KVCACHE_SPACE` is ignored there; pass
-`dtype="bfloat16"` and drop `--enforce-eager` via `extra_args`-free keyword arguments there.
+`dtype="bfloat16"` and `enforce_eager=False` (CUDA graphs keep their buffers: weights are copied
+into the existing tensors in place) where throughput matters.
 """
 from __future__ import annotations
 
@@ -70,7 +71,8 @@ def vllm_server_command(model_dir: str | Path, *, port: int, host: str = "127.0.
 def start_vllm_server(model_dir: str | Path, *, port: int, log_dir: str | Path, host: str = "127.0.0.1",
                       update_token: str, extra_args: Sequence[str] = (), timeout: float = 300.0,
                       dtype: str = "float32", max_model_len: int = 512, kv_cache_gib: int = 1,
-                      env: dict[str, str] | None = None, name: str = "vllm") -> VLLMServerHandle:
+                      enforce_eager: bool = True, env: dict[str, str] | None = None,
+                      name: str = "vllm") -> VLLMServerHandle:
     """Start our vLLM server on `host:port` and wait until `/health` answers 200.
 
     Fails fast with the log tail (`services.ServiceError`) if the process dies while starting.
@@ -86,7 +88,7 @@ def start_vllm_server(model_dir: str | Path, *, port: int, log_dir: str | Path, 
                  "DO_NOT_TRACK": "1"}
     child_env.update(env or {})
     cmd = vllm_server_command(model_dir, port=port, host=host, dtype=dtype, max_model_len=max_model_len,
-                              extra_args=extra_args)
+                              enforce_eager=enforce_eager, extra_args=extra_args)
     proc = ManagedProcess(name, cmd, Path(log_dir) / f"{name}_{port}.log", env=child_env).start()
     url = f"http://{host}:{port}"
     try:
