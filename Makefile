@@ -24,9 +24,13 @@ train: install
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Every benchmark appends to its CSV in bench/results/ (device, commit, date) and prints a table.
 bench: install
-	$(PY) bench/bench_loss.py --device cpu
 	$(PY) bench/compile_report.py
+	$(PY) bench/bench_loss.py --device cpu
+	$(PY) bench/bench_train.py
+	$(PY) bench/bench_sync.py
+	$(PY) bench/bench_e2e.py --steps 20
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
