@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from atropos_core import checkpoint as ck
 from atropos_core.loss import LossConfig
 from atropos_core.model import ModelConfig, OptimConfig, apply_fsdp, build_optimizer, load_model_and_tokenizer
 from atropos_core.services import free_port
@@ -56,7 +57,7 @@ def _fsdp_worker(rank: int, world: int, port: int, model_dirs: dict, out_dir: st
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     from atropos_core import dist as adist
-    from atropos_core.checkpoint import save_hf_model
+    from atropos_core.checkpoint import save_checkpoint
 
     try:
         adist.init_distributed("cpu", timeout_s=120)
@@ -70,7 +71,7 @@ def _fsdp_worker(rank: int, world: int, port: int, model_dirs: dict, out_dir: st
             z = adist.all_reduce_sum(sum(mb.num_trained_tokens for mb in mine))
             metrics = [train_step(model, opt, sched, mine, LOSS, global_normalizer=z, grad_clip=OPTIM.grad_clip)
                        for _ in range(STEPS)]
-            save_hf_model(model, Path(out_dir) / f"{name}_hf")
+            save_checkpoint(Path(out_dir) / f"{name}_ck", STEPS, model, opt, sched)  # HF export + sharded DCP
             result[name] = {"metrics": metrics, "tied_after_shard": tied,
                             "lm_head_is_dtensor": type(model.lm_head.weight).__name__ == "DTensor"}
         if rank == 0:
@@ -85,7 +86,8 @@ def _fsdp_worker(rank: int, world: int, port: int, model_dirs: dict, out_dir: st
 @pytest.mark.slow
 def test_fsdp_two_ranks_equal_one_process(tiny_model_dir, tiny_tied_model_dir, tmp_path):
     """Same batch: one process with all micro-batches vs two gloo FSDP2 ranks with an uneven split.
-    Same loss, grad norm and (after two steps) the same weights, tied and untied LM heads."""
+    Same loss, grad norm and (after two steps) the same weights, tied and untied LM heads; the
+    checkpoint saved under FSDP exports the same weights and resumes in one process."""
     dirs = {"untied": str(tiny_model_dir), "tied": str(tiny_tied_model_dir)}
     ctx = mp.get_context("spawn")
     port = free_port()
@@ -118,13 +120,26 @@ def test_fsdp_two_ranks_equal_one_process(tiny_model_dir, tiny_tied_model_dir, t
             for k in ("loss/total", "grad/norm", "entropy/mean", "clip/frac", "kl/mean", "train/tokens", "lr"):
                 assert m_got[k] == pytest.approx(m_ref[k], rel=1e-5, abs=1e-7), (name, k)
         assert ref[0]["grad/norm"] > OPTIM.grad_clip  # clipping was active, with the global norm
-        sharded = load_file(str(tmp_path / f"{name}_hf" / "model.safetensors"))
+        ck_dir = tmp_path / f"{name}_ck" / f"step-{STEPS:08d}"
+        sharded = load_file(str(ck_dir / "model.safetensors"))
         single = dict(model.named_parameters())
         assert ("lm_head.weight" in sharded) == (name == "untied")  # tied weights stored once
         for k, v in sharded.items():
             moved = (single[k].detach() - before[k]).abs().max()
             assert moved > 0, f"{name}: {k} did not change"
             assert torch.allclose(v, single[k].detach(), rtol=1e-5, atol=2e-6), f"{name}: {k} differs"
+        # The sharded DCP state of the 2 ranks resumes into ONE process (resharded): same weights,
+        # same AdamW moments and LR as the one-process run.
+        m2, _ = load_model_and_tokenizer(ModelConfig(path=d, attn_implementation="sdpa"), CPU)
+        o2, s2 = build_optimizer(m2, OPTIM)
+        assert ck.load_checkpoint(ck_dir, m2, o2, s2)["step"] == STEPS
+        assert s2.get_last_lr() == pytest.approx(sched.get_last_lr(), rel=1e-12)
+        for (k, p1), p2 in zip(model.named_parameters(), m2.parameters()):
+            assert torch.allclose(p1, p2, rtol=1e-5, atol=2e-6), k
+            st1, st2 = opt.state[p1], o2.state[p2]
+            assert float(st1["step"]) == float(st2["step"]) == STEPS
+            assert torch.allclose(st1["exp_avg"], st2["exp_avg"], rtol=1e-4, atol=1e-7), k
+            assert torch.allclose(st1["exp_avg_sq"], st2["exp_avg_sq"], rtol=1e-4, atol=1e-10), k
 
 
 def test_split_into_micro_batches_does_not_change_the_update(tiny_tied_model_dir):
