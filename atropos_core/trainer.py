@@ -32,7 +32,7 @@ from .types import MicroBatch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["train_step", "peak_memory_gb", "empty_micro_batch"]
+__all__ = ["train_step", "global_token_count", "peak_memory_gb", "empty_micro_batch"]
 
 _STAT_KEYS = ("tokens", "entropy_sum", "clip_sum", "logprob_sum", "kl_sum", "logprob_diff_sum")
 
@@ -43,6 +43,12 @@ def empty_micro_batch() -> MicroBatch:
     f = torch.zeros(1, 1, dtype=torch.float32)
     return MicroBatch(input_ids=z, targets=z.clone(), loss_mask=f, advantages=f.clone(),
                       attention_mask=torch.ones(1, 1, dtype=torch.int64), position_ids=z.clone())
+
+
+def global_token_count(micro_batches: Sequence[MicroBatch]) -> float:
+    """Trained tokens of this rank's micro-batches summed over all ranks: the `global_normalizer`
+    of `train_step` (a collective under a process group; every rank must call it)."""
+    return float(adist.all_reduce_sum(sum(mb.num_trained_tokens for mb in micro_batches)))
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -96,6 +102,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, mi
 
     n_local = len(micro_batches)
     n_max = adist.all_reduce_max(n_local)
+    if n_max == 0:
+        raise ValueError("train_step: no micro-batches on any rank")
     mbs = list(micro_batches) + [empty_micro_batch() for _ in range(n_max - n_local)]
 
     zero = torch.zeros((), dtype=torch.float64, device=device)

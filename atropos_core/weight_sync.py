@@ -41,6 +41,7 @@ import datetime
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -153,14 +154,25 @@ def make_transfer_group(backend: str, host: str, port: int, rank: int, world_siz
     return group, store
 
 
-def broadcast(group, tensor: torch.Tensor) -> None:
-    """Broadcast `tensor` from rank 0 of `group` (in place on the receivers); blocks until done."""
+def broadcast_async(group, tensor: torch.Tensor):
+    """Start broadcasting `tensor` from rank 0 of `group` (in place on the receivers); returns the
+    work handle. `tensor` must stay alive until `.wait()` returns."""
     import torch.distributed as dist
 
     opts = dist.BroadcastOptions()
     opts.rootRank = 0
     opts.rootTensor = 0
-    group.broadcast([tensor], opts).wait()
+    return group.broadcast([tensor], opts)
+
+
+def broadcast(group, tensor: torch.Tensor) -> None:
+    """Broadcast `tensor` from rank 0 of `group`; blocks until done."""
+    broadcast_async(group, tensor).wait()
+
+
+#: Messages in flight per side: posting message i+1 before finishing message i lets the receiver
+#: load one tensor into vLLM while the next one is on the wire (and the sender gather the next).
+PIPELINE_DEPTH = 2
 
 
 def plan_buckets(nbytes: Sequence[int], bucket_bytes: int) -> list[list[int]]:
@@ -486,6 +498,7 @@ class WeightSync:
         gathered = self._gathered(params)
         err: BaseException | None = None
         current = None
+        inflight: deque = deque()  # (work, tensor kept alive until the work is done)
         try:
             for bucket in manifest["buckets"]:
                 tensors = []
@@ -498,13 +511,15 @@ class WeightSync:
                     continue  # keep gathering in lockstep with the other trainer ranks
                 current = manifest["names"][bucket[0]]
                 try:
-                    if len(tensors) == 1:
-                        broadcast(self._group, tensors[0].contiguous())
-                    else:
-                        broadcast(self._group, pack_bucket(tensors))
+                    msg = tensors[0].contiguous() if len(tensors) == 1 else pack_bucket(tensors)
+                    inflight.append((broadcast_async(self._group, msg), msg))
+                    while len(inflight) >= PIPELINE_DEPTH:
+                        inflight.popleft()[0].wait()
                 except BaseException as e:  # noqa: BLE001 - reported after the loop
                     err = e
                     self._group = None  # a failed collective leaves the group unusable
+            while inflight and err is None:
+                inflight.popleft()[0].wait()
         except BaseException as e:  # noqa: BLE001 - gathering itself failed: nothing more can be sent
             err = e
             self._group = None

@@ -246,6 +246,24 @@ def test_failed_update_raises_once_and_server_resumes(vllm_server):
     assert_serves(vllm_server.url, model)
 
 
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_two_replicas_join_one_group(vllm_server, vllm_second_server):
+    """Data-parallel replicas: both servers' workers join one group and receive one broadcast."""
+    model = load_hf(vllm_server.model_dir)
+    train_step(model, seed=6)
+    sync = WeightSync(WeightSyncConfig(), [vllm_server.url, vllm_second_server.url], vllm_server.token)
+    sync.connect()
+    try:
+        version = vllm_server.next_version()
+        sync.push(model, version)
+    finally:
+        sync.close()
+    for server in (vllm_server, vllm_second_server):
+        assert served_version(server.url) == version
+        assert_serves(server.url, model)
+
+
 # -- FSDP2: two trainer ranks ---------------------------------------------------------------
 
 def _fsdp_rank(rank: int, world: int, port: int, model_dir: str, url: str, token: str, version: int,

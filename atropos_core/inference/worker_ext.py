@@ -18,6 +18,7 @@ the meta device; vLLM's worker does not call finish after a failed update.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +31,14 @@ from vllm.distributed.weight_transfer.base import (
 )
 from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
-from atropos_core.weight_sync import WIRE_DTYPES, broadcast, bucket_layout, make_transfer_group, unpack_bucket
+from atropos_core.weight_sync import (
+    PIPELINE_DEPTH,
+    WIRE_DTYPES,
+    broadcast_async,
+    bucket_layout,
+    make_transfer_group,
+    unpack_bucket,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -139,18 +147,28 @@ class AtroposWeightTransferEngine(WeightTransferEngine[AtroposInitInfo, AtroposU
         if self.group is None:
             raise RuntimeError("weight transfer group not initialised: call /weights/init first")
         names, dtypes, shapes = update_info.names, update_info.dtypes, update_info.shapes
+        # Post the receive of message i+1 before loading message i: loading overlaps the wire.
+        inflight: deque = deque()
         for bucket in update_info.buckets:
             if len(bucket) == 1:
                 i = bucket[0]
-                t = torch.empty(shapes[i], dtype=WIRE_DTYPES[dtypes[i]], device=self.device)
-                broadcast(self.group, t)
-                self.model.load_weights([(names[i], t)])
+                buf = torch.empty(shapes[i], dtype=WIRE_DTYPES[dtypes[i]], device=self.device)
             else:
                 _, total = bucket_layout([shapes[i] for i in bucket], [dtypes[i] for i in bucket])
                 buf = torch.empty(total, dtype=torch.uint8, device=self.device)
-                broadcast(self.group, buf)
-                views = unpack_bucket(buf, [shapes[i] for i in bucket], [dtypes[i] for i in bucket])
-                self.model.load_weights([(names[i], v) for i, v in zip(bucket, views)])
+            inflight.append((bucket, buf, broadcast_async(self.group, buf)))
+            while len(inflight) >= PIPELINE_DEPTH:
+                self._load(*inflight.popleft(), update_info)
+        while inflight:
+            self._load(*inflight.popleft(), update_info)
+
+    def _load(self, bucket: list[int], buf: torch.Tensor, work, info: AtroposUpdateInfo) -> None:
+        work.wait()
+        if len(bucket) == 1:
+            self.model.load_weights([(info.names[bucket[0]], buf)])
+        else:
+            views = unpack_bucket(buf, [info.shapes[i] for i in bucket], [info.dtypes[i] for i in bucket])
+            self.model.load_weights([(info.names[i], v) for i, v in zip(bucket, views)])
 
     def shutdown(self) -> None:
         self.group = None
