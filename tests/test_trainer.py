@@ -13,7 +13,7 @@ from atropos_core import checkpoint as ck
 from atropos_core.loss import LossConfig
 from atropos_core.model import ModelConfig, OptimConfig, apply_fsdp, build_optimizer, load_model_and_tokenizer
 from atropos_core.services import free_port
-from atropos_core.trainer import train_step
+from atropos_core.trainer import global_token_count, train_step
 from atropos_core.types import MicroBatch
 
 CPU = torch.device("cpu")
@@ -68,7 +68,7 @@ def _fsdp_worker(rank: int, world: int, port: int, model_dirs: dict, out_dir: st
             tied = model.lm_head.weight is model.model.embed_tokens.weight
             opt, sched = build_optimizer(model, OPTIM)
             mine = [MBS[i] for i in SPLIT[rank]]
-            z = adist.all_reduce_sum(sum(mb.num_trained_tokens for mb in mine))
+            z = global_token_count(mine)
             metrics = [train_step(model, opt, sched, mine, LOSS, global_normalizer=z, grad_clip=OPTIM.grad_clip)
                        for _ in range(STEPS)]
             save_checkpoint(Path(out_dir) / f"{name}_ck", STEPS, model, opt, sched)  # HF export + sharded DCP
@@ -195,3 +195,25 @@ def test_train_step_argument_errors(tiny_model_dir):
         train_step(model, opt, sched, [make_micro_batch(1)], LOSS, global_normalizer=0, grad_clip=1.0)
     with pytest.raises(ValueError, match="grad_clip"):
         train_step(model, opt, sched, [make_micro_batch(1)], LOSS, global_normalizer=3, grad_clip=-1.0)
+    with pytest.raises(ValueError, match="no micro-batches"):
+        train_step(model, opt, sched, [], LOSS, global_normalizer=3, grad_clip=1.0)
+    assert global_token_count([make_micro_batch(1), make_micro_batch(2)]) == (
+        make_micro_batch(1).num_trained_tokens + make_micro_batch(2).num_trained_tokens)
+
+
+def test_single_process_dist_is_world_one(monkeypatch):
+    from atropos_core import dist as adist
+
+    monkeypatch.delenv("RANK", raising=False)
+    assert adist.init_distributed("cpu") == (0, 1, 0, CPU)
+    assert not adist.is_dist() and adist.is_main() and adist.world_size() == 1
+    assert adist.all_reduce_sum(3) == 3 and adist.all_reduce_max(2.5) == 2.5
+    t = torch.tensor([1.0, 2.0])
+    assert torch.equal(adist.all_reduce_sum(t), t)
+    adist.barrier()
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    with pytest.raises(ValueError, match="MASTER_PORT"):
+        adist.init_distributed("cpu")
+    with pytest.raises(ValueError, match="device"):
+        adist.init_distributed("tpu")
