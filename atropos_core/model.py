@@ -88,8 +88,8 @@ def resolve_attn_implementation(choice: str, device: torch.device) -> str:
 def load_model_and_tokenizer(cfg: ModelConfig, device: torch.device):
     """Load the causal LM and its tokenizer from `cfg.path`.
 
-    Under a process group the model is returned on CPU (`apply_fsdp` moves the shards to `device`);
-    in one plain process it is moved to `device`. Returns `(model, tokenizer)`; the model is in
+    With more than one rank the model is returned on CPU (`apply_fsdp` moves only each rank's
+    shards to `device`); at world size 1 it is moved to `device`. Returns `(model, tokenizer)`; the model is in
     train mode (dropout of the HF configs we target is 0).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -103,8 +103,8 @@ def load_model_and_tokenizer(cfg: ModelConfig, device: torch.device):
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if not adist.is_dist():
-        model.to(device)
+    if adist.world_size() == 1:
+        model.to(device)  # nothing to shard across; `apply_fsdp` on a 1-rank group still works
     model.train()
     n = sum(p.numel() for p in model.parameters())
     logger.info("loaded %s: %.1fM params, dtype %s, attn %s, tied=%s", cfg.path, n / 1e6, cfg.dtype, attn,
