@@ -78,3 +78,20 @@ def test_model_config_validation():
         ModelConfig(path="x", attn_implementation="flash")
     with pytest.raises(ValueError, match="model.path"):
         load_model_and_tokenizer(ModelConfig(), CPU)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir):
+    from atropos_core.loss import advantage_weighted_sft_loss
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 500, (2, 10), generator=g)
+    adv, mask = torch.randn(2, 10, generator=g), torch.ones(2, 10)
+    grads = []
+    for ckpt in (False, True):
+        m, _ = load_model_and_tokenizer(ModelConfig(path=str(tiny_model_dir), gradient_checkpointing=ckpt), CPU)
+        assert m.is_gradient_checkpointing == ckpt
+        loss, _ = advantage_weighted_sft_loss(m, ids, adv, mask, backend="torch")
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-7), n
