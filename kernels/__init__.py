@@ -128,15 +128,26 @@ class _FusedPolicyLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, loss, grad_h, grad_w):
         # The gradients were computed with the loss (grad-in-forward); autograd only scales them.
-        ctx.save_for_backward(grad_h, grad_w)
+        # Held on ctx rather than saved: backward hands them over (scaled in place) and drops its
+        # references, so autograd can adopt the buffer as `.grad` without a second (V, D) copy.
+        ctx.grads = (grad_h, grad_w)
         ctx.w_dtype = weight.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_h, grad_w = ctx.saved_tensors
-        gh = grad_h * grad_loss.to(grad_h.dtype) if ctx.needs_input_grad[0] else None
-        gw = (grad_w * grad_loss).to(ctx.w_dtype) if ctx.needs_input_grad[1] else None
+        if ctx.grads is None:
+            raise RuntimeError("fused_linear_policy_loss: backward ran twice (its gradients are handed over once)")
+        grad_h, grad_w = ctx.grads
+        ctx.grads = None
+        # Skip two full passes when the incoming gradient is 1 (the usual `loss.backward()`); the
+        # check reads the scalar, so only on CPU, where that is free (on CUDA it would sync).
+        unit = grad_loss.device.type == "cpu" and bool(grad_loss == 1)
+        gh = gw = None
+        if ctx.needs_input_grad[0]:
+            gh = grad_h if unit else grad_h.mul_(grad_loss.to(grad_h.dtype))
+        if ctx.needs_input_grad[1]:
+            gw = (grad_w if unit else grad_w.mul_(grad_loss)).to(ctx.w_dtype)
         return gh, gw, None, None, None
 
 
@@ -214,8 +225,10 @@ def fused_linear_policy_loss(
         return g_c / Z
 
     need = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    all_sel = sel.numel() == n  # every token trained: skip the gather/scatter copies of (N, D)
+    h_sel = hidden.detach() if all_sel else hidden.detach()[sel]
     logp_sel, ent_sel, gh_sel, gw = chunked_loss_and_grads(
-        hidden.detach()[sel], weight.detach().contiguous(), t_sel, coef_fn, temperature=float(temperature),
+        h_sel, weight.detach().contiguous(), t_sel, coef_fn, temperature=float(temperature),
         need_grad_hidden=need and hidden.requires_grad, need_grad_weight=need and weight.requires_grad,
         ops=ops, chunk_size=chunk_size)
 
@@ -232,7 +245,9 @@ def fused_linear_policy_loss(
     }
     if need:
         grad_h = None
-        if gh_sel is not None:
+        if gh_sel is not None and all_sel:
+            grad_h = gh_sel
+        elif gh_sel is not None:
             grad_h = torch.zeros_like(hidden)
             grad_h[sel] = gh_sel
         grad_h = grad_h if grad_h is not None else torch.zeros((), device=dev)
