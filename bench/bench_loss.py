@@ -25,8 +25,6 @@ device, commit and date); `bench/plot.py` draws the figures from that file.
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import json
 import os
 import resource
@@ -37,6 +35,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench.common import append_rows, run_meta  # noqa: E402
+
 RESULTS = ROOT / "bench" / "results" / "loss.csv"
 CSV_FIELDS = ["device", "commit", "date", "provider", "N", "D", "V", "dtype", "ms_median", "peak_mem_mb"]
 CPU_PROVIDERS = ["ours", "naive", "torch_lce_chunked", "liger_chunked", "gemm_floor"]
@@ -115,7 +116,6 @@ def _worker(args) -> dict:
     """Runs in the child process: time one provider, report {ms_median, peak_mem_mb} as JSON."""
     import torch
 
-    sys.path.insert(0, str(ROOT))
     n, d, v = args.shape
     dtype = getattr(torch, args.dtype)
     device = torch.device(args.device)
@@ -160,14 +160,6 @@ def _run_provider(provider, args) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=ROOT, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -191,7 +183,6 @@ def main(argv=None) -> int:
     providers = [x for x in args.providers.split(",") if x] or (
         CUDA_PROVIDERS if args.device == "cuda" else CPU_PROVIDERS)
     n, d, v = args.shape
-    commit, date = _commit(), datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     rows = []
     print(f"{'provider':<18} {'ms_median':>10} {'peak_mem_mb':>12}  (N={n} D={d} V={v} {args.dtype} "
           f"{args.device}, {args.reps} reps + {args.warmup} warm-up, each in a fresh process)")
@@ -206,15 +197,8 @@ def main(argv=None) -> int:
         print(f"{prov:<18} {row['ms_median']:>10.1f} {row['peak_mem_mb']:>12.1f}   all ms: "
               + ", ".join(f"{t:.0f}" for t in res["ms_all"]))
     if args.csv and rows:
-        path = Path(args.csv)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        new = not path.exists()
-        with path.open("a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-            if new:
-                w.writeheader()
-            for r in rows:
-                w.writerow({"device": args.device, "commit": commit, "date": date, **r})
+        meta = run_meta(args.device)
+        append_rows(Path(args.csv), CSV_FIELDS, [{**meta, **r} for r in rows])
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
