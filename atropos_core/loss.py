@@ -151,7 +151,8 @@ def advantage_weighted_sft_loss(model: nn.Module, input_ids: torch.Tensor, advan
             raise ValueError(f"per-sequence advantages must be ({B},), got {tuple(advantages.shape)}")
         advantages = advantages[:, None].expand(B, T)
     for name, t in (("advantages", advantages), ("loss_mask", loss_mask), ("attention_mask", attention_mask),
-                    ("old_logprobs", loss_kwargs.get("old_logprobs")), ("ref_logprobs", loss_kwargs.get("ref_logprobs"))):
+                    ("old_logprobs", loss_kwargs.get("old_logprobs")),
+                    ("ref_logprobs", loss_kwargs.get("ref_logprobs"))):
         if t is not None and tuple(t.shape) != (B, T):
             raise ValueError(f"{name} must be ({B}, {T}) like input_ids, got {tuple(t.shape)}")
     mask = loss_mask.float()

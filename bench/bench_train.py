@@ -76,7 +76,8 @@ def _build(args, device):
     lm[:, int(T * args.prompt_frac):T - 1] = 1.0   # Atropos masks the prompt: only completions train
     mb = MicroBatch(input_ids=ids, targets=targets, loss_mask=lm, advantages=torch.randn(R, T, generator=g),
                     attention_mask=torch.ones(R, T, dtype=torch.int64),
-                    position_ids=torch.arange(T).expand(R, T).clone(), old_logprobs=-10.4 + 0.1 * torch.randn(R, T, generator=g))
+                    position_ids=torch.arange(T).expand(R, T).clone(),
+                    old_logprobs=-10.4 + 0.1 * torch.randn(R, T, generator=g))
     return model, mb.to(device)
 
 

@@ -57,7 +57,8 @@ def test_kill_and_resume_matches_uninterrupted_run(tiny_tied_model_dir, tmp_path
     assert names == ["step-00000004", "step-00000006"], names
     # The saved checkpoints of both runs hold the same step-6 optimizer state (DCP round trip).
     m1, _ = load_model_and_tokenizer(ModelConfig(path=model), CPU)
-    o1, s1 = build_optimizer(m1, OptimConfig(lr=5e-3, warmup_steps=2, schedule="cosine", total_steps=6, min_lr_ratio=0.1))
+    o1, s1 = build_optimizer(m1, OptimConfig(lr=5e-3, warmup_steps=2, schedule="cosine", total_steps=6,
+                                             min_lr_ratio=0.1))
     info = ck.load_checkpoint(tmp_path / "b" / "step-00000006", m1, o1, s1, restore_rng=False)
     assert info["step"] == 6
     assert s1.get_last_lr() == pytest.approx(a["lr"])

@@ -151,7 +151,8 @@ def test_packed_row_equals_separate_rows(models):
         attn_p[0, o:o + n] = 1
         o += n
     packed = MicroBatch(input_ids=ids_p, targets=tgt_p, loss_mask=lm_p, advantages=adv_p, attention_mask=attn_p,
-                        position_ids=pos_p, layout="packed", cu_seqlens=torch.tensor([0, la, la + lb], dtype=torch.int32),
+                        position_ids=pos_p, layout="packed",
+                        cu_seqlens=torch.tensor([0, la, la + lb], dtype=torch.int32),
                         num_sequences=2)
     ids_d = torch.zeros(2, la, dtype=torch.int64)
     adv_d, mask_d = torch.zeros(2, la), torch.zeros(2, la)
