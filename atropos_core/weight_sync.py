@@ -90,6 +90,10 @@ class WeightSyncConfig:
     bucket_bytes: int | None = None
     """Bytes per broadcast message. 0 sends tensor by tensor; None picks per backend (0 on gloo,
     `NCCL_BUCKET_BYTES` on NCCL; measured, see the module docstring)."""
+    pipeline_depth: int = 2
+    """Messages in flight on each side (sent in the manifest, so both ends agree). 2 posts message
+    i+1 before the worker loads message i into vLLM (and before rank 0 gathers the next), so the
+    load overlaps the wire; 1 is strictly one at a time."""
     wire_dtype: str | None = None
     """Cast floating-point weights to this dtype before sending (e.g. "bfloat16" when vLLM serves
     bf16 from fp32 master weights: half the bytes). None sends the parameter dtype."""
@@ -107,6 +111,8 @@ class WeightSyncConfig:
         for name in ("init_timeout_s", "update_timeout_s", "http_timeout_s", "apply_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"WeightSyncConfig.{name} must be > 0, got {getattr(self, name)}")
+        if not 1 <= self.pipeline_depth <= 16:
+            raise ValueError(f"WeightSyncConfig.pipeline_depth must be in 1..16, got {self.pipeline_depth}")
         if self.bucket_bytes is not None and self.bucket_bytes < 0:
             raise ValueError(f"WeightSyncConfig.bucket_bytes must be >= 0 or None, got {self.bucket_bytes}")
         if self.wire_dtype is not None and self.wire_dtype not in ("float32", "bfloat16", "float16"):
@@ -170,9 +176,6 @@ def broadcast(group, tensor: torch.Tensor) -> None:
     broadcast_async(group, tensor).wait()
 
 
-#: Messages in flight per side: posting message i+1 before finishing message i lets the receiver
-#: load one tensor into vLLM while the next one is on the wire (and the sender gather the next).
-PIPELINE_DEPTH = 2
 
 
 def plan_buckets(nbytes: Sequence[int], bucket_bytes: int) -> list[list[int]]:
@@ -420,7 +423,8 @@ class WeightSync:
             bucket_bytes = NCCL_BUCKET_BYTES if self._backend == "nccl" else 0
         nbytes = [tensor_nbytes(s, d) for s, d in zip(shapes, dtypes)]
         return {"version": int(version), "names": names, "dtypes": dtypes, "shapes": shapes,
-                "buckets": plan_buckets(nbytes, bucket_bytes), "total_bytes": sum(nbytes)}
+                "buckets": plan_buckets(nbytes, bucket_bytes), "total_bytes": sum(nbytes),
+                "pipeline_depth": self.cfg.pipeline_depth}
 
     def _gathered(self, params) -> Iterator[torch.Tensor]:
         """Full tensors in order; a collective on every rank for sharded (DTensor) parameters."""
@@ -513,7 +517,7 @@ class WeightSync:
                 try:
                     msg = tensors[0].contiguous() if len(tensors) == 1 else pack_bucket(tensors)
                     inflight.append((broadcast_async(self._group, msg), msg))
-                    while len(inflight) >= PIPELINE_DEPTH:
+                    while len(inflight) >= self.cfg.pipeline_depth:
                         inflight.popleft()[0].wait()
                 except BaseException as e:  # noqa: BLE001 - reported after the loop
                     err = e

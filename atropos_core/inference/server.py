@@ -259,6 +259,9 @@ def add_atropos_routes(app: FastAPI, *, token: str, max_body_bytes: int, model: 
             if pause_mode not in ("keep", "wait", "abort"):
                 raise ValueError(f"bad pause_mode {pause_mode!r}")
             watchdog_s = float(body.get("watchdog_s", 120.0))
+            pipeline_depth = int(manifest.get("pipeline_depth", 2))
+            if not 1 <= pipeline_depth <= 16:
+                raise ValueError(f"bad pipeline_depth {pipeline_depth}")
             version = int(manifest.get("version", 0))
         except (ValueError, TypeError) as err:
             return _bad_request(err)
@@ -276,6 +279,7 @@ def add_atropos_routes(app: FastAPI, *, token: str, max_body_bytes: int, model: 
             state.phase = "prepared"
             state.manifest = {k: manifest[k] for k in ("names", "dtypes", "shapes", "buckets")}
             state.manifest["version"] = version
+            state.manifest["pipeline_depth"] = pipeline_depth
             state.prepare_id = uuid.uuid4().hex
             asyncio.get_running_loop().create_task(_watchdog(eng, state.prepare_id, watchdog_s))
         return JSONResponse({"status": "prepared"})

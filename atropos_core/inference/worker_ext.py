@@ -32,7 +32,6 @@ from vllm.distributed.weight_transfer.base import (
 from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
 from atropos_core.weight_sync import (
-    PIPELINE_DEPTH,
     WIRE_DTYPES,
     broadcast_async,
     bucket_layout,
@@ -68,6 +67,7 @@ class AtroposUpdateInfo(WeightTransferUpdateInfo):
     buckets: list[list[int]]
     version: int = 0
     total_bytes: int = 0
+    pipeline_depth: int = 2
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -157,7 +157,7 @@ class AtroposWeightTransferEngine(WeightTransferEngine[AtroposInitInfo, AtroposU
                 _, total = bucket_layout([shapes[i] for i in bucket], [dtypes[i] for i in bucket])
                 buf = torch.empty(total, dtype=torch.uint8, device=self.device)
             inflight.append((bucket, buf, broadcast_async(self.group, buf)))
-            while len(inflight) >= PIPELINE_DEPTH:
+            while len(inflight) >= max(1, update_info.pipeline_depth):
                 self._load(*inflight.popleft(), update_info)
         while inflight:
             self._load(*inflight.popleft(), update_info)
