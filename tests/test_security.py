@@ -157,9 +157,10 @@ def test_vllm_server_listens_on_loopback_only(vllm_server):
 
 
 @pytest.mark.vllm
-@pytest.mark.xfail(strict=True, reason="known bug, reported: torch's TCPStore master listens on '::' (every "
-                   "interface) whatever host it is given; weight_sync.WeightSync.connect must bind a socket to "
-                   "master_address itself and pass it as TCPStore(master_listen_fd=...)")
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="known bug, reported: torch's TCPStore master listens on '::' (every interface) whatever "
+                   "host it is given; weight_sync.WeightSync.connect must bind a socket to master_address itself "
+                   "and pass it as TCPStore(master_listen_fd=...)")
 def test_weight_sync_store_listens_on_loopback_only(vllm_server):
     """The trainer's rendezvous store for the weight transfer (the vLLM workers join it) is a server
     too: anyone who reaches it could join the transfer group."""
