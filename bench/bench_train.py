@@ -25,6 +25,8 @@ trained tokens), fp32, grpo loss; row in bench/results/train.csv):
     variant   step_ms   tokens/s   peak_mem_mb
     fused      8232.9      124.4         466.7
     naive     12196.1       84.0         820.9
+A second recorded run at commit be1df3c (after the kernel's in-place log-softmax change), same
+settings: fused 8603 ms, 119 tok/s, 453 MB; naive 14963 ms, 68 tok/s, 824 MB.
 An earlier run of the same script (2 reps, not in the CSV) gave fused 4080 ms / 462 MB against
 naive 16904 ms / 824 MB. Of each peak, ~240 MB is gradients + AdamW moments (3 x 20.2M fp32),
 common to both, so the loss-specific extra is roughly 225 MB (fused) vs 580 MB (naive): the
