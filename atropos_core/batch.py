@@ -109,8 +109,10 @@ class DataConfig:
     """Budget of one micro-batch in tokens: rows × longest row when padded, total when packed."""
     layout: Literal["padded", "packed"] = "padded"
     """"padded": one sequence per row. "packed": all sequences of a micro-batch in one row with
-    position_ids restarting per sequence and cu_seqlens; needs attention that honours them
-    (flash-attention varlen); plain SDPA/eager would attend across sequences."""
+    position_ids restarting per sequence and cu_seqlens. Attention must honour the boundaries:
+    flash-attention varlen does; with transformers 5.19, SDPA given position_ids and no
+    attention_mask builds the block-diagonal causal mask from the position resets
+    (tests/test_loss.py::test_packed_row_equals_separate_rows)."""
     use_inference_logprobs: bool = False
     """Put the sampler's `inference_logprobs` into `MicroBatch.old_logprobs` (PPO/CISPO ratios);
     groups without them are dropped ("missing_logprobs")."""

@@ -90,7 +90,7 @@ def main(argv=None) -> int:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(
             cfg.data, vocab_size=model.get_input_embeddings().weight.shape[0],
             pad_token_id=tokenizer.pad_token_id or 0))
-        if world > 1:
+        if adist.is_dist():  # torchrun, even with one rank: FSDP2 brings bf16 mixed precision on GPU
             apply_fsdp(model, device, mixed_precision=cfg.model.mixed_precision)
         optimizer, scheduler = build_optimizer(model, cfg.optim)
         resume_from = resolve_resume(cfg.checkpoint)
