@@ -131,22 +131,25 @@ def _worker(args) -> dict:
     else:
         # ru_maxrss is the high-water mark so far (imports + inputs): the baseline of "extra".
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    times = []
+    times, cpu_times = [], []
     for i in range(args.warmup + args.reps):
         if cuda:
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         if cuda:
             torch.cuda.synchronize()
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
     if cuda:
         peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+    # CPU seconds (all threads) beside wall time: on a shared machine the wall clock swings 2-5x
+    # with other load while CPU time moves ~10%, so it is the steadier number for comparisons.
     return {"ms_median": statistics.median(times) * 1e3, "peak_mem_mb": peak,
-            "ms_all": [t * 1e3 for t in times]}
+            "ms_all": [t * 1e3 for t in times], "cpu_ms_median": statistics.median(cpu_times) * 1e3}
 
 
 def _run_provider(provider, args) -> dict:
@@ -184,7 +187,7 @@ def main(argv=None) -> int:
         CUDA_PROVIDERS if args.device == "cuda" else CPU_PROVIDERS)
     n, d, v = args.shape
     rows = []
-    print(f"{'provider':<18} {'ms_median':>10} {'peak_mem_mb':>12}  (N={n} D={d} V={v} {args.dtype} "
+    print(f"{'provider':<18} {'ms_median':>10} {'peak_mem_mb':>12} {'cpu_ms':>9}  (N={n} D={d} V={v} {args.dtype} "
           f"{args.device}, {args.reps} reps + {args.warmup} warm-up, each in a fresh process)")
     for prov in providers:
         res = _run_provider(prov, args)
@@ -194,7 +197,7 @@ def main(argv=None) -> int:
         row = {"provider": prov, "N": n, "D": d, "V": v, "dtype": args.dtype,
                "ms_median": round(res["ms_median"], 2), "peak_mem_mb": round(res["peak_mem_mb"], 1)}
         rows.append(row)
-        print(f"{prov:<18} {row['ms_median']:>10.1f} {row['peak_mem_mb']:>12.1f}   all ms: "
+        print(f"{prov:<18} {row['ms_median']:>10.1f} {row['peak_mem_mb']:>12.1f} {res['cpu_ms_median']:>9.0f}   all ms: "
               + ", ".join(f"{t:.0f}" for t in res["ms_all"]))
     if args.csv and rows:
         meta = run_meta(args.device)

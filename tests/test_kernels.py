@@ -119,11 +119,23 @@ def _kw(cfg_name, case):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).split(".")[-1])
 @pytest.mark.parametrize("cfg", list(CONFIGS))
 def test_policy_loss_matches_gold(cfg, dtype):
+    # chunk 8 divides neither N=37 nor the trained-token count; one config takes the default.
+    _check_against_gold(cfg, dtype, chunk=None if cfg == "awsft" else 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda t: str(t).split(".")[-1])
+def test_entropy_row_blocks(monkeypatch, dtype):
+    """TorchOps' entropy pass in row blocks of 3 (chunks of 8 split 3+3+2) gives the same rule."""
+    import kernels.chunked as kc
+
+    monkeypatch.setattr(kc, "ENTROPY_BLOCK_BYTES", 3 * 4 * V)
+    _check_against_gold("grpo_clip_kl", dtype, chunk=8)
+
+
+def _check_against_gold(cfg, dtype, chunk):
     temp = CONFIGS[cfg][3]
     case = make_case(dtype, seed=list(CONFIGS).index(cfg), temperature=temp)
     kw = _kw(cfg, case)
-    # chunk 8 divides neither N=37 nor the trained-token count; one config takes the default.
-    chunk = None if cfg == "awsft" else 8
     loss_k, st_k, gh_k, gw_k = _run(kernels.fused_linear_policy_loss, case, backend="torch", chunk_size=chunk,
                                     **kw)
     loss_t, st_t, gh_t, gw_t = _run(lambda *a, **k: policy_loss_ref(*a, upcast=False, **k), case, **kw)
@@ -195,6 +207,18 @@ def test_upstream_gradient_scales():
     _, _, gh_g, gw_g = _gold(case, **kw)
     torch.testing.assert_close(h.grad.double(), -2.5 * gh_g, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(w.grad.double(), -2.5 * gw_g, rtol=1e-4, atol=1e-6)
+
+
+def test_second_backward_raises_clearly():
+    """The gradients are handed to autograd once (no (V, D) copy kept), so a retained graph's
+    second backward must fail loudly rather than return zero or stale gradients."""
+    case = make_case(torch.float32)
+    h = case["hidden"].clone().requires_grad_()
+    loss, _ = kernels.fused_linear_policy_loss(h, case["weight"], case["targets"], case["advantages"],
+                                               case["loss_mask"], backend="torch")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).split(".")[-1])
