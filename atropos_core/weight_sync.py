@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import socket
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from collections import deque
@@ -310,6 +311,7 @@ class WeightSync:
         self._backend: str | None = None
         self._specs: dict[str, dict] = {}
         self._pool: ThreadPoolExecutor | None = None
+        self._listen_sock: socket.socket | None = None
 
     # -- HTTP -----------------------------------------------------------------------------------
     def _call(self, url: str, route: str, body: dict | None = None, timeout: float | None = None,
@@ -367,12 +369,24 @@ class WeightSync:
         for url in self.urls:
             offsets[url] = total
             total += int(self._specs[url]["num_workers"])
-        port = self.cfg.master_port
-        if port == 0:
-            from atropos_core.services import free_port
-            port = free_port(self.cfg.master_address)
+        # Bind the store's listening socket ourselves: given only a host, TCPStore's master listens on
+        # every interface, and anyone who reaches it could join the transfer group.
+        family = socket.AF_INET6 if ":" in self.cfg.master_address else socket.AF_INET
+        self._listen_sock = socket.socket(family, socket.SOCK_STREAM)
+        self._listen_sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self._listen_sock.bind((self.cfg.master_address, self.cfg.master_port))
+        except OSError as err:
+            raise WeightSyncError(f"cannot bind the weight-sync store to {self.cfg.master_address}:"
+                                  f"{self.cfg.master_port}: {err}") from err
+        self._listen_sock.listen(128)
+        port = self._listen_sock.getsockname()[1]
         store = dist.TCPStore(self.cfg.master_address, port, total, is_master=True, wait_for_workers=False,
-                              timeout=datetime.timedelta(seconds=self.cfg.init_timeout_s))
+                              timeout=datetime.timedelta(seconds=self.cfg.init_timeout_s),
+                              master_listen_fd=self._listen_sock.fileno())
+        # The store's server now owns the descriptor (and closes it): never close it twice.
+        self._listen_sock.detach()
+        self._listen_sock = None
         init = {"host": self.cfg.master_address, "port": port, "world_size": total, "backend": self._backend,
                 "init_timeout_s": self.cfg.init_timeout_s, "op_timeout_s": self.cfg.update_timeout_s}
         t0 = time.perf_counter()
