@@ -36,10 +36,13 @@ def resolve_model_dir(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def check_ports(cfg: TrainConfig) -> None:
-    """Raise ConfigError if a fixed inference port is taken (checked before any child starts)."""
+def check_launchable(cfg: TrainConfig) -> None:
+    """Raise ConfigError for a launch that cannot work (no inference server for the environment, a
+    fixed inference port already taken), before any child process starts."""
     from .services import port_in_use
 
+    if cfg.env.start and not cfg.inference.start:
+        raise ConfigError("env.start needs an inference server: drop --no-inference or pass --no-env")
     if not (cfg.inference.start and cfg.inference.port):
         return
     for p in range(cfg.inference.port, cfg.inference.port + cfg.inference.num_servers):
@@ -51,7 +54,7 @@ def check_ports(cfg: TrainConfig) -> None:
 def launch_services(cfg: TrainConfig, device: torch.device) -> tuple[TrainConfig, RunServices]:
     """Start the run's child processes as configured; return the config with their URLs filled in."""
     cfg = resolve_model_dir(cfg)
-    check_ports(cfg)  # a taken port is a config mistake: report it before anything has started
+    check_launchable(cfg)  # config mistakes found here are reported before anything has started
     services = RunServices(Path(cfg.run.out))
     try:
         if cfg.run.start_api:
@@ -66,8 +69,6 @@ def launch_services(cfg: TrainConfig, device: torch.device) -> tuple[TrainConfig
                                             port=cfg.inference.port, host=cfg.inference.host,
                                             timeout=cfg.inference.startup_timeout_s, extra_args=extra)
         if cfg.env.start:
-            if not urls:
-                raise ConfigError("env.start needs an inference server: drop --no-inference or pass --no-env")
             extra = shlex.split(cfg.env.extra_args)
             if cfg.env.module == BUILTIN_ENV:
                 extra += ["--env.max_new_tokens", str(cfg.env.max_new_tokens), "--env.seed", str(cfg.run.seed)]
