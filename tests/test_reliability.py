@@ -12,6 +12,8 @@ What is here (docs/reliability.md has the table, and what other test files alrea
   replaces the previous good one; PDEATHSIG stops vLLM). Run C: `--resume` (newest complete
   checkpoint) recomputes B's last step exactly, then non-finite steps are injected: one is
   skipped with weights and optimizer untouched, three in a row stop the run with exit 1.
+  Run D: the API the driver started itself is SIGKILLed: named, checkpoint, exit 1. Run E: SIGTERM
+  saves a checkpoint and exits 130.
 - `test_bad_groups_never_crash_or_poison_training` (api): hypothesis posts malformed groups of every
   kind (one test case per kind, 2 derandomized examples each, each mixing in up to 2 more kinds)
   between good ones through the real `run-api`; the real client, `build_train_batch` and
@@ -161,9 +163,10 @@ def test_driver_survives_faults(tmp_path, tiny_model_dir):
         for s in (1, 2):
             post_groups(api.url, step_groups(s))
             wait_step(run_a, s, a)
-        # While the run is live: the vLLM server the driver started (and its engine processes) listens
-        # on loopback only. (The driver's own weight-sync store: tests/test_security.py.)
-        assert_tree_listens_on_loopback_only(vllm_server_pid(port_a))
+        # While the run is live: the driver (its weight-sync store) and the vLLM server it started (with
+        # its engine processes) listen on loopback only.
+        socks = assert_tree_listens_on_loopback_only(a.pid)
+        assert any(port == port_a for _, _, port in socks)
 
         kill_group(api.proc.pid)          # the API crashes (SIGKILL: its state is gone)...
         api.proc.proc.wait(timeout=10)
@@ -260,6 +263,41 @@ def test_driver_survives_faults(tmp_path, tiny_model_dir):
         assert last == ck(first + 5)
         assert same_weights(ck(first + 2), last) and not same_weights(ck(first + 1), ck(first + 2))
         assert all(torch.isfinite(t).all() for t in weights(last).values())
+
+        # ---- Run D: the API the driver started itself dies: named, checkpoint, exit 1 -----------------
+        run_d, step_d = tmp_path / "run_d", first + 6
+        d = ManagedProcess("driver", TRAIN + [
+            "--model", str(tiny_model_dir), "--no-inference", "--no-env", "--out", str(run_d), "--steps", "40",
+            "--atropos.batch_size", str(BATCH), "--atropos.max_token_len", "64", "--data.max_token_len", "64",
+            "--resume", str(last)], tmp_path / "driver_d.log").start()
+        drivers.append(d)
+        own_url = wait_until(lambda: (run_d / "config.json").exists() and
+                             json.loads((run_d / "config.json").read_text())["atropos"]["url"], 120, "config.json", d)
+        wait_until(lambda: registered(own_url), 120, "run D to register with its own API", d)
+        post_groups(own_url, step_groups(step_d))
+        wait_step(run_d, step_d, d)
+        own_port = int(own_url.rsplit(":", 1)[1])
+        api_pid = next(int(ln.split(":", 1)[0]) for ln in processes_mentioning(f"--port {own_port}") if "run-api" in ln)
+        kill_group(api_pid)
+        assert d.proc.wait(timeout=60) == 1
+        log_d = (tmp_path / "driver_d.log").read_text()
+        assert f"Atropos API (pid {api_pid}) exited with code -9" in log_d, log_d[-3000:]
+        assert find_latest(run_d / "checkpoints") == run_d / "checkpoints" / f"step-{step_d:08d}"
+
+        # ---- Run E: SIGTERM (like Ctrl-C) saves a checkpoint and exits 130 ---------------------------
+        api.restart()
+        run_e = tmp_path / "run_e"
+        e = start_driver(run_e, tmp_path / "driver_e.log", tiny_model_dir, api.url, "--no-inference",
+                         "--resume", str(run_d / "checkpoints" / f"step-{step_d:08d}"))
+        drivers.append(e)
+        wait_until(lambda: registered(api.url), 120, "run E to register", e)
+        post_groups(api.url, step_groups(step_d + 1))
+        wait_step(run_e, step_d + 1, e)
+        e.proc.send_signal(signal.SIGTERM)
+        assert e.proc.wait(timeout=60) == 130
+        assert f"interrupted at step {step_d + 1}" in (tmp_path / "driver_e.log").read_text()
+        # checkpoint.every is 0 here: this checkpoint is the one saved on the way out.
+        assert find_latest(run_e / "checkpoints") == run_e / "checkpoints" / f"step-{step_d + 1:08d}"
     finally:
         for d in drivers:
             d.stop()
@@ -481,3 +519,59 @@ def test_bad_groups_never_crash_or_poison_training(kind, atropos_api_server, tra
     check()
     assert totals["trained_steps"] > 0, totals
     assert totals[KIND_SHOWS.get(kind, "dropped")] > 0, totals
+
+
+# ---- config and CLI mistakes: exit 2 at start-up, before any child process -------------------------
+
+@pytest.mark.parametrize("args, names", [
+    (["--env.group_size", "16", "--atropos.batch_size", "8"], "atropos.group_size 16 > atropos.batch_size 8"),
+    (["--atropos.batch_size", "12", "--atropos.group_size", "8"], "atropos.batch_size 12 is not a multiple"),
+    (["--data.max_token_len", "1"], "data.max_token_len must be >= 2"),
+    (["--steps", "0"], "run.steps must be >= 1"),
+    (["--steps", "many"], "run.steps: cannot parse 'many'"),
+    (["--optim.lrr", "1e-3"], "did you mean 'optim.lr'"),
+    (["--inference.port", "70000"], "inference.port must be in [0, 65535]"),
+])
+def test_config_mistakes_name_the_field(args, names, tiny_model_dir):
+    from atropos_core.config import ConfigError, parse_args
+
+    with pytest.raises(ConfigError) as err:
+        parse_args(["--model", str(tiny_model_dir)] + args)
+    assert names in str(err.value)
+
+
+def _run_driver_expecting_config_error(tmp_path, args) -> str:
+    """Run the driver; it must exit 2 with one `config error` line and start nothing."""
+    run_dir = tmp_path / "run"
+    p = subprocess.run(TRAIN + ["--out", str(run_dir)] + args, capture_output=True, text=True, timeout=300,
+                       cwd=tmp_path)
+    assert p.returncode == 2, (p.returncode, p.stderr[-3000:])
+    errors = [ln for ln in p.stderr.splitlines() if "config error" in ln]
+    assert len(errors) == 1, p.stderr[-3000:]
+    # Nothing was started: every child writes its log under <run>/logs, and none runs now.
+    assert not (run_dir / "logs").exists(), list((run_dir / "logs").iterdir())
+    assert not processes_mentioning(str(run_dir))
+    return errors[0]
+
+
+def test_cli_mistakes_exit_2_before_anything_starts(tmp_path, tiny_model_dir):
+    # Caught while parsing.
+    line = _run_driver_expecting_config_error(tmp_path, ["--model", str(tiny_model_dir), "--env.group_size", "16",
+                                                         "--atropos.batch_size", "8"])
+    assert "atropos.group_size 16 > atropos.batch_size 8" in line
+    # Caught while launching, before the first child: a missing model directory...
+    line = _run_driver_expecting_config_error(tmp_path, ["--model", str(tmp_path / "no_such_model")])
+    assert "model.path" in line and "no_such_model" in line
+    # ...an environment to start without an inference server for it...
+    line = _run_driver_expecting_config_error(tmp_path, ["--model", str(tiny_model_dir), "--no-inference"])
+    assert "env.start needs an inference server" in line
+    # ...and an inference port that something else holds.
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        line = _run_driver_expecting_config_error(tmp_path, ["--model", str(tiny_model_dir), "--inference-port",
+                                                             str(port)])
+    assert f"inference.port {port} is already in use" in line

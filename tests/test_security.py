@@ -4,7 +4,7 @@
   (`/proc/<pid>/net/tcp*` matched to each process's socket inodes), not on command lines. The
   whole process tree of a running driver (vLLM server with its engine processes, the weight-sync
   TCPStore) is checked in `tests/test_reliability.py::test_driver_survives_faults`; here the API
-  started by `RunServices` and the session's vLLM server.
+  started by `RunServices`, the session's vLLM server and the weight-sync store.
 - Every weight route of our inference server refuses a request without the per-launch token (401)
   or with a wrong one (403) and logs the refusal; the set of routes is read from the live server's
   OpenAPI schema, so a route added later is covered too; vLLM's unauthenticated dev-mode routes
@@ -157,13 +157,10 @@ def test_vllm_server_listens_on_loopback_only(vllm_server):
 
 
 @pytest.mark.vllm
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="known bug, reported: torch's TCPStore master listens on '::' (every interface) whatever "
-                   "host it is given; weight_sync.WeightSync.connect must bind a socket to master_address itself "
-                   "and pass it as TCPStore(master_listen_fd=...)")
 def test_weight_sync_store_listens_on_loopback_only(vllm_server):
     """The trainer's rendezvous store for the weight transfer (the vLLM workers join it) is a server
-    too: anyone who reaches it could join the transfer group."""
+    too: anyone who reaches it could join the transfer group. Given only a host, torch's TCPStore
+    master listens on '::' (every interface): WeightSync must hand it a socket bound to loopback."""
     import torch
 
     from atropos_core.weight_sync import WeightSync, WeightSyncConfig
