@@ -4,7 +4,8 @@ parts (the `drivers/train.py` process, `run-api`, our vLLM server, checkpoints o
 hand-made faults are the kills themselves and deliberately bad data.
 
 What is here (docs/reliability.md has the table, and what other test files already cover):
-- `test_driver_survives_faults` (e2e, slow): one chain of three driver runs that share checkpoints.
+- `test_driver_survives_faults` (e2e, slow): one chain of five driver runs that share checkpoints
+  (two vLLM cold starts in all).
   Run A: the Atropos API is SIGKILLed and restarted mid-run (the trainer re-registers at its own
   step and goes on), then the vLLM server is SIGKILLed (the trainer names it, saves a checkpoint,
   stops its children, exits 1). Run B: `--resume PATH` from A's exit checkpoint, then the driver
@@ -19,8 +20,9 @@ What is here (docs/reliability.md has the table, and what other test files alrea
   between good ones through the real `run-api`; the real client, `build_train_batch` and
   `train_step` on the tiny model never crash, drop and count every bad group, train on the good
   ones and never hold a non-finite weight.
-- `test_config_mistakes_end_at_startup` (fast): config and CLI mistakes end with exit 2 and one
-  message naming the field, before any child process is started.
+- `test_config_mistakes_name_the_field`, `test_cli_mistakes_exit_2_before_anything_starts` (fast):
+  config and CLI mistakes end with exit 2 and one message naming the field, before any child
+  process is started (a missing model directory, a taken port, an environment without inference).
 """
 from __future__ import annotations
 
@@ -31,7 +33,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
