@@ -21,7 +21,7 @@ import torch
 
 import kernels
 from kernels import losses
-from kernels.chunked import default_chunk_size
+from kernels.chunked import CPU_CHUNK_BYTES, default_chunk_size
 from kernels.reference import linear_logprobs_ref, policy_loss_ref
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -363,7 +363,7 @@ def test_default_chunk_size_bounds():
     for n, v in [(1, 10), (37, 1000), (4096, 32768), (100000, 151936)]:
         c = default_chunk_size(n, v, cpu)
         assert 1 <= c <= n
-        assert c == n or c * v * 4 <= 64 << 20 or c == 16
+        assert c == n or c * v * 4 <= CPU_CHUNK_BYTES or c == 16
 
 
 # ------------------------------------------------------------------ memory
