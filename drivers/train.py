@@ -54,16 +54,21 @@ def fetch_groups(client: AtroposClient, services, watch_every_s: float = 5.0) ->
     if services is None:
         return client.wait_for_batch()
     cfg = client.cfg
-    deadline = time.monotonic() + cfg.max_wait_s
+    started = last_note = time.monotonic()
     client.cfg = dataclasses.replace(cfg, max_wait_s=min(watch_every_s, cfg.max_wait_s))
     try:
         while True:
             services.check()
             try:
                 return client.wait_for_batch()
-            except (TimeoutError, AtroposUnavailable):
-                if time.monotonic() >= deadline:
-                    raise
+            except (TimeoutError, AtroposUnavailable) as e:
+                now = time.monotonic()
+                if now - started >= cfg.max_wait_s:
+                    raise type(e)(f"{e} [waited {now - started:.0f} s in all, atropos.max_wait_s={cfg.max_wait_s}, "
+                                  f"checking child processes every {watch_every_s:.0f} s]") from None
+                if now - last_note >= cfg.log_every_s:  # the client's own note never fires in 5 s slices
+                    logger.info("waited %.0f s for a batch from %s (%s)", now - started, cfg.url, type(e).__name__)
+                    last_note = now
     finally:
         client.cfg = cfg
 
