@@ -26,17 +26,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.common import append_rows, run_meta  # noqa: E402
+from bench.common import append_rows, memory_baseline, peak_extra_mb, run_json_worker, run_meta  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "loss.csv"
 CSV_FIELDS = ["device", "commit", "date", "provider", "N", "D", "V", "dtype", "ms_median", "peak_mem_mb"]
@@ -107,11 +104,6 @@ def _step_fn(provider, hidden, weight, targets, advantages, mask):
     raise ValueError(f"unknown provider {provider!r}")
 
 
-def _rss_mb_now() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
-
-
 def _worker(args) -> dict:
     """Runs in the child process: time one provider, report {ms_median, peak_mem_mb} as JSON."""
     import torch
@@ -124,13 +116,8 @@ def _worker(args) -> dict:
     inputs = _make_inputs(n, d, v, dtype, device)
     step = _step_fn(args.worker, *inputs)
     cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        # ru_maxrss is the high-water mark so far (imports + inputs): the baseline of "extra".
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # On CPU: ru_maxrss, the high-water mark so far (imports + inputs), is the baseline of "extra".
+    base = memory_baseline(device)
     times, cpu_times = [], []
     for i in range(args.warmup + args.reps):
         if cuda:
@@ -142,10 +129,7 @@ def _worker(args) -> dict:
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
             cpu_times.append(time.process_time() - c0)
-    if cuda:
-        peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+    peak = peak_extra_mb(device, base)
     # CPU seconds (all threads) beside wall time: on a shared machine the wall clock swings 2-5x
     # with other load while CPU time moves ~10%, so it is the steadier number for comparisons.
     return {"ms_median": statistics.median(times) * 1e3, "peak_mem_mb": peak,
@@ -153,14 +137,9 @@ def _worker(args) -> dict:
 
 
 def _run_provider(provider, args) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", provider, "--device", args.device,
-           "--shape", ",".join(map(str, args.shape)), "--dtype", args.dtype, "--reps", str(args.reps),
-           "--warmup", str(args.warmup), "--threads", str(args.threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {"error": " | ".join(tail)}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_json_worker(Path(__file__).resolve(), [
+        "--worker", provider, "--device", args.device, "--shape", ",".join(map(str, args.shape)),
+        "--dtype", args.dtype, "--reps", str(args.reps), "--warmup", str(args.warmup), "--threads", str(args.threads)])
 
 
 def main(argv=None) -> int:

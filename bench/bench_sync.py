@@ -22,14 +22,11 @@ Measured (2-core AMD EPYC shared with other jobs, fp32; all runs in docs/weight_
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import logging
 import multiprocessing as mp
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,6 +48,10 @@ from atropos_core.weight_sync import (  # noqa: E402
     broadcast,
     make_transfer_group,
 )
+from bench.common import append_rows, run_meta  # noqa: E402
+
+CSV_FIELDS = ["device", "commit", "date", "model", "params", "bytes", "method", "repeats", "ms_median", "ms_min",
+              "MB_per_s", "x_raw_gloo"]
 
 MODELS = {
     "tiny": dict(),
@@ -141,18 +142,6 @@ def bench_model(name: str, work: Path, repeats: int, warmup: int) -> list[dict]:
     return rows
 
 
-def device_string() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu: {cpu} x{os.cpu_count()}"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="tiny,100m")
@@ -162,22 +151,12 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
-    meta = {"device": device_string(), "commit": commit,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    meta = run_meta("cpu")
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_sync_") as tmp:
         for name in args.models.split(","):
             rows += [dict(meta, **r) for r in bench_model(name, Path(tmp), args.repeats, args.warmup)]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    new = not out.exists()
-    with open(out, "a", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+    append_rows(Path(args.out), CSV_FIELDS, rows)
     print(f"{'model':6} {'method':15} {'MB':>8} {'ms (median)':>12} {'MB/s':>8} {'x raw':>6}")
     for r in rows:
         print(f"{r['model']:6} {r['method']:15} {r['bytes'] / 1e6:8.1f} {r['ms_median']:12.1f} "

@@ -37,19 +37,16 @@ the [N, V] graph. The GPU numbers (Triton backend, bf16) are still to be taken.
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import json
-import os
-import platform
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench.common import append_rows, memory_baseline, peak_extra_mb, run_json_worker, run_meta  # noqa: E402
+
 RESULTS = ROOT / "bench" / "results" / "train.csv"
 CSV_FIELDS = ["device", "commit", "date", "variant", "params_m", "hidden", "layers", "vocab", "rows", "seq",
               "trained_tokens", "dtype", "step_ms_median", "tokens_per_s", "peak_mem_mb"]
@@ -107,7 +104,6 @@ def _loss_fn(variant: str):
 def _worker(args) -> dict:
     import torch
 
-    sys.path.insert(0, str(ROOT))
     from atropos_core.model import OptimConfig, build_optimizer
 
     device = torch.device(args.device)
@@ -128,12 +124,7 @@ def _worker(args) -> dict:
         sched.step()
 
     cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    base = memory_baseline(device)
     times = []
     for i in range(args.warmup + args.reps):
         if cuda:
@@ -144,8 +135,7 @@ def _worker(args) -> dict:
             torch.cuda.synchronize()
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
-    peak = ((torch.cuda.max_memory_allocated() - base) / 2 ** 20 if cuda
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base)
+    peak = peak_extra_mb(device, base)
     med = statistics.median(times)
     return {"step_ms_median": med * 1e3, "tokens_per_s": mb.num_tokens / med, "peak_mem_mb": peak,
             "trained_tokens": mb.num_trained_tokens, "params_m": sum(p.numel() for p in params) / 1e6,
@@ -153,40 +143,11 @@ def _worker(args) -> dict:
 
 
 def _run_variant(variant, args) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", variant]
+    cmd = ["--worker", variant]
     for k in ("device", "hidden", "layers", "vocab", "rows", "seq", "prompt_frac", "reps", "warmup", "threads",
               "dtype"):
         cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {"error": " | ".join(tail)}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _device_string(device: str) -> str:
-    if device == "cuda":
-        import torch
-
-        return f"cuda: {torch.cuda.get_device_name(0)}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu: {cpu} x{os.cpu_count()}"
+    return run_json_worker(Path(__file__).resolve(), cmd)
 
 
 def main(argv=None) -> int:
@@ -209,8 +170,8 @@ def main(argv=None) -> int:
     if args.worker:
         print(json.dumps(_worker(args)))
         return 0
-    commit, date = _commit(), datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    device = _device_string(args.device)
+    meta = run_meta(args.device)
+    device = meta["device"]
     print(f"{'variant':<8} {'step_ms':>9} {'tokens/s':>10} {'peak_mem_mb':>12}   ({device}; hidden {args.hidden}, "
           f"{args.layers} layers, vocab {args.vocab}, {args.rows}x{args.seq} tokens, {args.dtype}, "
           f"{args.reps} reps + {args.warmup} warm-up, fresh process each)")
@@ -230,15 +191,7 @@ def main(argv=None) -> int:
         print(f"{v:<8} {row['step_ms_median']:>9.1f} {row['tokens_per_s']:>10.1f} {row['peak_mem_mb']:>12.1f}   "
               "all ms: " + ", ".join(f"{t:.0f}" for t in res["ms_all"]))
     if args.csv and rows:
-        path = Path(args.csv)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        new = not path.exists()
-        with path.open("a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-            if new:
-                w.writeheader()
-            for r in rows:
-                w.writerow({"device": device, "commit": commit, "date": date, **r})
+        append_rows(Path(args.csv), CSV_FIELDS, [{**meta, **r} for r in rows])
     return 0
 
 

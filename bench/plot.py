@@ -41,12 +41,28 @@ def _newest(rows: list[dict], key) -> list[dict]:
     return [v[1] for v in best.values()]
 
 
-def plot_loss(path: Path, out: Path) -> list[Path]:
+def _pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display on the benchmark machines)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, dest: Path) -> Path:
+    """Lay out, write `dest` at 110 dpi and close `fig` (pyplot keeps every open figure alive)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(dest, dpi=110)
+    plt.close(fig)
+    return dest
+
+
+def plot_loss(path: Path, out: Path) -> list[Path]:
+    plt = _pyplot()
     rows = _newest(_read(path), lambda r: (r["device"], r["dtype"], r["provider"], r["N"], r["D"], r["V"]))
     groups = defaultdict(list)
     for r in rows:
@@ -76,21 +92,13 @@ def plot_loss(path: Path, out: Path) -> list[Path]:
             ax.set_title(f"fused linear policy loss, {device}, {dtype}\n"
                          + " ".join(f"{k}={v}" for k, v in fixed.items()), fontsize=9)
             ax.grid(alpha=0.3)
-            fig.tight_layout()
-            dest = out / f"loss_{metric}_{_slug(device)}_{dtype}.png"
-            fig.savefig(dest, dpi=110)
-            plt.close(fig)
-            written.append(dest)
+            written.append(_save(fig, out / f"loss_{metric}_{_slug(device)}_{dtype}.png"))
     return written
 
 
 def plot_generic(path: Path, out: Path) -> list[Path]:
     """One bar chart per numeric column of the newest rows, labelled by the first text column."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     rows = _read(path)
     if not rows:
         return []
@@ -115,11 +123,7 @@ def plot_generic(path: Path, out: Path) -> list[Path]:
         ax.set_yticks(range(len(rows)), labels, fontsize=7)
         ax.set_xlabel(m)
         ax.set_title(f"{path.stem}: {m} (newest row per configuration)", fontsize=9)
-        fig.tight_layout()
-        dest = out / f"{path.stem}_{_slug(m)}.png"
-        fig.savefig(dest, dpi=110)
-        plt.close(fig)
-        written.append(dest)
+        written.append(_save(fig, out / f"{path.stem}_{_slug(m)}.png"))
     return written
 
 
