@@ -336,7 +336,9 @@ def filter_groups(groups: Sequence, cfg: DataConfig,
 # ---------------------------------------------------------------------------------------------
 
 def _std(x: np.ndarray) -> float:
-    return float(np.sqrt(np.mean((x - x.mean()) ** 2))) if x.size else 0.0
+    # Scores near ±1e300 overflow to inf here (numpy would warn); dividing by it zeroes the advantages.
+    with np.errstate(over="ignore", invalid="ignore"):
+        return float(np.sqrt(np.mean((x - x.mean()) ** 2))) if x.size else 0.0
 
 
 def compute_advantages(parsed: list[list[_Seq]], cfg: DataConfig,

@@ -63,11 +63,17 @@ def launch_services(cfg: TrainConfig, device: torch.device) -> tuple[TrainConfig
         urls: list[str] = []
         if cfg.inference.start:
             extra = shlex.split(cfg.inference.extra_args)
-            if device.type == "cuda" and "--gpu-memory-utilization" not in extra:
+            cuda = device.type == "cuda"
+            if cuda and "--gpu-memory-utilization" not in extra:
                 extra += ["--gpu-memory-utilization", "0.3"]  # leave the rest of the GPU to the trainer
+            # CPU: fp32 and eager (the CPU backend's tested path). GPU: bf16 with CUDA graphs, and bf16
+            # on the wire when the trainer keeps fp32 master weights (half the bytes per sync).
             urls = services.start_inference(cfg.model.path, num_servers=cfg.inference.num_servers,
                                             port=cfg.inference.port, host=cfg.inference.host,
-                                            timeout=cfg.inference.startup_timeout_s, extra_args=extra)
+                                            timeout=cfg.inference.startup_timeout_s, extra_args=extra,
+                                            dtype="bfloat16" if cuda else "float32", enforce_eager=not cuda)
+            if cuda and cfg.sync.wire_dtype is None:
+                cfg = dataclasses.replace(cfg, sync=dataclasses.replace(cfg.sync, wire_dtype="bfloat16"))
         if cfg.env.start:
             extra = shlex.split(cfg.env.extra_args)
             if cfg.env.module == BUILTIN_ENV:

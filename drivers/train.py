@@ -84,7 +84,7 @@ def main(argv=None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM ends the run like Ctrl-C
     torch.manual_seed(cfg.run.seed + rank)
-    services, sync, model, step, safe_to_save, rc = None, None, None, 0, False, 1
+    services, sync, model, step, saved_step, safe_to_save, rc = None, None, None, 0, 0, False, 1
     try:
         if rank == 0:
             cfg, services = launch_services(cfg, device)       # model dir, API, vLLM, env
@@ -114,8 +114,6 @@ def main(argv=None) -> int:
         safe_to_save, nonfinite_streak = True, 0
         while step < cfg.run.steps:
             t0 = time.perf_counter()
-            if services:
-                services.check()
             groups = fetch_groups(client, services) if client else None
             if world > 1:
                 groups = broadcast_groups(groups, device=device, raw=client.last_raw if client else None)
@@ -146,6 +144,7 @@ def main(argv=None) -> int:
             if cfg.checkpoint.should_save(step):
                 save_checkpoint(cfg.checkpoint.dir, step, model, optimizer, scheduler, tokenizer,
                                 keep_last=cfg.checkpoint.keep_last)
+                saved_step = step
         log.plot()
         rc = 0
     except KeyboardInterrupt:
@@ -160,7 +159,7 @@ def main(argv=None) -> int:
         rc = 1
     finally:
         try:
-            if model is not None and safe_to_save and step > 0 and cfg.checkpoint.dir:
+            if model is not None and safe_to_save and step > saved_step and cfg.checkpoint.dir:
                 save_checkpoint(cfg.checkpoint.dir, step, model, optimizer, scheduler, tokenizer,
                                 keep_last=cfg.checkpoint.keep_last)
         except Exception as e:  # noqa: BLE001
