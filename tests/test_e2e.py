@@ -181,3 +181,19 @@ def test_default_run_learns(tmp_path):
     first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
     assert last >= 2 * first and last >= 0.5, f"reward first 10 {first:.3f}, last 10 {last:.3f}: {rewards}"
     assert wall < 600, f"the default run took {wall:.0f} s"
+
+
+def test_torchrun_two_ranks(tmp_path):
+    """The same driver under `torchrun --nproc-per-node 2`: FSDP2 over two gloo ranks, rank 0 owning
+    the child processes and sharing their URLs and the update token with rank 1."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           str(REPO / "drivers" / "train.py"), "--steps", "2", "--out", str(run_dir)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["sync/server_version"] == r["step"] and r["train/micro_batches"] >= 1 for r in rows)
+    assert len([ln for ln in proc.stdout.splitlines() if ln.startswith("step ")]) == 2  # rank 0 prints alone
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert_nothing_left(run_dir, [int(cfg["atropos"]["url"].rsplit(":", 1)[1])])
