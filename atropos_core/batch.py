@@ -311,11 +311,17 @@ def filter_groups(groups: Sequence, cfg: DataConfig,
     has `data/dropped` (total) and `data/dropped/<reason>` for each reason that occurred. Each drop
     is logged as a warning, or at debug level with `log_drops=False` (ranks other than 0)."""
     kept, parsed, drops, seen = [], [], Counter(), set()
+    dup_score_sum, dup_seqs = 0.0, 0
     for gi, group in enumerate(groups):
         try:
             seqs = _check_group(group, cfg)
             digest = _group_digest(seqs)
             if digest in seen:
+                # A converged policy samples identical groups for real (8 equal right answers), so a
+                # duplicate is valid data we do not train on twice: its scores still count in the
+                # reward statistics (`data/duplicate_*`), or reward would fall as the policy improves.
+                dup_score_sum += sum(s.score for s in seqs)
+                dup_seqs += len(seqs)
                 raise _Bad("duplicate", "same tokens, masks and scores as an earlier group of this batch")
         except _Bad as e:
             drops[e.reason] += 1
@@ -328,6 +334,8 @@ def filter_groups(groups: Sequence, cfg: DataConfig,
         parsed.append(seqs)
     metrics = {"data/dropped": sum(drops.values())}
     metrics.update({f"data/dropped/{r}": c for r, c in sorted(drops.items())})
+    if dup_seqs:
+        metrics.update({"data/duplicate_sequences": dup_seqs, "data/duplicate_score_sum": dup_score_sum})
     return kept, parsed, metrics
 
 

@@ -38,10 +38,13 @@ logger = logging.getLogger("train")
 
 
 def batch_metrics(batch) -> dict:
-    """Reward and advantage statistics of the batch, plus the data/* counters."""
+    """Reward and advantage statistics of the batch, plus the data/* counters. The reward counts
+    every valid sequence, duplicates of kept groups included (see `batch.filter_groups`)."""
     scores = torch.tensor(batch.scores, dtype=torch.float64)
+    n = len(scores) + batch.metrics.get("data/duplicate_sequences", 0)
+    total = float(scores.sum()) + batch.metrics.get("data/duplicate_score_sum", 0.0)
     adv = sum(float((mb.advantages * mb.loss_mask).sum()) for mb in batch.micro_batches)
-    return {"reward/mean": float(scores.mean()) if len(scores) else float("nan"),
+    return {"reward/mean": total / n if n else float("nan"),
             "reward/max": float(scores.max()) if len(scores) else float("nan"),
             "advantage/mean": adv / max(batch.total_trained_tokens, 1),
             "data/groups": batch.num_groups, "data/sequences": batch.num_sequences, **batch.metrics}
