@@ -465,3 +465,15 @@ def test_all_dropped_gives_empty_batch_and_one_log_line(caplog):
             "after the first token"]
         build_train_batch([g], DataConfig(vocab_size=VOCAB), log_drops=False)  # other ranks: quiet
         assert len(caplog.records) == 1
+
+
+def test_duplicate_groups_dropped_but_their_scores_reported():
+    """A converged policy samples identical groups for real: the copy is not trained twice, but its
+    scores stay visible to the reward statistics (`data/duplicate_*`)."""
+    rng = random.Random(7)
+    a, b = make_group(rng), make_group(rng)
+    batch = build_train_batch([a, copy.deepcopy(a), b, copy.deepcopy(a)], DataConfig(vocab_size=50))
+    assert batch.num_groups == 2 and batch.metrics["data/dropped/duplicate"] == 2
+    assert batch.metrics["data/duplicate_sequences"] == 2 * len(a["scores"])
+    assert batch.metrics["data/duplicate_score_sum"] == pytest.approx(2 * sum(a["scores"]))
+    assert sorted(batch.scores) == sorted(a["scores"] + b["scores"])
