@@ -242,8 +242,9 @@ def accumulate_dw(dw: torch.Tensor, dz: torch.Tensor, h_c: torch.Tensor, *, conf
 # The backend the chunk loop calls
 
 
-class TritonOps:
-    """The four chunk operations of `kernels.chunked.TorchOps`, with Triton kernels.
+class TritonOps(TorchOps):
+    """The chunk operations of `kernels.chunked.TorchOps`, with Triton kernels for the three that
+    are not a plain GEMM (`logits` stays torch's / cuBLAS's matmul, inherited).
 
     `row_stats` hands the untouched logits chunk on as `buf`; `dlogits` recomputes the softmax
     from it and the saved lse and overwrites it with dZ. float64 inputs (a debugging dtype)
@@ -251,10 +252,6 @@ class TritonOps:
     """
 
     name = "triton"
-
-    @staticmethod
-    def logits(h_c: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return torch.mm(h_c, weight.t())
 
     @staticmethod
     def row_stats(z: torch.Tensor, targets: torch.Tensor, inv_t: float):
