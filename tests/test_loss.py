@@ -17,10 +17,28 @@ from kernels.reference import policy_loss_ref
 CPU = torch.device("cpu")
 
 
+def _tiny_llama_dir(root, tokenizer_dir):
+    """A random tiny Llama-family model (the second family the trainer must take), with the
+    tiny Qwen2's tokenizer files beside it."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                      tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).save_pretrained(str(root))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, root / name)
+    return root
+
+
 @pytest.fixture(scope="module")
-def models(tiny_model_dir, tiny_tied_model_dir):
+def models(tiny_model_dir, tiny_tied_model_dir, tmp_path_factory):
     out = {}
-    for name, d in (("untied", tiny_model_dir), ("tied", tiny_tied_model_dir)):
+    llama = _tiny_llama_dir(tmp_path_factory.mktemp("tiny_llama"), tiny_model_dir)
+    for name, d in (("untied", tiny_model_dir), ("tied", tiny_tied_model_dir), ("llama", llama)):
         model, _ = load_model_and_tokenizer(ModelConfig(path=str(d), attn_implementation="sdpa"), CPU)
         out[name] = model
     return out
@@ -53,7 +71,7 @@ def _grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("which", ["untied", "tied"])
+@pytest.mark.parametrize("which", ["untied", "tied", "llama"])
 @pytest.mark.parametrize("loss_type,kl", [("awsft", 0.0), ("grpo", 0.1), ("cispo", 0.0)])
 def test_fused_equals_naive_value_and_grads(models, which, loss_type, kl):
     model = models[which]
