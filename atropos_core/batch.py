@@ -173,27 +173,25 @@ class _Bad(Exception):
 _PER_TOKEN_FLOAT_FIELDS = ("advantages", "inference_logprobs", "ref_logprobs")
 
 
-def _int_row(v, field: str, i: int) -> np.ndarray:
+def _numeric_row(v, field: str, i: int, kinds: str, dtype, what: str) -> np.ndarray:
+    """`v` as a flat 1-D array whose numpy kind is in `kinds`, cast to `dtype`; `_Bad` otherwise."""
     if not isinstance(v, list):
-        raise _Bad("malformed", f"{field}[{i}] is {type(v).__name__}, not a list of ints")
+        raise _Bad("malformed", f"{field}[{i}] is {type(v).__name__}, not a list of {what}")
     if not v:
-        return np.zeros(0, dtype=np.int64)
+        return np.zeros(0, dtype=dtype)
     arr = np.asarray(v)
-    if arr.ndim != 1 or arr.dtype.kind not in "iu":
-        raise _Bad("malformed", f"{field}[{i}] is not a flat list of integers (numpy read it as {arr.dtype}, "
+    if arr.ndim != 1 or arr.dtype.kind not in kinds:
+        raise _Bad("malformed", f"{field}[{i}] is not a flat list of {what} (numpy read it as {arr.dtype}, "
                                 f"ndim {arr.ndim})")
-    return arr.astype(np.int64, copy=False)
+    return arr.astype(dtype, copy=False)
+
+
+def _int_row(v, field: str, i: int) -> np.ndarray:
+    return _numeric_row(v, field, i, "iu", np.int64, "integers")
 
 
 def _float_row(v, field: str, i: int) -> np.ndarray:
-    if not isinstance(v, list):
-        raise _Bad("malformed", f"{field}[{i}] is {type(v).__name__}, not a list of numbers")
-    if not v:
-        return np.zeros(0, dtype=np.float64)
-    arr = np.asarray(v)
-    if arr.ndim != 1 or arr.dtype.kind not in "iuf":
-        raise _Bad("malformed", f"{field}[{i}] is not a flat list of numbers (numpy read it as {arr.dtype})")
-    return arr.astype(np.float64, copy=False)
+    return _numeric_row(v, field, i, "iuf", np.float64, "numbers")
 
 
 def _check_group(group, cfg: DataConfig) -> list[_Seq]:
