@@ -76,6 +76,28 @@ def fetch_groups(client: AtroposClient, services, watch_every_s: float = 5.0) ->
         client.cfg = cfg
 
 
+STOP_KEY = "__atropos_trainer_stop__"
+
+
+def fetch_groups_or_stop(client: AtroposClient, services, world: int, device) -> list:
+    """Rank 0's fetch. If it fails (a dead child, the API gone), the other ranks are told before
+    the error propagates: they would otherwise wait in the batch broadcast until the collective
+    timeout. Every rank then leaves the loop together and saves the (collective) checkpoint."""
+    try:
+        return fetch_groups(client, services)
+    except Exception as e:
+        if world > 1:
+            broadcast_groups([{STOP_KEY: f"{type(e).__name__}: {e}"}], device=device)
+        raise
+
+
+def receive_groups_or_stop(device) -> list:
+    groups = broadcast_groups(device=device)
+    if groups and isinstance(groups[0], dict) and STOP_KEY in groups[0]:
+        raise RuntimeError(f"rank 0 stopped the run: {groups[0][STOP_KEY]}")
+    return groups
+
+
 def main(argv=None) -> int:
     try:
         cfg = parse_args(argv)
@@ -117,9 +139,11 @@ def main(argv=None) -> int:
         safe_to_save, nonfinite_streak = True, 0
         while step < cfg.run.steps:
             t0 = time.perf_counter()
-            groups = fetch_groups(client, services) if client else None
-            if world > 1:
-                groups = broadcast_groups(groups, device=device, raw=client.last_raw if client else None)
+            groups = fetch_groups_or_stop(client, services, world, device) if client else None
+            if world > 1 and not client:
+                groups = receive_groups_or_stop(device)
+            elif world > 1:
+                broadcast_groups(groups, device=device, raw=client.last_raw)
             t_data = time.perf_counter() - t0
             batch = build_train_batch(groups, cfg.data, log_drops=rank == 0)
             if batch.total_trained_tokens == 0:

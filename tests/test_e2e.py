@@ -197,3 +197,40 @@ def test_torchrun_two_ranks(tmp_path):
     assert len([ln for ln in proc.stdout.splitlines() if ln.startswith("step ")]) == 2  # rank 0 prints alone
     cfg = json.loads((run_dir / "config.json").read_text())
     assert_nothing_left(run_dir, [int(cfg["atropos"]["url"].rsplit(":", 1)[1])])
+
+
+def test_torchrun_rank0_failure_stops_every_rank(tmp_path):
+    """Under torchrun, a child process of rank 0 dies while rank 0 waits for data (the environment,
+    SIGKILLed: only rank 0's child check sees it; a dead vLLM server would also fail the weight
+    sync, which already fails on every rank): rank 0 tells the other rank, both leave the loop
+    together, save the (collective) checkpoint and exit non-zero within seconds, instead of rank 1
+    waiting in the batch broadcast until the collective timeout."""
+    import signal
+
+    run_dir = tmp_path / "run"
+    inf_port = free_port()
+    driver = ManagedProcess("torchrun", [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+        str(REPO / "drivers" / "train.py"), "--steps", "500", "--out", str(run_dir), "--inference-port",
+        str(inf_port), "--checkpoint.every", "0"], tmp_path / "torchrun.log").start()
+    try:
+        deadline = time.monotonic() + 400
+        while not ((run_dir / "metrics.jsonl").exists() and len(read_metrics(run_dir)) >= 2):
+            assert driver.alive() and time.monotonic() < deadline, driver.log_tail(40)
+            time.sleep(0.5)
+        env_pid = next(pid for pid in (int(p.split(":", 1)[0]) for p in processes_mentioning("repeat_env serve"))
+                       if f":{inf_port}/v1" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"))
+        os.killpg(env_pid, signal.SIGKILL)
+        t_kill = time.monotonic()
+        rc = driver.proc.wait(timeout=180)
+        took = time.monotonic() - t_kill
+    finally:
+        driver.stop()
+    log = (tmp_path / "torchrun.log").read_text()
+    assert rc != 0, log[-3000:]
+    assert took < 90, f"ranks took {took:.0f} s to stop"
+    assert "rank 0 stopped the run" in log and "environment (pid" in log, log[-3000:]
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert ckpts and int(ckpts[-1].split("-")[1]) >= 2, ckpts
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert_nothing_left(run_dir, [inf_port, int(cfg["atropos"]["url"].rsplit(":", 1)[1])])
