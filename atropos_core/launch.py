@@ -81,7 +81,6 @@ def launch_services(cfg: TrainConfig, device: torch.device) -> tuple[TrainConfig
             services.start_env(cfg.env.module, api_url=cfg.atropos.url, inference_urls=urls,
                                tokenizer_dir=cfg.model.path, group_size=cfg.env.group_size,
                                max_token_len=cfg.atropos.max_token_len, extra_args=extra)
-        services.inference_urls = urls
     except BaseException:
         services.stop_all()
         raise

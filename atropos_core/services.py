@@ -201,7 +201,10 @@ class RunServices:
         self.vllm: list = []           # inference.launch.VLLMServerHandle
         self.env: ManagedProcess | None = None
         self.token: str = ""
-        self.inference_urls: list[str] = []
+
+    @property
+    def inference_urls(self) -> list[str]:
+        return [h.url for h in self.vllm]
 
     def start_api(self, port: int = 0) -> str:
         port = port or free_port(self.host)
