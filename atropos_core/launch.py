@@ -71,7 +71,8 @@ def launch_services(cfg: TrainConfig, device: torch.device) -> tuple[TrainConfig
             urls = services.start_inference(cfg.model.path, num_servers=cfg.inference.num_servers,
                                             port=cfg.inference.port, host=cfg.inference.host,
                                             timeout=cfg.inference.startup_timeout_s, extra_args=extra,
-                                            dtype="bfloat16" if cuda else "float32", enforce_eager=not cuda)
+                                            dtype="bfloat16" if cuda else "float32", enforce_eager=not cuda,
+                                            cpu_weight_layout=cfg.inference.cpu_weight_layout)
             if cuda and cfg.sync.wire_dtype is None:
                 cfg = dataclasses.replace(cfg, sync=dataclasses.replace(cfg.sync, wire_dtype="bfloat16"))
         if cfg.env.start:

@@ -214,7 +214,7 @@ class RunServices:
 
     def start_inference(self, model_dir: str, *, num_servers: int = 1, port: int = 0, host: str = "127.0.0.1",
                         timeout: float = 300.0, extra_args: Sequence[str] = (), dtype: str = "float32",
-                        enforce_eager: bool = True) -> list[str]:
+                        enforce_eager: bool = True, cpu_weight_layout: str = "packed") -> list[str]:
         from .inference.launch import new_update_token, start_vllm_server
 
         self.token = new_update_token()
@@ -227,7 +227,7 @@ class RunServices:
                         num_servers, host, p)
             handle = start_vllm_server(model_dir, port=p, log_dir=self.log_dir, host=host, update_token=self.token,
                                        extra_args=extra_args, timeout=timeout, name=f"vllm{i}", dtype=dtype,
-                                       enforce_eager=enforce_eager)
+                                       enforce_eager=enforce_eager, cpu_weight_layout=cpu_weight_layout)
             self.vllm.append(handle)
             urls.append(handle.url)
         return urls

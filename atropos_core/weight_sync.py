@@ -310,6 +310,7 @@ class WeightSync:
         self._store = None
         self._backend: str | None = None
         self._specs: dict[str, dict] = {}
+        self._phase_ms: dict[str, float] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._listen_sock: socket.socket | None = None
 
@@ -451,7 +452,10 @@ class WeightSync:
 
     def push(self, model: torch.nn.Module, version: int) -> dict:
         """Send `model`'s current weights to every server as `version`. Call on EVERY trainer rank
-        after `optimizer.step()`. Returns {"sync/ms", "sync/bytes", "sync/version"}.
+        after `optimizer.step()`. Returns {"sync/ms", "sync/bytes", "sync/version"} and, on rank 0,
+        where the time went: "sync/prepare_ms" (validate + every server paused and ready),
+        "sync/send_ms" (gather + broadcast until the last byte left) and "sync/finish_ms" (until
+        every server has loaded, finished and resumed).
 
         Raises `WeightSyncError` (on every rank) if any server or the transfer failed.
         """
@@ -469,6 +473,7 @@ class WeightSync:
                 self._prepare(manifest)
             except BaseException as e:  # noqa: BLE001 - re-raised on every rank below
                 err = e
+        self._phase_ms = {"sync/prepare_ms": (time.perf_counter() - t0) * 1e3}
         # Go/no-go before any gather, so a rejected manifest costs no all-gathers.
         if self._agree_failed(err is not None, model):
             raise self._final_error(err, "prepare")
@@ -478,9 +483,12 @@ class WeightSync:
             raise self._final_error(err, "broadcast")
         ms = (time.perf_counter() - t0) * 1e3
         nbytes = manifest.get("total_bytes", 0)
+        out = {"sync/ms": ms, "sync/bytes": nbytes, "sync/version": int(version)}
         if self.rank == 0:
-            logger.info("pushed weights v%d: %.1f MB in %.0f ms", version, nbytes / 1e6, ms)
-        return {"sync/ms": ms, "sync/bytes": nbytes, "sync/version": int(version)}
+            out.update(self._phase_ms)
+            logger.info("pushed weights v%d: %.1f MB in %.0f ms (%s)", version, nbytes / 1e6, ms,
+                        ", ".join(f"{k.removeprefix('sync/')} {v:.0f}" for k, v in self._phase_ms.items()))
+        return out
 
     def _prepare(self, manifest: dict) -> None:
         if self.cfg.validate_shapes:
@@ -509,6 +517,7 @@ class WeightSync:
     def _stream(self, params, manifest: dict, version: int) -> BaseException | None:
         """Rank 0: start `apply` on every server, then broadcast. Keeps gathering after a failure so
         the other trainer ranks are never left waiting in an all-gather."""
+        t_start = time.perf_counter()
         applies = self._run_on_servers(
             lambda url: self._call(url, "/weights/apply", {"version": int(version)},
                                    timeout=self.cfg.apply_timeout_s),
@@ -541,6 +550,7 @@ class WeightSync:
         except BaseException as e:  # noqa: BLE001 - gathering itself failed: nothing more can be sent
             err = e
             self._group = None
+        t_sent = time.perf_counter()
         if err is not None:
             # The server's own error (e.g. it rejected or lost the update) is the better message.
             for url, f in zip(self.urls, applies):
@@ -553,6 +563,10 @@ class WeightSync:
             self._raise_first(applies)
         except WeightSyncError as e:
             return e
+        finally:
+            done = time.perf_counter()
+            self._phase_ms["sync/send_ms"] = (t_sent - t_start) * 1e3
+            self._phase_ms["sync/finish_ms"] = (done - t_sent) * 1e3
         return None
 
     def _gather_only(self, params) -> None:

@@ -51,7 +51,7 @@ from atropos_core.weight_sync import (  # noqa: E402
 from bench.common import append_rows, run_meta  # noqa: E402
 
 CSV_FIELDS = ["device", "commit", "date", "model", "params", "bytes", "method", "repeats", "ms_median", "ms_min",
-              "MB_per_s", "x_raw_gloo"]
+              "MB_per_s", "x_raw_gloo", "layout", "tok_per_s"]
 
 MODELS = {
     "tiny": dict(),
@@ -91,18 +91,31 @@ def time_raw_gloo(tensors: list[torch.Tensor], warmup: int, repeats: int) -> lis
     return times
 
 
-def bench_model(name: str, work: Path, repeats: int, warmup: int) -> list[dict]:
-    from transformers import AutoModelForCausalLM
+def time_generation(url: str, n: int, max_tokens: int, repeats: int) -> list[float]:
+    """Generated tokens per second of one /generate call (n completions of exactly `max_tokens`)."""
+    prompt = {"prompt_token_ids": [5, 6, 7, 8, 9, 10, 11, 12]}
+    body = {"prompt": prompt, "n": n, "max_tokens": max_tokens, "temperature": 1.0, "ignore_eos": True, "seed": 0}
+    requests.post(f"{url}/generate", json=dict(body, max_tokens=4), timeout=600).raise_for_status()  # warm-up
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        r = requests.post(f"{url}/generate", json=body, timeout=600)
+        r.raise_for_status()
+        tokens = sum(len(ids) for ids in r.json()["token_ids"])
+        rates.append(tokens / (time.perf_counter() - t0))
+    return rates
 
-    model_dir = build_tiny_model(work / name, **MODELS[name])
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    params = sum(p.numel() for p in model.parameters())
-    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+
+def bench_server(name: str, model, model_dir: Path, work: Path, layout: str, repeats: int,
+                 warmup: int) -> dict[str, list[float]]:
+    """Sync, disk round trip and generation speed on one server started with `layout`."""
     token = new_update_token()
     server = start_vllm_server(model_dir, port=free_port(), log_dir=work / "logs", update_token=token,
-                               timeout=900, name=f"vllm_{name}")
+                               timeout=900, name=f"vllm_{name}_{layout}", cpu_weight_layout=layout)
     results: dict[str, list[float]] = {}
     try:
+        for n in (1, 16):
+            results[f"generate_n{n}"] = time_generation(server.url, n, 64, 3)
         sync = WeightSync(WeightSyncConfig(update_timeout_s=120), [server.url], token)
         sync.connect()
         version = 0
@@ -117,10 +130,9 @@ def bench_model(name: str, work: Path, repeats: int, warmup: int) -> list[dict]:
                 times.append(ms)
         sync.close()
         results["atropos_sync"] = times
-        results["raw_gloo"] = time_raw_gloo([p.detach() for p in model.parameters()], warmup, repeats)
         disk = []
         for i in range(warmup + repeats):
-            out = work / f"{name}_ckpt_{i}"
+            out = work / f"{name}_{layout}_ckpt_{i}"
             version += 1
             t0 = time.perf_counter()
             model.save_pretrained(str(out), safe_serialization=True)
@@ -132,19 +144,39 @@ def bench_model(name: str, work: Path, repeats: int, warmup: int) -> list[dict]:
         results["disk_roundtrip"] = disk
     finally:
         server.stop()
-    rows = []
-    raw = statistics.median(results["raw_gloo"])
-    for method, times in results.items():
-        med = statistics.median(times)
-        rows.append({"model": name, "params": params, "bytes": nbytes, "method": method, "repeats": len(times),
-                     "ms_median": round(med, 2), "ms_min": round(min(times), 2),
-                     "MB_per_s": round(nbytes / 1e6 / (med / 1e3), 1), "x_raw_gloo": round(med / raw, 2)})
+    return results
+
+
+def bench_model(name: str, work: Path, layouts: list[str], repeats: int, warmup: int) -> list[dict]:
+    from transformers import AutoModelForCausalLM
+
+    model_dir = build_tiny_model(work / name, **MODELS[name])
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    params = sum(p.numel() for p in model.parameters())
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    per_layout = {layout: bench_server(name, model, model_dir, work, layout, repeats, warmup) for layout in layouts}
+    raw_times = time_raw_gloo([p.detach() for p in model.parameters()], warmup, repeats)
+    raw = statistics.median(raw_times)
+    base = {"model": name, "params": params, "bytes": nbytes}
+    rows = [dict(base, layout="", method="raw_gloo", repeats=len(raw_times), ms_median=round(raw, 2),
+                 ms_min=round(min(raw_times), 2), MB_per_s=round(nbytes / 1e6 / (raw / 1e3), 1), x_raw_gloo=1.0)]
+    for layout, results in per_layout.items():
+        for method, values in results.items():
+            if method.startswith("generate"):
+                rows.append(dict(base, layout=layout, method=method, repeats=len(values),
+                                 tok_per_s=round(statistics.median(values), 1)))
+                continue
+            med = statistics.median(values)
+            rows.append(dict(base, layout=layout, method=method, repeats=len(values), ms_median=round(med, 2),
+                             ms_min=round(min(values), 2), MB_per_s=round(nbytes / 1e6 / (med / 1e3), 1),
+                             x_raw_gloo=round(med / raw, 2)))
     return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="tiny,100m")
+    ap.add_argument("--layouts", default="plain,packed", help="CPU weight layouts of the server to compare")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "sync.csv"))
@@ -152,19 +184,24 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     meta = run_meta("cpu")
+    layouts = args.layouts.split(",")
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_sync_") as tmp:
         for name in args.models.split(","):
-            rows += [dict(meta, **r) for r in bench_model(name, Path(tmp), args.repeats, args.warmup)]
+            rows += [dict(meta, **r) for r in bench_model(name, Path(tmp), layouts, args.repeats, args.warmup)]
     append_rows(Path(args.out), CSV_FIELDS, rows)
-    print(f"{'model':6} {'method':15} {'MB':>8} {'ms (median)':>12} {'MB/s':>8} {'x raw':>6}")
+    print(f"{'model':6} {'layout':7} {'method':15} {'MB':>7} {'ms (median)':>12} {'MB/s':>8} {'x raw':>6} {'tok/s':>8}")
     for r in rows:
-        print(f"{r['model']:6} {r['method']:15} {r['bytes'] / 1e6:8.1f} {r['ms_median']:12.1f} "
-              f"{r['MB_per_s']:8.1f} {r['x_raw_gloo']:6.2f}")
+        ms = f"{r['ms_median']:12.1f} {r['MB_per_s']:8.1f} {r['x_raw_gloo']:6.2f}" if "ms_median" in r else " " * 28
+        tok = f"{r['tok_per_s']:8.1f}" if "tok_per_s" in r else ""
+        print(f"{r['model']:6} {r['layout']:7} {r['method']:15} {r['bytes'] / 1e6:7.1f} {ms} {tok}")
     for name in args.models.split(","):
-        by = {r["method"]: r["ms_median"] for r in rows if r["model"] == name}
-        print(f"{name}: sync/raw = {by['atropos_sync'] / by['raw_gloo']:.2f}x (target <= 1.3), "
-              f"disk/sync = {by['disk_roundtrip'] / by['atropos_sync']:.1f}x (target >= 5)")
+        by = {(r["layout"], r["method"]): r for r in rows if r["model"] == name}
+        raw = by[("", "raw_gloo")]["ms_median"]
+        for layout in layouts:
+            sync, disk = by[(layout, "atropos_sync")]["ms_median"], by[(layout, "disk_roundtrip")]["ms_median"]
+            print(f"{name} [{layout}]: sync/raw = {sync / raw:.2f}x (target <= 1.3), "
+                  f"disk/sync = {disk / sync:.1f}x (target >= 5)")
 
 
 if __name__ == "__main__":

@@ -60,10 +60,25 @@ def run_meta(device="cpu") -> dict:
 
 
 def append_rows(path: Path, fields: list[str], rows: list[dict]) -> None:
-    """Append `rows` to the long-format CSV at `path` (header written when the file is new)."""
+    """Append `rows` to the long-format CSV at `path` (header written when the file is new). When
+    `fields` has columns the file lacks, the file is rewritten once with them added (older rows
+    get empty cells), so a benchmark can grow a column without losing its history."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists()
+    if not new:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            old_fields = list(reader.fieldnames or [])
+            old_rows = list(reader)
+        if any(k not in old_fields for k in fields):
+            fields = old_fields + [k for k in fields if k not in old_fields]
+            with open(path, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=fields)
+                w.writeheader()
+                w.writerows(old_rows)
+        else:
+            fields = old_fields
     with open(path, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         if new:

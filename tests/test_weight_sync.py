@@ -161,13 +161,20 @@ def test_packed_buckets_give_the_same_weights(vllm_server):
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_push_tied_embeddings(vllm_tied_server):
+    """Tied embeddings, in place ("plain" CPU layout) and through the layerwise reload ("packed"):
+    two real steps, each followed by a push, and vLLM serves the trainer's weights after each."""
     model = load_hf(vllm_tied_server.model_dir)
     assert model.config.tie_word_embeddings
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-    train_step(model, seed=4)
-    metrics = push_once(vllm_tied_server, model)
-    assert served_version(vllm_tied_server.url) == metrics["sync/version"]
-    assert_serves(vllm_tied_server.url, model)
+    for seed in (4, 5):
+        train_step(model, seed=seed)
+        metrics = push_once(vllm_tied_server, model)
+        assert served_version(vllm_tied_server.url) == metrics["sync/version"]
+        assert_serves(vllm_tied_server.url, model)
+    layout = vllm_tied_server.handle.process.name.rsplit("_", 1)[-1]
+    expected = "in place" if layout == "plain" else "layerwise"
+    log = vllm_tied_server.handle.process.log_path.read_text(errors="replace")
+    assert f"weight updates load {expected}" in log, f"the {layout} server did not load {expected}"
 
 
 @pytest.mark.vllm

@@ -72,20 +72,23 @@ def start_vllm_server(model_dir: str | Path, *, port: int, log_dir: str | Path, 
                       update_token: str, extra_args: Sequence[str] = (), timeout: float = 300.0,
                       dtype: str = "float32", max_model_len: int = 512, kv_cache_gib: int = 1,
                       enforce_eager: bool = True, env: dict[str, str] | None = None,
-                      name: str = "vllm") -> VLLMServerHandle:
+                      name: str = "vllm", cpu_weight_layout: str = "packed") -> VLLMServerHandle:
     """Start our vLLM server on `host:port` and wait until `/health` answers 200.
 
     Fails fast with the log tail (`services.ServiceError`) if the process dies while starting.
     `update_token` is the secret the trainer's `WeightSync` sends; generate it with
-    `new_update_token()`. `kv_cache_gib` sets `VLLM_CPU_KVCACHE_SPACE` (CPU only).
+    `new_update_token()`. `kv_cache_gib` sets `VLLM_CPU_KVCACHE_SPACE` and `cpu_weight_layout`
+    ("plain" or "packed") how linear weights are held (CPU only; see `worker_ext`).
     """
+    if cpu_weight_layout not in ("plain", "packed"):
+        raise ValueError(f"start_vllm_server: cpu_weight_layout must be plain or packed, got {cpu_weight_layout!r}")
     if len(update_token) < 16:
         raise ValueError("start_vllm_server: update_token must be at least 16 characters")
     if host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("vLLM server %s binds %s: the generation routes are reachable from the network", name, host)
     child_env = {"VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), "ATROPOS_UPDATE_TOKEN": update_token,
                  "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "VLLM_NO_USAGE_STATS": "1",
-                 "DO_NOT_TRACK": "1"}
+                 "DO_NOT_TRACK": "1", "ATROPOS_CPU_WEIGHT_LAYOUT": cpu_weight_layout}
     child_env.update(env or {})
     cmd = vllm_server_command(model_dir, port=port, host=host, dtype=dtype, max_model_len=max_model_len,
                               enforce_eager=enforce_eager, extra_args=extra_args)
