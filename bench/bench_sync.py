@@ -53,6 +53,11 @@ from bench.common import append_rows, run_meta  # noqa: E402
 CSV_FIELDS = ["device", "commit", "date", "model", "params", "bytes", "method", "repeats", "ms_median", "ms_min",
               "MB_per_s", "x_raw_gloo", "layout", "tok_per_s"]
 
+#: Pause before each timed sync and raw round: after any RPC, vLLM's EngineCore and worker poll their
+#: shared-memory queues in a sched_yield loop for 1 s (`SpinCondition.busy_loop_s`, vLLM 0.32), which
+#: would slow whatever runs next on 2 cores (a raw round right after a sync measured 392 vs 256 ms).
+SETTLE_S = 1.5
+
 MODELS = {
     "tiny": dict(),
     # 14 layers x (4*768^2 attention + 3*768*2048 MLP) ~ 99M parameters; head size 64 for vLLM's CPU backend.
@@ -61,34 +66,42 @@ MODELS = {
 
 
 def _raw_receiver(port: int, world: int, shapes, dtypes, rounds: int) -> None:
+    """Receives every round into the same preallocated tensors: the transport alone, no allocation
+    (a fresh buffer per tensor would add ~80 ms of page faults per 400 MB to the floor)."""
     torch.set_num_threads(1)
     group, _ = make_transfer_group("gloo", "127.0.0.1", port, 1, world, 120, 120)
+    bufs = [torch.empty(shape, dtype=WIRE_DTYPES[dname]) for shape, dname in zip(shapes, dtypes)]
     for _ in range(rounds):
-        for shape, dname in zip(shapes, dtypes):
-            broadcast(group, torch.empty(shape, dtype=WIRE_DTYPES[dname]))
+        for buf in bufs:
+            broadcast(group, buf)
 
 
-def time_raw_gloo(tensors: list[torch.Tensor], warmup: int, repeats: int) -> list[float]:
-    import torch.distributed as dist
+class RawGloo:
+    """A bare gloo broadcast of `tensors` to one receiving process, one round at a time, so rounds
+    can be interleaved with the syncs they are compared against (this box's speed drifts by tens of
+    percent within a minute: back-to-back blocks measured the same thing 217 and 317 ms apart)."""
 
-    port = free_port()
-    shapes = [list(t.shape) for t in tensors]
-    dtypes = [str(t.dtype).removeprefix("torch.") for t in tensors]
-    ctx = mp.get_context("spawn")
-    proc = ctx.Process(target=_raw_receiver, args=(port, 2, shapes, dtypes, warmup + repeats))
-    store = dist.TCPStore("127.0.0.1", port, 2, is_master=True, wait_for_workers=False,
-                          timeout=datetime.timedelta(seconds=120))
-    proc.start()
-    group, _ = make_transfer_group("gloo", "127.0.0.1", port, 0, 2, 120, 120, store=store)
-    times = []
-    for i in range(warmup + repeats):
+    def __init__(self, tensors: list[torch.Tensor], rounds: int):
+        import torch.distributed as dist
+
+        self.tensors = [t.contiguous() for t in tensors]
+        port = free_port()
+        shapes = [list(t.shape) for t in tensors]
+        dtypes = [str(t.dtype).removeprefix("torch.") for t in tensors]
+        self.proc = mp.get_context("spawn").Process(target=_raw_receiver, args=(port, 2, shapes, dtypes, rounds))
+        store = dist.TCPStore("127.0.0.1", port, 2, is_master=True, wait_for_workers=False,
+                              timeout=datetime.timedelta(seconds=120))
+        self.proc.start()
+        self.group, self._store = make_transfer_group("gloo", "127.0.0.1", port, 0, 2, 120, 120, store=store)
+
+    def round_ms(self) -> float:
         t0 = time.perf_counter()
-        for t in tensors:
-            broadcast(group, t.contiguous())
-        if i >= warmup:
-            times.append((time.perf_counter() - t0) * 1e3)
-    proc.join(timeout=60)
-    return times
+        for t in self.tensors:
+            broadcast(self.group, t)
+        return (time.perf_counter() - t0) * 1e3
+
+    def close(self) -> None:
+        self.proc.join(timeout=60)
 
 
 def time_generation(url: str, n: int, max_tokens: int, repeats: int) -> list[float]:
@@ -118,18 +131,23 @@ def bench_server(name: str, model, model_dir: Path, work: Path, layout: str, rep
             results[f"generate_n{n}"] = time_generation(server.url, n, 64, 3)
         sync = WeightSync(WeightSyncConfig(update_timeout_s=120), [server.url], token)
         sync.connect()
+        raw = RawGloo([p.detach() for p in model.parameters()], warmup + repeats)
         version = 0
-        times = []
+        results["atropos_sync"], results["raw_gloo"] = [], []
         for i in range(warmup + repeats):
             with torch.no_grad():
                 for p in model.parameters():
                     p.mul_(1.0001)  # new content every round, as after an optimizer step
             version += 1
+            time.sleep(SETTLE_S)
             ms = sync.push(model, version)["sync/ms"]
+            time.sleep(SETTLE_S)
+            raw_ms = raw.round_ms()
             if i >= warmup:
-                times.append(ms)
+                results["atropos_sync"].append(ms)
+                results["raw_gloo"].append(raw_ms)
+        raw.close()
         sync.close()
-        results["atropos_sync"] = times
         disk = []
         for i in range(warmup + repeats):
             out = work / f"{name}_{layout}_ckpt_{i}"
@@ -155,12 +173,10 @@ def bench_model(name: str, work: Path, layouts: list[str], repeats: int, warmup:
     params = sum(p.numel() for p in model.parameters())
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     per_layout = {layout: bench_server(name, model, model_dir, work, layout, repeats, warmup) for layout in layouts}
-    raw_times = time_raw_gloo([p.detach() for p in model.parameters()], warmup, repeats)
-    raw = statistics.median(raw_times)
     base = {"model": name, "params": params, "bytes": nbytes}
-    rows = [dict(base, layout="", method="raw_gloo", repeats=len(raw_times), ms_median=round(raw, 2),
-                 ms_min=round(min(raw_times), 2), MB_per_s=round(nbytes / 1e6 / (raw / 1e3), 1), x_raw_gloo=1.0)]
+    rows = []
     for layout, results in per_layout.items():
+        raw = statistics.median(results["raw_gloo"])  # interleaved with this layout's syncs
         for method, values in results.items():
             if method.startswith("generate"):
                 rows.append(dict(base, layout=layout, method=method, repeats=len(values),
@@ -197,8 +213,8 @@ def main() -> None:
         print(f"{r['model']:6} {r['layout']:7} {r['method']:15} {r['bytes'] / 1e6:7.1f} {ms} {tok}")
     for name in args.models.split(","):
         by = {(r["layout"], r["method"]): r for r in rows if r["model"] == name}
-        raw = by[("", "raw_gloo")]["ms_median"]
         for layout in layouts:
+            raw = by[(layout, "raw_gloo")]["ms_median"]
             sync, disk = by[(layout, "atropos_sync")]["ms_median"], by[(layout, "disk_roundtrip")]["ms_median"]
             print(f"{name} [{layout}]: sync/raw = {sync / raw:.2f}x (target <= 1.3), "
                   f"disk/sync = {disk / sync:.1f}x (target >= 5)")

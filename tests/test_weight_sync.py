@@ -161,14 +161,16 @@ def test_packed_buckets_give_the_same_weights(vllm_server):
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_push_tied_embeddings(vllm_tied_server):
-    """Tied embeddings, in place ("plain" CPU layout) and through the layerwise reload ("packed"):
-    two real steps, each followed by a push, and vLLM serves the trainer's weights after each."""
+    """Tied embeddings, in place ("plain" CPU layout, reused receive buffers) and through the
+    layerwise reload ("packed"): two real steps, each followed by a push (tensor by tensor, then
+    packed buckets), and vLLM serves the trainer's weights after each."""
     model = load_hf(vllm_tied_server.model_dir)
     assert model.config.tie_word_embeddings
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-    for seed in (4, 5):
+    # The second push packs several tensors per message (the NCCL-style path) over gloo.
+    for seed, cfg in ((4, WeightSyncConfig()), (5, WeightSyncConfig(bucket_bytes=300_000))):
         train_step(model, seed=seed)
-        metrics = push_once(vllm_tied_server, model)
+        metrics = push_once(vllm_tied_server, model, cfg)
         assert served_version(vllm_tied_server.url) == metrics["sync/version"]
         assert_serves(vllm_tied_server.url, model)
     layout = vllm_tied_server.handle.process.name.rsplit("_", 1)[-1]
