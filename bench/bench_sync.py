@@ -1,23 +1,27 @@
 """Weight-sync benchmark: our in-place sync vs a raw gloo broadcast vs the disk round trip.
 
-For each model (the tiny test model and a ~100M-parameter Qwen2 built locally) it starts our vLLM
-server and times, in the same run:
+For each model (the tiny test model and a ~100M-parameter Qwen2 built locally) and each CPU weight
+layout of the server ("plain": loads in place; "packed": vLLM's oneDNN packing, layerwise reload) it
+starts our vLLM server and measures, in the same run:
+  * `generate_n1`, `generate_n16`: tokens/s of one /generate call (64 tokens each, ignore_eos), the
+    other side of the layout trade-off;
   * `atropos_sync`: `WeightSync.push` end to end (HTTP prepare, broadcast, load into vLLM, finish,
     prefix-cache reset, resume), tensor by tensor on gloo;
   * `raw_gloo`: a bare broadcast of the same tensors (same shapes, dtypes, order) from rank 0 to one
-    receiving process, nothing loaded: the floor for the transport;
+    receiving process with preallocated buffers, nothing loaded: the floor for the transport. Its
+    rounds alternate with the syncs, each after a `SETTLE_S` pause (see there);
   * `disk_roundtrip`: `save_pretrained` (safetensors) + the server reloading that directory
     (`/weights/load_from_disk`, vLLM's `reload_weights`).
 Targets (benchmark, not test): sync within 1.3x of raw broadcast, >= 5x faster than the disk trip.
 Rows go to bench/results/sync.csv (long format, with device, commit and date); a table is printed.
 
-Measured (2-core AMD EPYC shared with other jobs, fp32; all runs in docs/weight_sync.md):
-  100M (400 MB): sync 0.9-1.3 s (310-460 MB/s), raw gloo 0.33-0.38 s, disk round trip 1.8-2.3 s
-  -> 2.6-3.4x the raw broadcast (target 1.3x: NOT met) and 1.7-2.2x faster than disk (target 5x:
-  NOT met). The gap is vLLM's layerwise reload (buffer, materialise, load, copy back, CPU re-pack),
-  not the transport; on the tiny model fixed HTTP/RPC overhead (~60-90 ms) dominates.
+Measured (idle 2-core AMD EPYC, fp32, 7 repeats; all runs in docs/weight_sync.md), 100M (400 MB):
+  plain: sync 404 ms = 1.61x raw gloo (250 ms), disk trip 3.2x slower, 109 tok/s at n=16;
+  packed: sync 612 ms = 2.53x raw gloo (242 ms), disk trip 2.3x slower, 218 tok/s at n=16.
+  Target 1.3x: not met (plain reached 1.27-1.30x only under looser protocols). Target 5x vs disk:
+  out of reach here for any transport (raw gloo itself is 3-6x faster than the page-cached disk trip).
 
-    python bench/bench_sync.py [--models tiny,100m] [--repeats 5]
+    python bench/bench_sync.py [--models tiny,100m] [--layouts plain,packed] [--repeats 5]
 """
 from __future__ import annotations
 
