@@ -22,9 +22,10 @@ Design (see docs/weight_sync.md for the measured numbers):
   most one bucket). Tied embeddings need nothing special: `named_parameters()` yields a shared
   parameter once and vLLM ties `lm_head` itself.
 * **Fail once, clearly, and leave the servers serving.** An update is `prepare` (validate the
-  manifest against the served checkpoint's tensor shapes, pause generation, start the layerwise
-  reload) on every server, then `apply` (the server receives while rank 0 broadcasts; it then
-  finishes, resets the prefix cache and resumes, resuming on its own error path too), or `abort`
+  manifest against the served checkpoint's tensor shapes, pause generation, start the update: a
+  layerwise reload where the server does not load in place) on every server, then `apply` (the
+  server receives while rank 0 broadcasts; it then finishes, resets the prefix cache and resumes,
+  resuming on its own error path too), or `abort`
   (resume) if anything failed before the broadcast. A bad manifest fails before a single byte is
   broadcast. The gloo group's timeout is short (`update_timeout_s`), because a worker that died
   mid-broadcast otherwise hangs the trainer. Trainer ranks keep gathering in lockstep after a

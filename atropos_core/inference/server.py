@@ -13,10 +13,10 @@ Why our own entry module rather than vLLM's dev-mode routes:
   to start with dev mode on. Bodies on our routes are size-limited (`--max-request-bytes`).
 * The update protocol is two-phase so a bad manifest fails before the trainer broadcasts a byte:
   `/weights/prepare` validates the manifest against the served checkpoint's tensor shapes, pauses
-  generation and starts the layerwise reload; `/weights/apply` receives (while the trainer
-  broadcasts), finishes, resets the prefix cache (re-computing in-flight requests' KV on the new
-  weights) and ALWAYS resumes, on the error path too (a failed update otherwise leaves vLLM
-  paused and later requests hang). `/weights/abort` and a watchdog undo a prepare that is never
+  generation and starts the update (the layerwise reload, unless the worker loads in place);
+  `/weights/apply` receives (while the trainer broadcasts), finishes, resets the prefix cache
+  (re-computing in-flight requests' KV on the new weights) and ALWAYS resumes, on the error path
+  too (a failed update otherwise leaves vLLM paused and later requests hang). `/weights/abort` and a watchdog undo a prepare that is never
   applied (trainer died in between).
 
 The app is vLLM's own (`build_app`), with our routes added by wrapping it where vLLM's entry
