@@ -74,7 +74,8 @@ class WeightSyncConfig:
     """How the trainer pushes weights to the vLLM servers."""
 
     backend: str = "auto"
-    """"auto" (NCCL when the model's parameters are on CUDA, else gloo), "gloo" or "nccl"."""
+    """"auto" (NCCL when the model's parameters are on CUDA, else gloo; gloo also when the trainer
+    shares a GPU with a vLLM worker, which NCCL refuses: see `pick_backend`), "gloo" or "nccl"."""
     master_address: str = "127.0.0.1"
     """Address of trainer rank 0 that the vLLM workers connect to (TCPStore and the group)."""
     master_port: int = 0
@@ -160,6 +161,45 @@ def make_transfer_group(backend: str, host: str, port: int, rank: int, world_siz
     else:
         raise ValueError(f"unknown transfer backend {backend!r}")
     return group, store
+
+
+def device_id(device: torch.device) -> str:
+    """"cpu", or "cuda:<GPU UUID>" (what the workers report at /weights/spec)."""
+    if device.type != "cuda":
+        return "cpu"
+    return f"cuda:{torch.cuda.get_device_properties(device).uuid}"
+
+
+def pick_backend(requested: str, trainer_device: str,
+                 server_devices: dict[str, list[str] | None]) -> tuple[str, str]:
+    """The transfer backend for `requested` ("auto", "gloo", "nccl"), and why it differs from the
+    obvious choice ("" when it does not).
+
+    "auto" means NCCL when the trainer is on a GPU, except when two ranks of the group would sit on
+    one GPU (trainer and a vLLM worker colocated, or two replicas sharing a GPU): NCCL >= 2.5
+    refuses that ("Duplicate GPU detected", ncclInvalidUsage; NVIDIA/nccl#418), so gloo carries the
+    tensors through host memory instead (slower, but it works). Asking for "nccl" in that case is an
+    error raised here, before any group is formed.
+    """
+    if requested not in ("auto", "gloo", "nccl"):
+        raise ValueError(f"unknown transfer backend {requested!r}")
+    if requested == "gloo" or (requested == "auto" and not trainer_device.startswith("cuda")):
+        return "gloo", ""
+    owners: dict[str, str] = {trainer_device: "the trainer"}
+    for url, devices in server_devices.items():
+        for i, dev in enumerate(devices or []):
+            if not dev.startswith("cuda"):
+                if requested == "nccl":
+                    raise WeightSyncError(f"backend 'nccl' requested but worker {i} of {url} runs on {dev}")
+                return "gloo", f"worker {i} of {url} runs on {dev}, not a GPU"
+            if dev in owners:
+                why = (f"{owners[dev]} and worker {i} of {url} share GPU {dev.removeprefix('cuda:')}, and NCCL "
+                       f"refuses two ranks on one GPU")
+                if requested == "nccl":
+                    raise WeightSyncError(f"backend 'nccl' cannot work here: {why}; use backend 'gloo' or 'auto'")
+                return "gloo", why
+            owners[dev] = f"worker {i} of {url}"
+    return "nccl", ""
 
 
 def broadcast_async(group, tensor: torch.Tensor):
@@ -354,12 +394,12 @@ class WeightSync:
     def connect(self, device: torch.device | str | None = None) -> None:
         """Form the transfer group (rank 0 + every vLLM worker). Call on every trainer rank.
 
-        `device` is where the trainer's parameters live; it decides `backend="auto"` (CUDA → NCCL).
+        `device` is where the trainer's parameters live; with the servers' devices (from
+        `/weights/spec`) it decides `backend="auto"` (`pick_backend`).
         """
         device = torch.device(device) if device is not None else torch.device("cpu")
-        self._backend = self.cfg.backend if self.cfg.backend != "auto" else (
-            "nccl" if device.type == "cuda" else "gloo")
         if self.rank != 0:
+            self._backend = "gloo" if self.cfg.backend == "auto" else self.cfg.backend  # rank 0 decides
             return
         import torch.distributed as dist
 
@@ -367,6 +407,10 @@ class WeightSync:
         specs = self._run_on_servers(lambda url: self._call(url, "/weights/spec", method="GET"), wait=False)
         for url, spec in zip(self.urls, self._raise_first(specs)):
             self._specs[url] = spec
+        self._backend, why = pick_backend(self.cfg.backend, device_id(device),
+                                          {url: self._specs[url].get("devices") for url in self.urls})
+        if why:
+            logger.warning("weight sync uses %s: %s", self._backend, why)
         offsets, total = {}, 1
         for url in self.urls:
             offsets[url] = total

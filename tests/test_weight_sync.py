@@ -17,6 +17,7 @@ from atropos_core.weight_sync import (
     WeightSyncError,
     clean_param_name,
     pack_bucket,
+    pick_backend,
     plan_buckets,
     unpack_bucket,
     validate_manifest,
@@ -115,6 +116,38 @@ def test_config_validation_names_the_field():
         WeightSyncConfig(update_timeout_s=0)
     with pytest.raises(ValueError, match="pause_mode"):
         WeightSyncConfig(pause_mode="later")
+
+
+def test_pick_backend_avoids_nccl_between_ranks_on_one_gpu():
+    gpu_a, gpu_b, gpu_c = "cuda:GPU-a", "cuda:GPU-b", "cuda:GPU-c"
+    # Separate GPUs: NCCL, nothing to explain.
+    assert pick_backend("auto", gpu_a, {"http://s1": [gpu_b], "http://s2": [gpu_c]}) == ("nccl", "")
+    # A CPU trainer, or gloo asked for: gloo.
+    assert pick_backend("auto", "cpu", {"http://s1": [gpu_b]}) == ("gloo", "")
+    assert pick_backend("gloo", gpu_a, {"http://s1": [gpu_b]}) == ("gloo", "")
+    # Trainer colocated with a worker, or two replicas on one GPU: auto falls back to gloo and says why.
+    backend, why = pick_backend("auto", gpu_a, {"http://s1": [gpu_b, gpu_a]})
+    assert backend == "gloo" and "the trainer and worker 1 of http://s1 share GPU GPU-a" in why
+    backend, why = pick_backend("auto", gpu_a, {"http://s1": [gpu_b], "http://s2": [gpu_b]})
+    assert backend == "gloo" and "worker 0 of http://s1 and worker 0 of http://s2" in why
+    # A server on CPU with a GPU trainer: gloo.
+    assert pick_backend("auto", gpu_a, {"http://s1": ["cpu"]})[0] == "gloo"
+    # Asking for NCCL where it cannot work is an error naming the clash, before any group forms.
+    with pytest.raises(WeightSyncError, match="share GPU GPU-a"):
+        pick_backend("nccl", gpu_a, {"http://s1": [gpu_a]})
+    with pytest.raises(WeightSyncError, match="runs on cpu"):
+        pick_backend("nccl", gpu_a, {"http://s1": ["cpu"]})
+    # A server too old to report devices: the trainer's own device decides.
+    assert pick_backend("auto", gpu_a, {"http://s1": None}) == ("nccl", "")
+    with pytest.raises(ValueError, match="unknown transfer backend"):
+        pick_backend("mpi", gpu_a, {})
+
+
+@pytest.mark.vllm
+def test_spec_reports_each_workers_device(vllm_server):
+    spec = requests.get(f"{vllm_server.url}/weights/spec", timeout=30,
+                        headers={"Authorization": f"Bearer {vllm_server.token}"}).json()
+    assert spec["devices"] == ["cpu"] * spec["num_workers"]
 
 
 def test_clean_param_name_strips_wrappers():

@@ -216,7 +216,13 @@ def add_atropos_routes(app: FastAPI, *, token: str, max_body_bytes: int, model: 
         if (denied := refused(request)) is not None:
             return denied
         pc = request.app.state.vllm_config.parallel_config
-        return JSONResponse(dict(spec, num_workers=pc.world_size_across_dp, weight_version=state.version))
+        try:  # each worker's device, so the trainer can avoid NCCL between two ranks on one GPU
+            devices = [str(d) for d in await engine(request).collective_rpc("atropos_device_id")]
+        except Exception as err:  # noqa: BLE001 - the spec is still useful without it
+            logger.warning("could not ask the workers for their devices: %s", err)
+            devices = None
+        return JSONResponse(dict(spec, num_workers=pc.world_size_across_dp, weight_version=state.version,
+                                 devices=devices))
 
     @app.post("/weights/init")
     async def weights_init(request: Request):

@@ -346,11 +346,19 @@ class AtroposWeightTransferEngine(WeightTransferEngine[AtroposInitInfo, AtroposU
 
 class AtroposWorkerExtension:
     """Mixed into vLLM's worker by `--worker-extension-cls`; importing this module is its job (it
-    registers the engine). It adds one RPC for diagnostics."""
+    registers the engine). It adds two RPCs: readiness, and which device the worker computes on."""
 
     def atropos_weight_transfer_ready(self) -> bool:
         engine = getattr(self, "weight_transfer_engine", None)
         return isinstance(engine, AtroposWeightTransferEngine) and engine.group is not None
+
+    def atropos_device_id(self) -> str:
+        """"cpu", or "cuda:<GPU UUID>": the trainer compares it with its own GPU, because NCCL
+        refuses two ranks of one communicator on the same GPU."""
+        device = getattr(self, "device", None)
+        if not isinstance(device, torch.device) or device.type != "cuda":
+            return "cpu" if device is None or getattr(device, "type", "cpu") == "cpu" else str(device)
+        return f"cuda:{torch.cuda.get_device_properties(device).uuid}"
 
 
 _install_plain_cpu_layout()
