@@ -28,6 +28,7 @@ from typing import Any, Optional
 from .batch import DataConfig
 from .checkpoint import CheckpointConfig
 from .client import AtroposConfig
+from .inference.launch import CPU_WEIGHT_LAYOUTS
 from .loss import LossConfig
 from .metrics import LoggingConfig
 from .model import ModelConfig, OptimConfig
@@ -83,8 +84,9 @@ class InferenceConfig:
     (sync ~1.7x faster on a 100M model). Measured trade-off: docs/weight_sync.md."""
 
     def __post_init__(self):
-        if self.cpu_weight_layout not in ("plain", "packed"):
-            raise ValueError(f"inference.cpu_weight_layout must be plain or packed, got {self.cpu_weight_layout!r}")
+        if self.cpu_weight_layout not in CPU_WEIGHT_LAYOUTS:
+            raise ValueError(f"inference.cpu_weight_layout must be one of {CPU_WEIGHT_LAYOUTS}, "
+                             f"got {self.cpu_weight_layout!r}")
         if not (0 <= self.port < 65536):
             raise ValueError(f"inference.port must be in [0, 65535], got {self.port}")
         if self.num_servers < 1:

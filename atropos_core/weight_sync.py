@@ -63,6 +63,10 @@ _DTYPE_NAMES = {v: k for k, v in WIRE_DTYPES.items()}
 _WRAPPER_SEGMENTS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.", "module.")
 #: Default NCCL bucket (vLLM's packed NCCL engine uses buffers of the same order).
 NCCL_BUCKET_BYTES = 256 << 20
+#: Messages in flight on each side (`WeightSyncConfig.pipeline_depth`): default and upper bound,
+#: checked on both ends by `validate_manifest`.
+PIPELINE_DEPTH = 2
+MAX_PIPELINE_DEPTH = 16
 
 
 class WeightSyncError(RuntimeError):
@@ -93,7 +97,7 @@ class WeightSyncConfig:
     bucket_bytes: int | None = None
     """Bytes per broadcast message. 0 sends tensor by tensor; None picks per backend (0 on gloo,
     `NCCL_BUCKET_BYTES` on NCCL; measured, see the module docstring)."""
-    pipeline_depth: int = 2
+    pipeline_depth: int = PIPELINE_DEPTH
     """Messages in flight on each side (sent in the manifest, so both ends agree). 2 posts message
     i+1 before the worker loads message i into vLLM (and before rank 0 gathers the next), so the
     load overlaps the wire; 1 is strictly one at a time."""
@@ -114,8 +118,9 @@ class WeightSyncConfig:
         for name in ("init_timeout_s", "update_timeout_s", "http_timeout_s", "apply_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"WeightSyncConfig.{name} must be > 0, got {getattr(self, name)}")
-        if not 1 <= self.pipeline_depth <= 16:
-            raise ValueError(f"WeightSyncConfig.pipeline_depth must be in 1..16, got {self.pipeline_depth}")
+        if not 1 <= self.pipeline_depth <= MAX_PIPELINE_DEPTH:
+            raise ValueError(f"WeightSyncConfig.pipeline_depth must be in 1..{MAX_PIPELINE_DEPTH}, "
+                             f"got {self.pipeline_depth}")
         if self.bucket_bytes is not None and self.bucket_bytes < 0:
             raise ValueError(f"WeightSyncConfig.bucket_bytes must be >= 0 or None, got {self.bucket_bytes}")
         if self.wire_dtype is not None and self.wire_dtype not in ("float32", "bfloat16", "float16"):
@@ -218,8 +223,6 @@ def broadcast(group, tensor: torch.Tensor) -> None:
     broadcast_async(group, tensor).wait()
 
 
-
-
 def plan_buckets(nbytes: Sequence[int], bucket_bytes: int) -> list[list[int]]:
     """Split tensor indices, in order, into buckets of at most `bucket_bytes` (a bigger tensor gets
     a bucket of its own). `bucket_bytes == 0` gives one tensor per bucket."""
@@ -296,6 +299,10 @@ def validate_manifest(manifest: dict, spec: dict | None, where: str) -> None:
     buckets = manifest.get("buckets")
     if not (isinstance(buckets, list) and sorted(i for b in buckets for i in b) == list(range(len(names)))):
         raise ValueError(f"{where}: manifest 'buckets' must cover every tensor index exactly once, in order")
+    depth = manifest.get("pipeline_depth", PIPELINE_DEPTH)
+    if not (isinstance(depth, int) and 1 <= depth <= MAX_PIPELINE_DEPTH):
+        raise ValueError(f"{where}: manifest 'pipeline_depth' must be an integer in 1..{MAX_PIPELINE_DEPTH}, "
+                         f"got {depth!r}")
     if spec is None or spec.get("tensors") is None:
         return
     served = spec["tensors"]
@@ -351,7 +358,6 @@ class WeightSync:
         self._store = None
         self._backend: str | None = None
         self._specs: dict[str, dict] = {}
-        self._phase_ms: dict[str, float] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._listen_sock: socket.socket | None = None
 
@@ -518,11 +524,11 @@ class WeightSync:
                 self._prepare(manifest)
             except BaseException as e:  # noqa: BLE001 - re-raised on every rank below
                 err = e
-        self._phase_ms = {"sync/prepare_ms": (time.perf_counter() - t0) * 1e3}
+        phases = {"sync/prepare_ms": (time.perf_counter() - t0) * 1e3}  # rank 0 fills in the rest
         # Go/no-go before any gather, so a rejected manifest costs no all-gathers.
         if self._agree_failed(err is not None, model):
             raise self._final_error(err, "prepare")
-        sent = self._stream(params, manifest, version) if self.rank == 0 else self._gather_only(params)
+        sent = self._stream(params, manifest, version, phases) if self.rank == 0 else self._gather_only(params)
         err = sent if isinstance(sent, BaseException) else None
         if self._agree_failed(err is not None, model):
             raise self._final_error(err, "broadcast")
@@ -530,9 +536,9 @@ class WeightSync:
         nbytes = manifest.get("total_bytes", 0)
         out = {"sync/ms": ms, "sync/bytes": nbytes, "sync/version": int(version)}
         if self.rank == 0:
-            out.update(self._phase_ms)
+            out.update(phases)
             logger.info("pushed weights v%d: %.1f MB in %.0f ms (%s)", version, nbytes / 1e6, ms,
-                        ", ".join(f"{k.removeprefix('sync/')} {v:.0f}" for k, v in self._phase_ms.items()))
+                        ", ".join(f"{k.removeprefix('sync/')} {v:.0f}" for k, v in phases.items()))
         return out
 
     def _prepare(self, manifest: dict) -> None:
@@ -559,9 +565,10 @@ class WeightSync:
             except WeightSyncError as e:
                 logger.warning("could not abort the pending update on %s: %s", url, e)
 
-    def _stream(self, params, manifest: dict, version: int) -> BaseException | None:
+    def _stream(self, params, manifest: dict, version: int, phases: dict[str, float]) -> BaseException | None:
         """Rank 0: start `apply` on every server, then broadcast. Keeps gathering after a failure so
-        the other trainer ranks are never left waiting in an all-gather."""
+        the other trainer ranks are never left waiting in an all-gather. Records "sync/send_ms" and
+        "sync/finish_ms" in `phases`."""
         t_start = time.perf_counter()
         applies = self._run_on_servers(
             lambda url: self._call(url, "/weights/apply", {"version": int(version)},
@@ -610,8 +617,8 @@ class WeightSync:
             return e
         finally:
             done = time.perf_counter()
-            self._phase_ms["sync/send_ms"] = (t_sent - t_start) * 1e3
-            self._phase_ms["sync/finish_ms"] = (done - t_sent) * 1e3
+            phases["sync/send_ms"] = (t_sent - t_start) * 1e3
+            phases["sync/finish_ms"] = (done - t_sent) * 1e3
         return None
 
     def _gather_only(self, params) -> None:

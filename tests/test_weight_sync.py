@@ -107,6 +107,10 @@ def test_validate_manifest_names_the_tensor():
         validate_manifest(dict(good, names=["a.weight", "b.weight"]), spec, "srv")
     with pytest.raises(ValueError, match="buckets"):
         validate_manifest(dict(good, buckets=[[0]]), spec, "srv")
+    validate_manifest(dict(good, pipeline_depth=4), spec, "srv")
+    for bad in (0, 17, "2", 1.5):
+        with pytest.raises(ValueError, match="pipeline_depth"):
+            validate_manifest(dict(good, pipeline_depth=bad), spec, "srv")
 
 
 def test_config_validation_names_the_field():
@@ -206,7 +210,7 @@ def test_push_tied_embeddings(vllm_tied_server):
         metrics = push_once(vllm_tied_server, model, cfg)
         assert served_version(vllm_tied_server.url) == metrics["sync/version"]
         assert_serves(vllm_tied_server.url, model)
-    layout = vllm_tied_server.handle.process.name.rsplit("_", 1)[-1]
+    layout = vllm_tied_server.cpu_weight_layout
     expected = "in place" if layout == "plain" else "layerwise"
     log = vllm_tied_server.handle.process.log_path.read_text(errors="replace")
     assert f"weight updates load {expected}" in log, f"the {layout} server did not load {expected}"

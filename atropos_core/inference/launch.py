@@ -29,6 +29,9 @@ logger = logging.getLogger(__name__)
 SERVER_MODULE = "atropos_core.inference.server"
 WORKER_EXTENSION = "atropos_core.inference.worker_ext.AtroposWorkerExtension"
 TRANSFER_CONFIG = '{"backend": "atropos"}'
+#: How a CPU server holds linear weights (see `worker_ext`), and the variable that tells the workers.
+CPU_WEIGHT_LAYOUTS = ("packed", "plain")
+CPU_WEIGHT_LAYOUT_ENV = "ATROPOS_CPU_WEIGHT_LAYOUT"
 
 
 def new_update_token() -> str:
@@ -80,15 +83,16 @@ def start_vllm_server(model_dir: str | Path, *, port: int, log_dir: str | Path, 
     `new_update_token()`. `kv_cache_gib` sets `VLLM_CPU_KVCACHE_SPACE` and `cpu_weight_layout`
     ("plain" or "packed") how linear weights are held (CPU only; see `worker_ext`).
     """
-    if cpu_weight_layout not in ("plain", "packed"):
-        raise ValueError(f"start_vllm_server: cpu_weight_layout must be plain or packed, got {cpu_weight_layout!r}")
+    if cpu_weight_layout not in CPU_WEIGHT_LAYOUTS:
+        raise ValueError(f"start_vllm_server: cpu_weight_layout must be one of {CPU_WEIGHT_LAYOUTS}, "
+                         f"got {cpu_weight_layout!r}")
     if len(update_token) < 16:
         raise ValueError("start_vllm_server: update_token must be at least 16 characters")
     if host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("vLLM server %s binds %s: the generation routes are reachable from the network", name, host)
     child_env = {"VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), "ATROPOS_UPDATE_TOKEN": update_token,
                  "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "VLLM_NO_USAGE_STATS": "1",
-                 "DO_NOT_TRACK": "1", "ATROPOS_CPU_WEIGHT_LAYOUT": cpu_weight_layout}
+                 "DO_NOT_TRACK": "1", CPU_WEIGHT_LAYOUT_ENV: cpu_weight_layout}
     child_env.update(env or {})
     cmd = vllm_server_command(model_dir, port=port, host=host, dtype=dtype, max_model_len=max_model_len,
                               enforce_eager=enforce_eager, extra_args=extra_args)

@@ -16,8 +16,8 @@ Why our own entry module rather than vLLM's dev-mode routes:
   generation and starts the update (the layerwise reload, unless the worker loads in place);
   `/weights/apply` receives (while the trainer broadcasts), finishes, resets the prefix cache
   (re-computing in-flight requests' KV on the new weights) and ALWAYS resumes, on the error path
-  too (a failed update otherwise leaves vLLM paused and later requests hang). `/weights/abort` and a watchdog undo a prepare that is never
-  applied (trainer died in between).
+  too (a failed update otherwise leaves vLLM paused and later requests hang). `/weights/abort` and
+  a watchdog undo a prepare that is never applied (trainer died in between).
 
 The app is vLLM's own (`build_app`), with our routes added by wrapping it where vLLM's entry
 module looks it up, so every vLLM CLI flag and the serving loop stay vLLM's.
@@ -268,7 +268,7 @@ def add_atropos_routes(app: FastAPI, *, token: str, max_body_bytes: int, model: 
     async def weights_prepare(request: Request):
         if (denied := refused(request)) is not None:
             return denied
-        from atropos_core.weight_sync import validate_manifest
+        from atropos_core.weight_sync import PIPELINE_DEPTH, validate_manifest
 
         try:
             body = await body_json(request)
@@ -280,9 +280,6 @@ def add_atropos_routes(app: FastAPI, *, token: str, max_body_bytes: int, model: 
             if pause_mode not in ("keep", "wait", "abort"):
                 raise ValueError(f"bad pause_mode {pause_mode!r}")
             watchdog_s = float(body.get("watchdog_s", 120.0))
-            pipeline_depth = int(manifest.get("pipeline_depth", 2))
-            if not 1 <= pipeline_depth <= 16:
-                raise ValueError(f"bad pipeline_depth {pipeline_depth}")
             version = int(manifest.get("version", 0))
         except (ValueError, TypeError) as err:
             return _bad_request(err)
@@ -300,7 +297,7 @@ def add_atropos_routes(app: FastAPI, *, token: str, max_body_bytes: int, model: 
             state.phase = "prepared"
             state.manifest = {k: manifest[k] for k in ("names", "dtypes", "shapes", "buckets")}
             state.manifest["version"] = version
-            state.manifest["pipeline_depth"] = pipeline_depth
+            state.manifest["pipeline_depth"] = manifest.get("pipeline_depth", PIPELINE_DEPTH)
             state.prepare_id = uuid.uuid4().hex
             asyncio.get_running_loop().create_task(_watchdog(eng, state.prepare_id, watchdog_s))
         return JSONResponse({"status": "prepared"})

@@ -54,10 +54,13 @@ from vllm.distributed.weight_transfer.base import (
 )
 from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
+from atropos_core.inference.launch import CPU_WEIGHT_LAYOUT_ENV, CPU_WEIGHT_LAYOUTS
 from atropos_core.weight_sync import (
+    PIPELINE_DEPTH,
     WIRE_DTYPES,
     broadcast_async,
     bucket_layout,
+    device_id,
     make_transfer_group,
     unpack_bucket,
 )
@@ -71,9 +74,6 @@ BACKEND_NAME = "atropos"
 POOL_MAX_BYTES = 256 << 20
 
 
-#: Environment variable choosing how CPU linear weights are held: "packed" (default) or "plain".
-CPU_WEIGHT_LAYOUT_ENV = "ATROPOS_CPU_WEIGHT_LAYOUT"
-
 
 def _install_plain_cpu_layout() -> None:
     """On CPU with `plain` layout, make vLLM keep 2-D linear/LM-head weights as plain tensors.
@@ -84,9 +84,9 @@ def _install_plain_cpu_layout() -> None:
     keep their tensor and compute with `F.linear`, so an update can copy into them in place; other
     shapes (MoE experts, conv) keep vLLM's path.
     """
-    layout = os.environ.get(CPU_WEIGHT_LAYOUT_ENV, "packed")
-    if layout not in ("plain", "packed"):
-        raise ValueError(f"{CPU_WEIGHT_LAYOUT_ENV} must be 'plain' or 'packed', got {layout!r}")
+    layout = os.environ.get(CPU_WEIGHT_LAYOUT_ENV, CPU_WEIGHT_LAYOUTS[0])
+    if layout not in CPU_WEIGHT_LAYOUTS:
+        raise ValueError(f"{CPU_WEIGHT_LAYOUT_ENV} must be one of {CPU_WEIGHT_LAYOUTS}, got {layout!r}")
     from vllm.platforms import current_platform
 
     if layout != "plain" or not current_platform.is_cpu():
@@ -180,7 +180,7 @@ class AtroposUpdateInfo(WeightTransferUpdateInfo):
     buckets: list[list[int]]
     version: int = 0
     total_bytes: int = 0
-    pipeline_depth: int = 2
+    pipeline_depth: int = PIPELINE_DEPTH
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -285,7 +285,7 @@ class AtroposWeightTransferEngine(WeightTransferEngine[AtroposInitInfo, AtroposU
         """Yield (HF name, tensor) in manifest order, keeping `pipeline_depth` receives posted ahead,
         so the wire runs while the previous tensor is loaded."""
         names, dtypes, shapes = info.names, info.dtypes, info.shapes
-        depth = max(1, info.pipeline_depth)
+        depth = info.pipeline_depth  # 1..MAX_PIPELINE_DEPTH: the server validated the manifest
         inflight: deque = deque()
         buckets = iter(info.buckets)
         # In place on CPU, `load_weights` has copied a tensor out before the generator resumes, so
@@ -301,14 +301,10 @@ class AtroposWeightTransferEngine(WeightTransferEngine[AtroposInitInfo, AtroposU
                     break
                 if len(bucket) == 1:
                     shape, dtype = shapes[bucket[0]], WIRE_DTYPES[dtypes[bucket[0]]]
-                    buf = self._pooled(slot, shape, dtype) if reuse else None
-                    if buf is None:
-                        buf = torch.empty(shape, dtype=dtype, device=self.device)
                 else:
-                    _, total = bucket_layout([shapes[i] for i in bucket], [dtypes[i] for i in bucket])
-                    buf = self._pooled(slot, [total], torch.uint8) if reuse else None
-                    if buf is None:
-                        buf = torch.empty(total, dtype=torch.uint8, device=self.device)
+                    shape = [bucket_layout([shapes[i] for i in bucket], [dtypes[i] for i in bucket])[1]]
+                    dtype = torch.uint8
+                buf = self._receive_buffer(slot if reuse else None, shape, dtype)
                 slot = (slot + 1) % (depth + 1)
                 inflight.append((bucket, buf, broadcast_async(self.group, buf)))
             if not inflight:
@@ -323,16 +319,16 @@ class AtroposWeightTransferEngine(WeightTransferEngine[AtroposInitInfo, AtroposU
                 views = unpack_bucket(buf, [shapes[i] for i in bucket], [dtypes[i] for i in bucket])
                 yield from zip((names[i] for i in bucket), views)
 
-    def _pooled(self, slot: int, shape: list[int], dtype: torch.dtype) -> torch.Tensor | None:
-        """A view of receive buffer `slot` with this shape and dtype (grown as needed), or None for a
-        message over `POOL_MAX_BYTES`, which gets a buffer of its own.
+    def _receive_buffer(self, slot: int | None, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+        """A tensor to receive one message into: a view of reused buffer `slot` (grown as needed),
+        or a fresh one when `slot` is None or the message is over `POOL_MAX_BYTES`.
 
-        Why: a fresh CPU buffer per tensor is first-touched by the receive, and the page faults
+        Why reuse: a fresh CPU buffer per tensor is first-touched by the receive, and the page faults
         cost ~80 ms per 400 MB (measured on the 2-core box: fresh alloc+copy 109-128 ms, reused
         31-57 ms) out of a ~400 ms update."""
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        if nbytes > POOL_MAX_BYTES:
-            return None
+        nbytes = math.prod(shape) * dtype.itemsize
+        if slot is None or nbytes > POOL_MAX_BYTES:
+            return torch.empty(shape, dtype=dtype, device=self.device)
         while len(self._pool) <= slot:
             self._pool.append(torch.empty(0, dtype=torch.uint8))
         if self._pool[slot].numel() < nbytes:
@@ -353,12 +349,9 @@ class AtroposWorkerExtension:
         return isinstance(engine, AtroposWeightTransferEngine) and engine.group is not None
 
     def atropos_device_id(self) -> str:
-        """"cpu", or "cuda:<GPU UUID>": the trainer compares it with its own GPU, because NCCL
-        refuses two ranks of one communicator on the same GPU."""
-        device = getattr(self, "device", None)
-        if not isinstance(device, torch.device) or device.type != "cuda":
-            return "cpu" if device is None or getattr(device, "type", "cpu") == "cpu" else str(device)
-        return f"cuda:{torch.cuda.get_device_properties(device).uuid}"
+        """`weight_sync.device_id` of this worker's device: the trainer compares it with its own
+        GPU, because NCCL refuses two ranks of one communicator on the same GPU."""
+        return device_id(self.device)
 
 
 _install_plain_cpu_layout()
