@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -164,10 +164,23 @@ def fused_linear_policy_loss(
     clip_low: float = 0.2,
     clip_high: float = 0.2,
     kl_coef: float = 0.0,
-    temperature: float = 1.0,
+    temperature: Union[float, torch.Tensor] = 1.0,
     normalizer: Optional[float] = None,
     backend: str = "auto",
     chunk_size: Optional[int] = None,
+    sequence_ids: Optional[torch.Tensor] = None,
+    behaviour_logprobs: Optional[torch.Tensor] = None,
+    behaviour_mask: Optional[torch.Tensor] = None,
+    is_mode: str = "none",
+    is_cap: float = 2.0,
+    is_low: float = 0.5,
+    is_high: float = 2.0,
+    geo_low: float = 0.9,
+    geo_high: float = 1.1,
+    distill_ids: Optional[torch.Tensor] = None,
+    distill_logprobs: Optional[torch.Tensor] = None,
+    distill_coef: float = 0.0,
+    distill_mode: str = "kl",
 ):
     """Token-level policy-gradient loss on `hidden @ weight.T` without materialising the logits.
 
@@ -176,26 +189,60 @@ def fused_linear_policy_loss(
         weight: `(V, D)` output embedding, same dtype.
         targets: `(N,)` int64 token each row predicts.
         advantages: `(N,)` per-token advantages.
-        loss_mask: `(N,)` 1 for trained tokens, 0 otherwise (masked tokens are skipped entirely).
-        old_logprobs: `(N,)` behaviour-policy logprobs (grpo/cispo); None = the current policy.
+        loss_mask: `(N,)` 1 for trained tokens, 0 otherwise (masked tokens are skipped entirely);
+            may be a weight (e.g. 1/(n_i·S) for a sequence-mean-token-mean loss).
+        old_logprobs: `(N,)` PPO old-policy logprobs (grpo/cispo/gspo); None = the current policy.
         ref_logprobs: `(N,)` reference logprobs for the KL term (used when `kl_coef > 0`).
-        loss_type: "awsft" | "grpo" | "cispo" (formulas in `kernels.losses`).
+        loss_type: "awsft" | "grpo" | "cispo" | "gspo" | "distill" (formulas in `kernels.losses`
+            and `kernels.reference`).
+        temperature: a float or an `(N,)` per-token temperature.
         normalizer: the divisor Z; default `max(sum(loss_mask), 1)`. Pass the global trained-token
             count when a batch is split into micro-batches or across ranks.
         chunk_size: tokens per chunk; default from a memory budget (see `kernels.chunked`).
+        sequence_ids: `(N,)` sequence of each token (whole sequences per call): needed by "gspo"
+            and the sequence-level `is_mode`s, and for the per-sequence IS statistics.
+        behaviour_logprobs, behaviour_mask: `(N,)` the sampler's logprobs μ and where they exist
+            (default everywhere); the importance weight uses δ = sg(logp) - μ (0 where absent).
+        is_mode: "none" | "token_tis" | "token_mask" | "seq_tis" | "seq_mask" | "geo_mask", with
+            `is_cap` (C), `[is_low, is_high]` and `[geo_low, geo_high]` (see `kernels.reference`).
+        distill_ids, distill_logprobs: `(N, k)` teacher top-k ids and logprobs; `distill_coef` λ
+            and `distill_mode` "kl" | "ce" (renormalised over the k ids).
+    GSPO and the sequence-level corrections need every token's logprob before any gradient: they
+    run the chunk loop twice (logprobs, then the gradient pass: 8·N·D·V FLOPs instead of 6).
     Returns:
         `(loss, stats)`: a 0-dim float32 loss, and detached stats `logprobs` `(N,)` (0.0 where the
         mask is 0: those tokens are never computed), `entropy` (masked mean), `clip_frac`,
-        `num_tokens`.
+        `num_tokens`, and 0-dim sums for the off-policy and distillation metrics (`is_*`,
+        `mismatch_*`, `distill_*`; see `_OFFPOLICY_STATS`).
     """
     _check_common(hidden, weight, targets)
-    losses.check_loss_args(loss_type, clip_low, clip_high, kl_coef, temperature)
+    per_tok_t = isinstance(temperature, torch.Tensor)
+    losses.check_loss_args(loss_type, clip_low, clip_high, kl_coef, 1.0 if per_tok_t else temperature)
+    losses.check_is_args(is_mode, is_cap, is_low, is_high, geo_low, geo_high)
+    if distill_mode not in losses.DISTILL_MODES:
+        raise ValueError(f"distill_mode must be one of {losses.DISTILL_MODES}, got {distill_mode!r}")
+    if not distill_coef >= 0.0:
+        raise ValueError(f"distill_coef must be >= 0, got {distill_coef}")
     n = hidden.shape[0]
     vecs = {"advantages": advantages, "loss_mask": loss_mask, "old_logprobs": old_logprobs,
-            "ref_logprobs": ref_logprobs}
-    for name, t in vecs.items():
+            "ref_logprobs": ref_logprobs, "behaviour_logprobs": behaviour_logprobs,
+            "temperature": temperature if per_tok_t else None}
+    for name, t in list(vecs.items()) + [("sequence_ids", sequence_ids), ("behaviour_mask", behaviour_mask)]:
         if t is not None and (t.shape != (n,) or t.device != hidden.device):
             raise ValueError(f"{name} must be ({n},) on {hidden.device}, got {tuple(t.shape)} on {t.device}")
+    use_distill = distill_coef > 0 and distill_ids is not None
+    if distill_coef > 0 and (distill_ids is None) != (distill_logprobs is None):
+        raise ValueError("distill_ids and distill_logprobs go together")
+    if loss_type == "distill" and not use_distill:
+        raise ValueError("loss_type 'distill' needs distill_ids, distill_logprobs and distill_coef > 0")
+    if use_distill and (distill_ids.dim() != 2 or distill_ids.shape[0] != n or distill_logprobs.shape != distill_ids.shape
+                        or distill_ids.device != hidden.device):
+        raise ValueError(f"distill_ids/distill_logprobs must both be ({n}, k) on {hidden.device}, got "
+                         f"{tuple(distill_ids.shape)} and {tuple(distill_logprobs.shape)}")
+    use_is = is_mode != "none" and behaviour_logprobs is not None
+    needs_seq = loss_type == "gspo" or (use_is and is_mode in losses.SEQ_IS_MODES)
+    if needs_seq and sequence_ids is None:
+        raise ValueError(f"loss_type {loss_type!r} / is_mode {is_mode!r} need sequence_ids")
     if normalizer is not None and not (normalizer > 0 and normalizer == normalizer):
         raise ValueError(f"normalizer must be a positive number, got {normalizer}")
     ops = _ops_for(resolve_backend(backend, hidden.device))
@@ -205,44 +252,132 @@ def fused_linear_policy_loss(
     t_sel = targets[sel].long()
     _check_targets_in_range(t_sel, weight.shape[0])
     picked = {k: (v[sel].float() if v is not None else None) for k, v in vecs.items() if k != "loss_mask"}
+    if per_tok_t and picked["temperature"].numel() and not bool((picked["temperature"] > 0).all()):
+        raise ValueError("temperature must be > 0 at every trained position")
+    ids_sel = lp_sel = None
+    if use_distill:
+        ids_sel = distill_ids[sel].long()
+        lp_sel = distill_logprobs[sel].float()
+        _check_targets_in_range(ids_sel.reshape(-1), weight.shape[0])
+        picked["distill_logprobs"] = lp_sel
     finite = [torch.isfinite(v).all() for v in picked.values() if v is not None]
     finite.append(torch.isfinite(m_sel).all())
     if not bool(torch.stack(finite).all()):
         bad = [k for k, v in picked.items() if v is not None and not bool(torch.isfinite(v).all())]
         raise ValueError(f"non-finite values in {bad or ['loss_mask']} at trained positions")
     Z = float(normalizer) if normalizer is not None else max(float(m_sel.sum()), 1.0)
-
-    loss_parts, clip_parts = [], []
-
-    def coef_fn(rows, logp_c):
-        loss_c, g_c, clipped_c = losses.token_loss_and_grad(
-            logp_c, picked["advantages"][rows], m_sel[rows],
-            old_logprobs=None if picked["old_logprobs"] is None else picked["old_logprobs"][rows],
-            ref_logprobs=None if picked["ref_logprobs"] is None else picked["ref_logprobs"][rows],
-            loss_type=loss_type, clip_low=clip_low, clip_high=clip_high, kl_coef=kl_coef)
-        loss_parts.append(loss_c)
-        clip_parts.append(clipped_c.sum())
-        return g_c / Z
-
+    bmask = None
+    if behaviour_logprobs is not None:
+        bmask = (behaviour_mask[sel].bool() if behaviour_mask is not None
+                 else torch.ones(sel.numel(), dtype=torch.bool, device=hidden.device))
+    seg = n_seg = None
+    if sequence_ids is not None:
+        seg, n_seg = losses.segment_ids(sequence_ids[sel])
+    temp_arg = picked["temperature"] if per_tok_t else float(temperature)
     need = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     all_sel = sel.numel() == n  # every token trained: skip the gather/scatter copies of (N, D)
     h_sel = hidden.detach() if all_sel else hidden.detach()[sel]
+    w_det = weight.detach().contiguous()
+
+    # Pass 1 (GSPO, sequence-level IS): every token's logprob, no gradient (2·N·D·V FLOPs).
+    pre_g = pre_w = pre_clip = None
+    pre_loss = None
+    if needs_seq:
+        logp1, _, _, _ = chunked_loss_and_grads(h_sel, w_det, t_sel, lambda r, lp: None, temperature=temp_arg,
+                                                need_grad_hidden=False, need_grad_weight=False, ops=ops,
+                                                chunk_size=chunk_size)
+        if use_is:
+            delta = torch.where(bmask, logp1 - picked["behaviour_logprobs"], torch.zeros_like(logp1))
+            if is_mode in losses.SEQ_IS_MODES:
+                w_s, tr_s, ms_s = losses.seq_is_weights(
+                    losses.segment_sum(delta, seg, n_seg), losses.segment_sum(torch.ones_like(delta), seg, n_seg),
+                    is_mode, cap=is_cap, low=is_low, high=is_high, geo_low=geo_low, geo_high=geo_high)
+                pre_w, pre_tr, pre_ms = w_s[seg], tr_s[seg], ms_s[seg]
+            else:
+                pre_w, pre_tr, pre_ms = losses.is_weights(delta, is_mode, cap=is_cap, low=is_low, high=is_high)
+        if loss_type == "gspo":
+            pre_loss, pre_g, pre_clip, _ = losses.gspo_coefficients(
+                logp1, picked["old_logprobs"], picked["advantages"], m_sel, seg, n_seg,
+                clip_low=clip_low, clip_high=clip_high, is_weight=pre_w)
+
+    acc = {k: [] for k in ("loss", "clip", "w_sum", "w_max", "trunc", "masked", "k3", "absd", "dkl", "top1")}
+    flags_tok = []  # per chunk: (truncated | masked) tokens, for the per-sequence counts
+
+    def coef_fn(rows, logp_c, extra=None):
+        m_c = m_sel[rows]
+        w_c = None
+        if use_is:
+            delta = torch.where(bmask[rows], logp_c - picked["behaviour_logprobs"][rows], torch.zeros_like(logp_c))
+            if pre_w is not None:  # from the first pass
+                w_c, tr_c, ms_c = pre_w[rows], pre_tr[rows], pre_ms[rows]
+            else:
+                w_c, tr_c, ms_c = losses.is_weights(delta, is_mode, cap=is_cap, low=is_low, high=is_high)
+            acc["w_sum"].append(w_c.sum())
+            acc["w_max"].append(w_c.max() if w_c.numel() else torch.zeros((), device=w_c.device))
+            acc["trunc"].append(tr_c.sum())
+            acc["masked"].append(ms_c.sum())
+            flags_tok.append(tr_c | ms_c)
+        if behaviour_logprobs is not None:
+            dlt = torch.where(bmask[rows], logp_c - picked["behaviour_logprobs"][rows], torch.zeros_like(logp_c))
+            acc["k3"].append((torch.exp(dlt.clamp(max=20.0)) - dlt - 1.0).sum())
+            acc["absd"].append(dlt.abs().sum())
+        if loss_type == "gspo":
+            # the policy term is in pre_loss / pre_g; only the KL term is token-local here
+            loss_c, g_c, _ = losses.token_loss_and_grad(
+                logp_c, picked["advantages"][rows], m_c, ref_logprobs=None if picked["ref_logprobs"] is None
+                else picked["ref_logprobs"][rows], loss_type="distill", kl_coef=kl_coef)
+            g_c = g_c + pre_g[rows]
+            acc["clip"].append(pre_clip[rows].sum())
+        else:
+            loss_c, g_c, clipped_c = losses.token_loss_and_grad(
+                logp_c, picked["advantages"][rows], m_c,
+                old_logprobs=None if picked["old_logprobs"] is None else picked["old_logprobs"][rows],
+                ref_logprobs=None if picked["ref_logprobs"] is None else picked["ref_logprobs"][rows],
+                loss_type=loss_type, clip_low=clip_low, clip_high=clip_high, kl_coef=kl_coef, is_weight=w_c)
+            acc["clip"].append(clipped_c.sum())
+        acc["loss"].append(loss_c)
+        if extra is None:
+            return g_c / Z
+        logp_k, is_max = extra
+        term, d_xk, d_p, kl = losses.distill_loss_and_grad(logp_k, lp_sel[rows], distill_mode)
+        acc["loss"].append(distill_coef * (term * m_c).sum())
+        acc["dkl"].append(kl.sum())
+        t1 = lp_sel[rows].argmax(1, keepdim=True)
+        acc["top1"].append(is_max.gather(1, t1).sum())
+        lam = (distill_coef / Z) * m_c
+        return g_c / Z, d_xk * lam.unsqueeze(1), (d_p * lam if distill_mode == "ce" else None)
+
     logp_sel, ent_sel, gh_sel, gw = chunked_loss_and_grads(
-        h_sel, weight.detach().contiguous(), t_sel, coef_fn, temperature=float(temperature),
+        h_sel, w_det, t_sel, coef_fn, temperature=temp_arg,
         need_grad_hidden=need and hidden.requires_grad, need_grad_weight=need and weight.requires_grad,
-        ops=ops, chunk_size=chunk_size)
+        ops=ops, chunk_size=chunk_size, gather_ids=ids_sel)
 
     dev = hidden.device
-    loss = (torch.stack(loss_parts).sum() / Z).float() if loss_parts else torch.zeros((), device=dev)
+    zero = torch.zeros((), device=dev)
+    parts = acc["loss"] + ([pre_loss] if pre_loss is not None else [])
+    loss = (torch.stack(parts).sum() / Z).float() if parts else zero
     n_sel = max(int(sel.numel()), 1)
     logprobs = torch.zeros(n, dtype=torch.float32, device=dev)
     logprobs[sel] = logp_sel
+    ssum = lambda k: torch.stack(acc[k]).sum().float() if acc[k] else zero  # noqa: E731
     stats = {
         "logprobs": logprobs,
-        "entropy": (ent_sel * m_sel).sum() / max(float(m_sel.sum()), 1e-12) if sel.numel() else torch.zeros((), device=dev),
-        "clip_frac": (torch.stack(clip_parts).sum().float() / n_sel) if clip_parts else torch.zeros((), device=dev),
+        "entropy": (ent_sel * m_sel).sum() / max(float(m_sel.sum()), 1e-12) if sel.numel() else zero,
+        "clip_frac": ssum("clip") / n_sel,
         "num_tokens": int(sel.numel()),
     }
+    if behaviour_logprobs is not None:
+        stats.update(behaviour_tokens=bmask.sum().float(), mismatch_k3_sum=ssum("k3"), mismatch_abs_sum=ssum("absd"))
+    if use_is:
+        stats.update(is_weight_sum=ssum("w_sum"), is_truncated_tokens=ssum("trunc"), is_masked_tokens=ssum("masked"),
+                     is_weight_max=torch.stack(acc["w_max"]).max().float() if acc["w_max"] else zero)
+        if seg is not None:
+            flagged = torch.cat(flags_tok) if flags_tok else torch.zeros(0, dtype=torch.bool, device=dev)
+            per_seq = losses.segment_sum(flagged.float(), seg, n_seg) > 0
+            stats.update(is_sequences=torch.tensor(float(n_seg), device=dev), is_flagged_sequences=per_seq.sum().float())
+    if use_distill:
+        stats.update(distill_kl_sum=ssum("dkl"), distill_top1_sum=ssum("top1"),
+                     distill_tokens=torch.tensor(float(sel.numel()), device=dev))
     if need:
         grad_h = None
         if gh_sel is not None and all_sel:

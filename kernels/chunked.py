@@ -116,23 +116,35 @@ def chunked_loss_and_grads(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
-    coef_fn: Callable[[slice, torch.Tensor], torch.Tensor],
+    coef_fn: Callable[..., object],
     *,
-    temperature: float,
+    temperature,
     need_grad_hidden: bool,
     need_grad_weight: bool,
     ops=TorchOps,
     chunk_size: Optional[int] = None,
+    gather_ids: Optional[torch.Tensor] = None,
 ):
     """Run the chunk loop over all rows of `hidden` (already restricted to selected tokens).
 
     `coef_fn(rows, logp_chunk)` returns the (C,) fp32 coefficient `dL/dlogp` for those rows (it
     may also record loss terms). Returns `(logp, entropy, grad_hidden, grad_weight)`; gradients are
     None when not requested, grad_weight is fp32.
+
+    `temperature`: a float, or an `(n,)` tensor of per-row temperatures (the chunk's logits are
+    then scaled row by row before the row-wise ops, which run at temperature 1).
+    `gather_ids`: `(n, k)` vocabulary ids (distillation). Then `coef_fn(rows, logp_chunk, extra)`
+    gets `extra = (logp_k (C, k) log-softmax at those ids, is_argmax (C, k) bool: the id holds the
+    row's largest logit)` and returns `g` or `(g, d_xk, d_p)`: the loss's derivative with respect
+    to the k tempered logits besides `d_p (C,) · softmax(x)` over the row. They go into dZ as
+    `dZ = (g - d_p)(onehot(t) - p) + d_p·onehot(t) + scatter(ids, d_xk)`, all scaled by 1/T: a
+    scatter of k + 1 values per row, no extra GEMM.
     """
     n, d = hidden.shape
     v = weight.shape[0]
-    inv_t = 1.0 / temperature
+    per_row_t = isinstance(temperature, torch.Tensor)
+    inv_t_rows = (1.0 / temperature.float()) if per_row_t else None
+    inv_t = 1.0 if per_row_t else 1.0 / temperature
     c = chunk_size or default_chunk_size(n, v, hidden.device)
     logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
     entropy = torch.empty_like(logp)
@@ -142,11 +154,31 @@ def chunked_loss_and_grads(
         rows = slice(s, min(s + c, n))
         h_c = hidden[rows]
         z = ops.logits(h_c, weight)
+        if per_row_t:
+            z = z.float() if z.dtype != torch.float32 else z
+            z.mul_(inv_t_rows[rows].unsqueeze(1))
+        if gather_ids is not None:
+            ids_c = gather_ids[rows]
+            z_k = z.gather(1, ids_c).float()
+            is_max = z_k >= z.amax(1, keepdim=True).float()
         lse, logp[rows], entropy[rows], buf = ops.row_stats(z, targets[rows], inv_t)
-        coef = coef_fn(rows, logp[rows])
+        if gather_ids is not None:
+            out = coef_fn(rows, logp[rows], (z_k * inv_t - lse.unsqueeze(1), is_max))
+        else:
+            out = coef_fn(rows, logp[rows])
         if grad_h is None and grad_w is None:
             continue
-        dz = ops.dlogits(buf, lse, targets[rows], coef, inv_t, hidden.dtype)
+        g, d_xk, d_p = (out, None, None) if isinstance(out, torch.Tensor) else out
+        if d_p is not None:
+            g = g - d_p
+        scale = inv_t_rows[rows] if per_row_t else None
+        dz = ops.dlogits(buf, lse, targets[rows], g * scale if per_row_t else g, inv_t, hidden.dtype)
+        if d_xk is not None:
+            k_scale = scale.unsqueeze(1) if per_row_t else inv_t
+            ar = torch.arange(dz.shape[0], device=dz.device)
+            if d_p is not None:
+                dz[ar, targets[rows]] += (d_p * (scale if per_row_t else inv_t)).to(dz.dtype)
+            dz.scatter_add_(1, ids_c, (d_xk * k_scale).to(dz.dtype))
         if grad_h is not None:
             grad_h[rows] = torch.mm(dz, weight)
         if grad_w is not None:
