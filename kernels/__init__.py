@@ -192,6 +192,7 @@ def fused_linear_policy_loss(
         loss_mask: `(N,)` 1 for trained tokens, 0 otherwise (masked tokens are skipped entirely);
             may be a weight (e.g. 1/(n_i·S) for a sequence-mean-token-mean loss).
         old_logprobs: `(N,)` PPO old-policy logprobs (grpo/cispo/gspo); None = the current policy.
+            Where `behaviour_mask` is given and 0, the current policy is used instead.
         ref_logprobs: `(N,)` reference logprobs for the KL term (used when `kl_coef > 0`).
         loss_type: "awsft" | "grpo" | "cispo" | "gspo" | "distill" (formulas in `kernels.losses`
             and `kernels.reference`).
@@ -267,7 +268,7 @@ def fused_linear_policy_loss(
         raise ValueError(f"non-finite values in {bad or ['loss_mask']} at trained positions")
     Z = float(normalizer) if normalizer is not None else max(float(m_sel.sum()), 1.0)
     bmask = None
-    if behaviour_logprobs is not None:
+    if behaviour_logprobs is not None or behaviour_mask is not None:
         bmask = (behaviour_mask[sel].bool() if behaviour_mask is not None
                  else torch.ones(sel.numel(), dtype=torch.bool, device=hidden.device))
     seg = n_seg = None
@@ -296,8 +297,11 @@ def fused_linear_policy_loss(
             else:
                 pre_w, pre_tr, pre_ms = losses.is_weights(delta, is_mode, cap=is_cap, low=is_low, high=is_high)
         if loss_type == "gspo":
+            old1 = picked["old_logprobs"]
+            if old1 is not None and bmask is not None:
+                old1 = torch.where(bmask, old1, logp1)
             pre_loss, pre_g, pre_clip, _ = losses.gspo_coefficients(
-                logp1, picked["old_logprobs"], picked["advantages"], m_sel, seg, n_seg,
+                logp1, old1, picked["advantages"], m_sel, seg, n_seg,
                 clip_low=clip_low, clip_high=clip_high, is_weight=pre_w)
 
     acc = {k: [] for k in ("loss", "clip", "w_sum", "w_max", "trunc", "masked", "k3", "absd", "dkl", "top1")}
@@ -329,9 +333,11 @@ def fused_linear_policy_loss(
             g_c = g_c + pre_g[rows]
             acc["clip"].append(pre_clip[rows].sum())
         else:
+            old_c = None if picked["old_logprobs"] is None else picked["old_logprobs"][rows]
+            if old_c is not None and bmask is not None:  # no behaviour logprob: on-policy (ratio 1)
+                old_c = torch.where(bmask[rows], old_c, logp_c)
             loss_c, g_c, clipped_c = losses.token_loss_and_grad(
-                logp_c, picked["advantages"][rows], m_c,
-                old_logprobs=None if picked["old_logprobs"] is None else picked["old_logprobs"][rows],
+                logp_c, picked["advantages"][rows], m_c, old_logprobs=old_c,
                 ref_logprobs=None if picked["ref_logprobs"] is None else picked["ref_logprobs"][rows],
                 loss_type=loss_type, clip_low=clip_low, clip_high=clip_high, kl_coef=kl_coef, is_weight=w_c)
             acc["clip"].append(clipped_c.sum())

@@ -16,6 +16,7 @@ Definitions (m = loss_mask, a weight; "trained" = m != 0; Z = normalizer; sg = s
   A_i = mean of the advantages over i's trained tokens, ℓ_i = max(−s_i·A_i, −clip(s_i, 1−εl, 1+εh)·A_i),
   loss term Σ_i (Σ_{t∈i} m_t)·w_i·ℓ_i (so with m_t = 1/(n_i·S) it is the GSPO paper's mean over
   sequences). Gradients flow through s_i into every token of i.
+- `old_logprobs` (PPO old policy) counts only where `behaviour_mask` is set; elsewhere old = sg(logp).
 - "distill" (`loss_type`): no policy term, only the distillation term below.
 - distillation (`distill_coef` λ > 0, `distill_ids`/`distill_logprobs` `(N, k)`): q = softmax of the
   teacher's top-k logprobs (renormalised). "kl": KL(q ‖ s) with s the student's softmax restricted
@@ -138,6 +139,9 @@ def policy_loss_ref(
     if sequence_ids is not None:
         uniq, seq = torch.unique(torch.where(trained, sequence_ids, sequence_ids.min() - 1), return_inverse=True)
         n_seg = len(uniq)
+    bm_all = None if behaviour_mask is None else behaviour_mask.bool()
+    if old_logprobs is not None and bm_all is not None:  # no behaviour logprob: the current policy
+        old_logprobs = torch.where(bm_all, old_logprobs.to(dt), logp.detach())
     w = torch.ones_like(m)
     trunc = masked = torch.zeros_like(trained)
     if is_mode != "none" and behaviour_logprobs is not None:

@@ -282,3 +282,14 @@ def test_new_options_validate():
         kernels.fused_linear_policy_loss(*args, temperature=torch.zeros(N))
     with pytest.raises(ValueError, match="is_cap"):
         kernels.fused_linear_policy_loss(*args, is_mode="token_tis", is_cap=0.5)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "gspo"])
+def test_old_logprobs_only_where_behaviour_mask(loss_type):
+    """Tokens without a behaviour logprob are on-policy (old = current) in both kernel and gold."""
+    case, clip = _gspo_case(torch.float32, seed=6)
+    # grpo: make_case's per-token log-ratios sit away from the default 0.2 clip boundaries
+    kw = dict(loss_type=loss_type, **(clip if loss_type == "gspo" else {}),
+              _use=("old_logprobs", "behaviour_mask", "sequence_ids"))
+    assert not case["behaviour_mask"].all()
+    _check(case, torch.float32, kw)
