@@ -181,6 +181,7 @@ def fused_linear_policy_loss(
     distill_logprobs: Optional[torch.Tensor] = None,
     distill_coef: float = 0.0,
     distill_mode: str = "kl",
+    distill_mask: Optional[torch.Tensor] = None,
 ):
     """Token-level policy-gradient loss on `hidden @ weight.T` without materialising the logits.
 
@@ -207,7 +208,8 @@ def fused_linear_policy_loss(
         is_mode: "none" | "token_tis" | "token_mask" | "seq_tis" | "seq_mask" | "geo_mask", with
             `is_cap` (C), `[is_low, is_high]` and `[geo_low, geo_high]` (see `kernels.reference`).
         distill_ids, distill_logprobs: `(N, k)` teacher top-k ids and logprobs; `distill_coef` λ
-            and `distill_mode` "kl" | "ce" (renormalised over the k ids).
+            and `distill_mode` "kl" | "ce" (renormalised over the k ids); `distill_mask` `(N,)`:
+            rows that have a teacher (default all).
     GSPO and the sequence-level corrections need every token's logprob before any gradient: they
     run the chunk loop twice (logprobs, then the gradient pass: 8·N·D·V FLOPs instead of 6).
     Returns:
@@ -228,7 +230,8 @@ def fused_linear_policy_loss(
     vecs = {"advantages": advantages, "loss_mask": loss_mask, "old_logprobs": old_logprobs,
             "ref_logprobs": ref_logprobs, "behaviour_logprobs": behaviour_logprobs,
             "temperature": temperature if per_tok_t else None}
-    for name, t in list(vecs.items()) + [("sequence_ids", sequence_ids), ("behaviour_mask", behaviour_mask)]:
+    for name, t in list(vecs.items()) + [("sequence_ids", sequence_ids), ("behaviour_mask", behaviour_mask),
+                                         ("distill_mask", distill_mask)]:
         if t is not None and (t.shape != (n,) or t.device != hidden.device):
             raise ValueError(f"{name} must be ({n},) on {hidden.device}, got {tuple(t.shape)} on {t.device}")
     use_distill = distill_coef > 0 and distill_ids is not None
@@ -261,6 +264,8 @@ def fused_linear_policy_loss(
         lp_sel = distill_logprobs[sel].float()
         _check_targets_in_range(ids_sel.reshape(-1), weight.shape[0])
         picked["distill_logprobs"] = lp_sel
+        dm_sel = (distill_mask[sel].float() if distill_mask is not None
+                  else torch.ones(sel.numel(), device=hidden.device))
     finite = [torch.isfinite(v).all() for v in picked.values() if v is not None]
     finite.append(torch.isfinite(m_sel).all())
     if not bool(torch.stack(finite).all()):
@@ -346,11 +351,12 @@ def fused_linear_policy_loss(
             return g_c / Z
         logp_k, is_max = extra
         term, d_xk, d_p, kl = losses.distill_loss_and_grad(logp_k, lp_sel[rows], distill_mode)
-        acc["loss"].append(distill_coef * (term * m_c).sum())
-        acc["dkl"].append(kl.sum())
+        dm_c = dm_sel[rows]
+        acc["loss"].append(distill_coef * (term * m_c * dm_c).sum())
+        acc["dkl"].append((kl * dm_c).sum())
         t1 = lp_sel[rows].argmax(1, keepdim=True)
-        acc["top1"].append(is_max.gather(1, t1).sum())
-        lam = (distill_coef / Z) * m_c
+        acc["top1"].append((is_max.gather(1, t1).squeeze(1) * dm_c).sum())
+        lam = (distill_coef / Z) * m_c * dm_c
         return g_c / Z, d_xk * lam.unsqueeze(1), (d_p * lam if distill_mode == "ce" else None)
 
     logp_sel, ent_sel, gh_sel, gw = chunked_loss_and_grads(
@@ -383,7 +389,7 @@ def fused_linear_policy_loss(
             stats.update(is_sequences=torch.tensor(float(n_seg), device=dev), is_flagged_sequences=per_seq.sum().float())
     if use_distill:
         stats.update(distill_kl_sum=ssum("dkl"), distill_top1_sum=ssum("top1"),
-                     distill_tokens=torch.tensor(float(sel.numel()), device=dev))
+                     distill_tokens=dm_sel.sum())
     if need:
         grad_h = None
         if gh_sel is not None and all_sel:

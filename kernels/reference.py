@@ -21,7 +21,7 @@ Definitions (m = loss_mask, a weight; "trained" = m != 0; Z = normalizer; sg = s
 - distillation (`distill_coef` λ > 0, `distill_ids`/`distill_logprobs` `(N, k)`): q = softmax of the
   teacher's top-k logprobs (renormalised). "kl": KL(q ‖ s) with s the student's softmax restricted
   to the same k ids and renormalised; "ce": −Σ_j q_j·log p_j with the student's full softmax p.
-  Added as λ·Σ_t m_t·D_t.
+  Added as λ·Σ_t m_t·D_t over the rows of `distill_mask` (default all).
 - loss = (Σ_t m_t·(policy_t + kl_t) + distill) / Z.
 """
 from __future__ import annotations
@@ -123,6 +123,7 @@ def policy_loss_ref(
     distill_logprobs: Optional[torch.Tensor] = None,
     distill_coef: float = 0.0,
     distill_mode: str = "kl",
+    distill_mask: Optional[torch.Tensor] = None,
     upcast: bool = True,
 ):
     """Reference of `kernels.fused_linear_policy_loss`; same arguments, same `(loss, stats)`."""
@@ -181,11 +182,11 @@ def policy_loss_ref(
     dkl = top1 = None
     if distill_coef > 0 and distill_ids is not None:
         dterm, top1 = distill_ref(logp_all, distill_ids, distill_logprobs, distill_mode)
+        dm = torch.ones_like(trained) if distill_mask is None else distill_mask.bool()
+        dterm = dterm * dm
+        top1 = top1 & dm
         per_tok = per_tok + distill_coef * dterm
-        if distill_mode == "kl":
-            dkl = dterm
-        else:
-            dkl, _ = distill_ref(logp_all, distill_ids, distill_logprobs, "kl")
+        dkl = dterm if distill_mode == "kl" else distill_ref(logp_all, distill_ids, distill_logprobs, "kl")[0] * dm
     loss = (per_tok * m).sum() / Z
     n_tok = m.sum().clamp(min=1)
     n_tr = trained.sum().clamp(min=1)
