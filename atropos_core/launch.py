@@ -97,7 +97,11 @@ def share_launch_info(cfg: TrainConfig, services, world: int) -> tuple[TrainConf
     if world > 1:
         from .batch import broadcast_groups
 
-        info = broadcast_groups([info] if info else None)[0]
+        from .dist import scalar_device
+
+        # JSON bytes as a CPU tensor: gloo's half of the default group (on an NCCL-only group a CPU
+        # tensor has no backend; see atropos_core.dist).
+        info = broadcast_groups([info] if info else None, device=scalar_device())[0]
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=info["model"]),
                               atropos=dataclasses.replace(cfg.atropos, url=info["atropos"]))
     return cfg, info["token"], list(info["urls"])

@@ -632,8 +632,9 @@ class WeightSync:
             return failed
         import torch.distributed as dist
 
-        dev = next(model.parameters()).device if dist.get_backend() == "nccl" else torch.device("cpu")
-        flag = torch.tensor([1.0 if failed else 0.0], device=dev)
+        from .dist import scalar_device
+
+        flag = torch.tensor([1.0 if failed else 0.0], device=scalar_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)
 
