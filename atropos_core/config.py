@@ -78,6 +78,10 @@ class InferenceConfig:
     """How long a vLLM server may take to answer /health (cold start is 30-40 s on CPU)."""
     extra_args: str = ""
     """Extra command-line arguments for vLLM, space separated."""
+    gpus: str = "auto"
+    """GPU machines: where the servers run (`atropos_core.placement`). "auto": the GPUs after the
+    trainer ranks' (colocated with the trainer, logged, when none are left); "colocate"; or a list
+    of physical GPU ids such as "4,5,6,7" or "4-7" (tensor-parallel-size of them per server)."""
     cpu_weight_layout: str = "packed"
     """CPU servers only: "packed" is vLLM's oneDNN pre-packing (generation ~1.3-1.8x faster at
     n=16, every sync re-packs); "plain" keeps plain tensors that each sync copies into in place
@@ -91,6 +95,9 @@ class InferenceConfig:
             raise ValueError(f"inference.port must be in [0, 65535], got {self.port}")
         if self.num_servers < 1:
             raise ValueError(f"inference.num_servers must be >= 1, got {self.num_servers}")
+        from .placement import check_gpus_spec
+
+        check_gpus_spec(self.gpus)
 
 
 @dataclass

@@ -64,15 +64,17 @@ def launch_services(cfg: TrainConfig, device: torch.device) -> tuple[TrainConfig
         if cfg.inference.start:
             extra = shlex.split(cfg.inference.extra_args)
             cuda = device.type == "cuda"
-            if cuda and "--gpu-memory-utilization" not in extra:
-                extra += ["--gpu-memory-utilization", "0.3"]  # leave the rest of the GPU to the trainer
+            envs = per_server = None
+            if cuda:  # each server on its own GPUs where there are free ones (atropos_core.placement)
+                envs, per_server = _place_servers(cfg, extra)
             # CPU: fp32 and eager (the CPU backend's tested path). GPU: bf16 with CUDA graphs, and bf16
             # on the wire when the trainer keeps fp32 master weights (half the bytes per sync).
             urls = services.start_inference(cfg.model.path, num_servers=cfg.inference.num_servers,
                                             port=cfg.inference.port, host=cfg.inference.host,
                                             timeout=cfg.inference.startup_timeout_s, extra_args=extra,
                                             dtype="bfloat16" if cuda else "float32", enforce_eager=not cuda,
-                                            cpu_weight_layout=cfg.inference.cpu_weight_layout)
+                                            cpu_weight_layout=cfg.inference.cpu_weight_layout,
+                                            server_envs=envs, server_extra_args=per_server)
             if cuda and cfg.sync.wire_dtype is None:
                 cfg = dataclasses.replace(cfg, sync=dataclasses.replace(cfg.sync, wire_dtype="bfloat16"))
         if cfg.env.start:
@@ -86,6 +88,22 @@ def launch_services(cfg: TrainConfig, device: torch.device) -> tuple[TrainConfig
         services.stop_all()
         raise
     return cfg, services
+
+
+def _place_servers(cfg: TrainConfig, extra: list[str]):
+    """Per-server environments (CUDA_VISIBLE_DEVICES) and extra vLLM arguments, logged."""
+    import os
+
+    from .placement import PlacementError, log_placement, plan_placement, tensor_parallel_size, visible_gpus
+
+    try:
+        plan = plan_placement(visible_gpus(), int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+                              cfg.inference.num_servers, tensor_parallel_size(extra), cfg.inference.gpus)
+    except PlacementError as e:
+        raise ConfigError(str(e)) from None
+    log_placement(plan)
+    n = cfg.inference.num_servers
+    return [plan.env(i) for i in range(n)], [plan.extra_args(i, extra) for i in range(n)]
 
 
 def share_launch_info(cfg: TrainConfig, services, world: int) -> tuple[TrainConfig, str, list[str]]:

@@ -214,7 +214,11 @@ class RunServices:
 
     def start_inference(self, model_dir: str, *, num_servers: int = 1, port: int = 0, host: str = "127.0.0.1",
                         timeout: float = 300.0, extra_args: Sequence[str] = (), dtype: str = "float32",
-                        enforce_eager: bool = True, cpu_weight_layout: str = "packed") -> list[str]:
+                        enforce_eager: bool = True, cpu_weight_layout: str = "packed",
+                        server_envs: Sequence[dict] | None = None,
+                        server_extra_args: Sequence[Sequence[str]] | None = None) -> list[str]:
+        """`server_envs[i]` / `server_extra_args[i]`: what server i adds to its environment (e.g.
+        its own CUDA_VISIBLE_DEVICES, `atropos_core.placement`) and to `extra_args`."""
         from .inference.launch import new_update_token, start_vllm_server
 
         self.token = new_update_token()
@@ -225,9 +229,11 @@ class RunServices:
                 raise ServiceError(f"inference.port {p} is already in use on {host}: pick another or 0 for a free one")
             logger.info("starting vLLM server %d/%d on %s:%d (cold start takes 30-60 s on CPU)", i + 1,
                         num_servers, host, p)
+            args_i = list(extra_args) + list(server_extra_args[i] if server_extra_args else [])
             handle = start_vllm_server(model_dir, port=p, log_dir=self.log_dir, host=host, update_token=self.token,
-                                       extra_args=extra_args, timeout=timeout, name=f"vllm{i}", dtype=dtype,
-                                       enforce_eager=enforce_eager, cpu_weight_layout=cpu_weight_layout)
+                                       extra_args=args_i, timeout=timeout, name=f"vllm{i}", dtype=dtype,
+                                       enforce_eager=enforce_eager, cpu_weight_layout=cpu_weight_layout,
+                                       env=dict(server_envs[i]) if server_envs else None)
             self.vllm.append(handle)
             urls.append(handle.url)
         return urls
