@@ -11,6 +11,11 @@ table per section) is applied first, then the command line. The common fields ha
 spellings (`--model`, `--steps`, `--out`, `--resume`, `--atropos-url`, `--inference-port`,
 `--no-env`). Values are parsed by the field's type; a wrong section, field or value ends at start-up
 with one message that names it. The resolved config is written to `<run dir>/config.json`.
+
+Presets: with no `--model` (or `--preset demo`) the demo preset (`DEMO_PRESET`) fills the fields
+the user did not set, and the launcher says so once; with `--model` every other field keeps its
+dataclass default, the one `--help` shows. Lengths: `run.max_token_len` (`--max-token-len`),
+`data.max_token_len` and `atropos.max_token_len` are one setting (see `model_source`).
 """
 from __future__ import annotations
 
@@ -282,7 +287,9 @@ def parse_args(argv: Optional[list[str]] = None) -> TrainConfig:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(
         prog="drivers/train.py", description="Train a policy on Atropos batches; with no arguments, a "
-        "complete local RL loop (API, vLLM, built-in environment, trainer).",
+        "complete local RL loop (API, vLLM, built-in environment, trainer) under the demo preset ("
+        + ", ".join(f"{k}={v}" for k, v in DEMO_PRESET.items()) + "). With --model DIR or a hub id, the "
+        "defaults below apply unchanged.",
         epilog=config_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="TOML or JSON file with one table per section")
     for flag, (sec, name, const) in SHORTCUTS.items():
@@ -342,7 +349,6 @@ DEMO_PRESET = {
     "checkpoint.every": 20,
     "logging.plot_every": 5,
 }
-DEMO_DEFAULTS = DEMO_PRESET  # the name earlier versions used
 
 
 def _is_demo(overrides: dict[str, Any]) -> bool:

@@ -2,7 +2,7 @@
 
 Every model here is built to differ from the built-in one (a 256- and a 4096-position model, one
 with a chat template, one served from a hub cache the test builds), and the environments are a
-token-level one (`repeat_env`, `/generate`) and a chat-completions one (`tests/fixtures/chat_env`,
+token-level one (`repeat_env`, `/generate`) and a chat-completions one (`atropos_core/envs/chat_env`,
 an unmodified atroposlib `BaseEnv` on `server_type="openai"`). The resolution logic has fast unit
 tests; real vLLM servers start in two tests only (four cold starts in all).
 """
@@ -210,7 +210,7 @@ def test_environment_command_names_every_replica(tmp_path):
     import yaml
 
     urls = ["http://127.0.0.1:7001", "http://127.0.0.1:7002"]
-    for module, server_type in (("atropos_core.envs.repeat_env", "vllm"), ("tests.fixtures.chat_env", "openai")):
+    for module, server_type in (("atropos_core.envs.repeat_env", "vllm"), ("atropos_core.envs.chat_env", "openai")):
         yml = tmp_path / f"{server_type}.yaml"
         cmd = environment_command(module, api_url="http://127.0.0.1:8000", inference_urls=urls, tokenizer_dir="/tok",
                                   group_size=4, max_token_len=256, model_name="org/m", config_path=yml,
@@ -402,7 +402,7 @@ def test_user_setup_trains_end_to_end(tmp_path, model_256_chat):
                OMP_NUM_THREADS="1")
     steps = 4
     cmd = TRAIN + ["--model", repo_id, "--out", str(run), "--steps", str(steps), "--inference.num_servers", "2",
-                   "--env.modules", "atropos_core.envs.repeat_env,tests.fixtures.chat_env",
+                   "--env.modules", "atropos_core.envs.repeat_env,atropos_core.envs.chat_env",
                    "--env.group_size", "4", "--atropos.batch_size", "16", "--optim.lr", "1e-4",
                    "--inference.extra_args", "--enable-log-requests --seed 3", "--checkpoint.every", "0"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=1400, env=env)
