@@ -2,8 +2,11 @@
 Atropos API, the vLLM server(s) and the built-in environment, each as a child process.
 
 The default run (no `--model`) builds the tiny model of `atropos_core.envs.repeat_env` once into
-`runs/_models/` (cached: later runs start in seconds). Other ranks learn the URLs, the update
-token and the model directory from rank 0 over the trainer's own process group (JSON, not pickle).
+`runs/_models/` (cached: later runs start in seconds) and says, once, that the demo preset is in
+use. A `--model` hub id is resolved here to its local snapshot, and the run's one sequence length
+is fixed against the model's limit (`model_source`), before any child process starts. Other ranks
+learn the URLs, the update token, the model directory and the length from rank 0 over the
+trainer's own process group (JSON, not pickle).
 """
 from __future__ import annotations
 
@@ -14,7 +17,9 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, preset_note
+from .inference.launch import served_name_from
+from .model_source import ModelSourceError, resolve_max_token_len, resolve_model_path
 from .services import RunServices
 
 logger = logging.getLogger(__name__)
@@ -24,16 +29,35 @@ BUILTIN_ENV = "atropos_core.envs.repeat_env"
 
 
 def resolve_model_dir(cfg: TrainConfig) -> TrainConfig:
+    """model.path becomes a local model directory (built-in model, a directory, or a hub snapshot)."""
+    note = preset_note(cfg)
+    if note:
+        logger.info(note)
     if not cfg.model.path:
         from .envs.repeat_env import build_default_model
 
         logger.info("no --model given: using the built-in tiny model (built once into %s)", DEFAULT_MODEL_DIR)
         path = build_default_model(DEFAULT_MODEL_DIR, seed=cfg.run.seed)
         return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(path)))
-    p = Path(cfg.model.path)
-    if not (p / "config.json").is_file():
-        raise ConfigError(f"model.path {str(p)!r} is not a Hugging Face model directory (no config.json there)")
-    return cfg
+    try:
+        path = resolve_model_path(cfg.model.path)
+    except ModelSourceError as e:
+        raise ConfigError(str(e)) from None
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(path)))
+
+
+def resolve_lengths(cfg: TrainConfig) -> TrainConfig:
+    """Fix the run's one sequence length against the model (model.path must be a local directory):
+    run/data/atropos.max_token_len all get it; vLLM's --max-model-len is `cfg.run.max_token_len`."""
+    try:
+        n = resolve_max_token_len(cfg.run.max_token_len, cfg.model.path)
+    except ModelSourceError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.run.max_token_len is None:
+        logger.info("sequence length %d (model limit, capped at 2048; set --max-token-len to change it)", n)
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, max_token_len=n),
+                               data=dataclasses.replace(cfg.data, max_token_len=n),
+                               atropos=dataclasses.replace(cfg.atropos, max_token_len=n))
 
 
 def check_launchable(cfg: TrainConfig) -> None:
@@ -53,7 +77,8 @@ def check_launchable(cfg: TrainConfig) -> None:
 
 def launch_services(cfg: TrainConfig, device: torch.device) -> tuple[TrainConfig, RunServices]:
     """Start the run's child processes as configured; return the config with their URLs filled in."""
-    cfg = resolve_model_dir(cfg)
+    model_spec = cfg.model.path or "default"   # the name our OpenAI routes answer to
+    cfg = resolve_lengths(resolve_model_dir(cfg))
     check_launchable(cfg)  # config mistakes found here are reported before anything has started
     services = RunServices(Path(cfg.run.out))
     try:
@@ -74,16 +99,23 @@ def launch_services(cfg: TrainConfig, device: torch.device) -> tuple[TrainConfig
                                             timeout=cfg.inference.startup_timeout_s, extra_args=extra,
                                             dtype="bfloat16" if cuda else "float32", enforce_eager=not cuda,
                                             cpu_weight_layout=cfg.inference.cpu_weight_layout,
-                                            server_envs=envs, server_extra_args=per_server)
+                                            server_envs=envs, server_extra_args=per_server,
+                                            max_model_len=cfg.run.max_token_len, served_model_name=model_spec)
             if cuda and cfg.sync.wire_dtype is None:
                 cfg = dataclasses.replace(cfg, sync=dataclasses.replace(cfg.sync, wire_dtype="bfloat16"))
         if cfg.env.start:
-            extra = shlex.split(cfg.env.extra_args)
-            if cfg.env.module == BUILTIN_ENV:
-                extra += ["--env.max_new_tokens", str(cfg.env.max_new_tokens), "--env.seed", str(cfg.run.seed)]
-            services.start_env(cfg.env.module, api_url=cfg.atropos.url, inference_urls=urls,
-                               tokenizer_dir=cfg.model.path, group_size=cfg.env.group_size,
-                               max_token_len=cfg.atropos.max_token_len, extra_args=extra)
+            model_name = served_name_from(shlex.split(cfg.inference.extra_args)) or model_spec
+            specs = cfg.env.module_specs
+            for i, spec in enumerate(specs):
+                module, *own = shlex.split(spec)
+                extra = shlex.split(cfg.env.extra_args) + own
+                if module == BUILTIN_ENV:
+                    extra = ["--env.max_new_tokens", str(cfg.env.max_new_tokens), "--env.seed", str(cfg.run.seed),
+                             *extra]
+                services.start_env(module, api_url=cfg.atropos.url, inference_urls=urls,
+                                   tokenizer_dir=cfg.model.path, group_size=cfg.env.group_size,
+                                   max_token_len=cfg.atropos.max_token_len, model_name=model_name,
+                                   extra_args=extra, env_name="env" if len(specs) == 1 else f"env{i}")
     except BaseException:
         services.stop_all()
         raise
@@ -111,7 +143,7 @@ def share_launch_info(cfg: TrainConfig, services, world: int) -> tuple[TrainConf
     info = None
     if services is not None:
         info = {"model": cfg.model.path, "atropos": cfg.atropos.url, "token": services.token,
-                "urls": services.inference_urls}
+                "urls": services.inference_urls, "max_token_len": cfg.run.max_token_len}
     if world > 1:
         from .batch import broadcast_groups
 
@@ -120,6 +152,9 @@ def share_launch_info(cfg: TrainConfig, services, world: int) -> tuple[TrainConf
         # JSON bytes as a CPU tensor: gloo's half of the default group (on an NCCL-only group a CPU
         # tensor has no backend; see atropos_core.dist).
         info = broadcast_groups([info] if info else None, device=scalar_device())[0]
+    n = info["max_token_len"]
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=info["model"]),
-                              atropos=dataclasses.replace(cfg.atropos, url=info["atropos"]))
+                              atropos=dataclasses.replace(cfg.atropos, url=info["atropos"], max_token_len=n),
+                              run=dataclasses.replace(cfg.run, max_token_len=n),
+                              data=dataclasses.replace(cfg.data, max_token_len=n))
     return cfg, info["token"], list(info["urls"])

@@ -26,10 +26,11 @@ import torch  # noqa: E402
 from atropos_core import dist as adist  # noqa: E402
 from atropos_core.batch import broadcast_groups, build_train_batch, split_for_ranks  # noqa: E402
 from atropos_core.checkpoint import load_checkpoint, resolve_resume, save_checkpoint  # noqa: E402
-from atropos_core.client import AtroposClient, AtroposUnavailable  # noqa: E402
+from atropos_core.client import AtroposClient, AtroposUnavailable, env_metrics  # noqa: E402
 from atropos_core.config import ConfigError, parse_args, to_dict, write_config  # noqa: E402
 from atropos_core.launch import launch_services, share_launch_info  # noqa: E402
 from atropos_core.metrics import MetricsLogger  # noqa: E402
+from atropos_core.services import ServiceError  # noqa: E402
 from atropos_core.model import apply_fsdp, build_optimizer, load_model_and_tokenizer  # noqa: E402
 from atropos_core.trainer import train_step  # noqa: E402
 from atropos_core.weight_sync import WeightSync  # noqa: E402
@@ -165,7 +166,7 @@ def main(argv=None) -> int:
                     served = services.served_versions()
                     m["sync/server_version"] = min(served) if None not in served else -1
             dt = time.perf_counter() - t0
-            m.update(batch_metrics(batch), **(client.metrics() if client else {}))
+            m.update(batch_metrics(batch), **env_metrics(groups), **(client.metrics() if client else {}))
             m.update({"perf/step_s": dt, "perf/wait_data_s": t_data, "perf/tokens_per_s": m["train/tokens_total"] / dt})
             log.log(step, m)
             if cfg.checkpoint.should_save(step):
@@ -181,6 +182,11 @@ def main(argv=None) -> int:
         print(f"train.py: config error: {e}", file=sys.stderr)
         rc = 2
     except Exception as e:  # noqa: BLE001 - every failure ends here with its reason, then clean-up
+        # A dead child is the reason, whichever call noticed first (a sync, a request, the fetch).
+        dead = services.dead_child() if services and not isinstance(e, ServiceError) else None
+        if dead is not None:
+            logger.warning("%s: %s (seen after a child process died)", type(e).__name__, e)
+            e = dead
         logger.error("run failed at step %d: %s: %s", step, type(e).__name__, e, exc_info=rank == 0 and
                      not isinstance(e, (RuntimeError, ConnectionError, TimeoutError)))
         rc = 1
