@@ -75,12 +75,13 @@ def check_launchable(cfg: TrainConfig) -> None:
                               f"or 0 for a free one")
 
 
-def launch_services(cfg: TrainConfig, device: torch.device) -> tuple[TrainConfig, RunServices]:
-    """Start the run's child processes as configured; return the config with their URLs filled in."""
+def launch_services(cfg: TrainConfig, device: torch.device, budget=None) -> tuple[TrainConfig, RunServices]:
+    """Start the run's child processes as configured; return the config with their URLs filled in.
+    `budget` (`cpu_budget.CpuBudget`) gives each child its threads, binding and variables."""
     model_spec = cfg.model.path or "default"   # the name our OpenAI routes answer to
     cfg = resolve_lengths(resolve_model_dir(cfg))
     check_launchable(cfg)  # config mistakes found here are reported before anything has started
-    services = RunServices(Path(cfg.run.out))
+    services = RunServices(Path(cfg.run.out), budget=budget)
     try:
         if cfg.run.start_api:
             url = services.start_api()

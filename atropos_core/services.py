@@ -37,6 +37,22 @@ def _die_with_parent() -> None:
         pass
 
 
+def _child_setup(die_with_parent: bool, cpus) -> Callable[[], None] | None:
+    """What runs in a child before exec: PDEATHSIG (see `_die_with_parent`) and its CPU affinity."""
+    if not die_with_parent and not cpus:
+        return None
+
+    def setup() -> None:
+        if die_with_parent:
+            _die_with_parent()
+        if cpus:
+            try:
+                os.sched_setaffinity(0, cpus)
+            except (OSError, AttributeError):  # a cpuset that forbids it: run unpinned
+                pass
+    return setup
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free on `host` right now (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -67,6 +83,8 @@ class ManagedProcess:
     log_path: Path
     env: dict | None = None
     cwd: str | None = None
+    cpus: tuple[int, ...] | None = None
+    """CPU affinity of the child (from `cpu_budget`); None leaves it unpinned."""
     proc: subprocess.Popen | None = field(default=None, init=False)
 
     def start(self) -> "ManagedProcess":
@@ -79,7 +97,7 @@ class ManagedProcess:
             list(map(str, self.cmd)), stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=env, cwd=self.cwd, start_new_session=True,
             # PDEATHSIG fires when the starting *thread* exits: only tie children to the main thread.
-            preexec_fn=_die_with_parent if threading.current_thread() is threading.main_thread() else None,
+            preexec_fn=_child_setup(threading.current_thread() is threading.main_thread(), self.cpus),
         )
         return self
 
@@ -153,10 +171,11 @@ def venv_bin(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
-def start_atropos_api(port: int, log_dir: Path, host: str = "127.0.0.1", timeout: float = 60.0) -> ManagedProcess:
+def start_atropos_api(port: int, log_dir: Path, host: str = "127.0.0.1", timeout: float = 60.0,
+                      env: dict | None = None, cpus: tuple[int, ...] | None = None) -> ManagedProcess:
     """Start atroposlib's trajectory API (`run-api`) and wait until it answers `/status`."""
     proc = ManagedProcess("atropos-api", [venv_bin("run-api"), "--host", host, "--port", str(port)],
-                          log_dir / "atropos_api.log").start()
+                          log_dir / "atropos_api.log", env=env, cpus=cpus).start()
     proc.wait_http(f"http://{host}:{port}/status", timeout)
     return proc
 
@@ -250,7 +269,8 @@ def environment_command(module: str, *, api_url: str, inference_urls: Sequence[s
 def start_environment(module: str, *, api_url: str, inference_urls: Sequence[str], tokenizer_dir: str,
                       group_size: int, max_token_len: int, log_dir: Path, api_key: str = "local",
                       model_name: str = "default", extra_args: Sequence[str] = (),
-                      env_name: str = "env") -> ManagedProcess:
+                      env_name: str = "env", child_env: dict | None = None,
+                      cpus: tuple[int, ...] | None = None) -> ManagedProcess:
     """Start an atroposlib environment (`python -m atropos_core.envs.run_env MODULE serve ...`)
     pointed at our API and every inference server (`environment_command`).
 
@@ -263,8 +283,8 @@ def start_environment(module: str, *, api_url: str, inference_urls: Sequence[str
                               model_name=model_name, extra_args=extra_args, env_name=env_name,
                               config_path=log_dir / f"{env_name}_servers.yaml")
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled",
-           "TOKENIZERS_PARALLELISM": "false"}
-    return ManagedProcess(env_name, cmd, log_dir / f"{env_name}.log", env=env).start()
+           "TOKENIZERS_PARALLELISM": "false", **(child_env or {})}
+    return ManagedProcess(env_name, cmd, log_dir / f"{env_name}.log", env=env, cpus=cpus).start()
 
 
 class RunServices:
@@ -274,9 +294,10 @@ class RunServices:
     step so that a child that died is reported by name instead of as a hang or a stack trace.
     """
 
-    def __init__(self, run_dir: Path, host: str = "127.0.0.1"):
+    def __init__(self, run_dir: Path, host: str = "127.0.0.1", budget=None):
         self.log_dir = Path(run_dir) / "logs"
         self.host = host
+        self.budget = budget  # cpu_budget.CpuBudget: each child's threads, binding and variables
         self.api: ManagedProcess | None = None
         self.vllm: list = []           # inference.launch.VLLMServerHandle
         self.envs: list[ManagedProcess] = []
@@ -289,7 +310,7 @@ class RunServices:
     def start_api(self, port: int = 0) -> str:
         port = port or free_port(self.host)
         logger.info("starting the Atropos trajectory API on %s:%d", self.host, port)
-        self.api = start_atropos_api(port, self.log_dir, host=self.host)
+        self.api = start_atropos_api(port, self.log_dir, host=self.host, **self._share("api"))
         return f"http://{self.host}:{port}"
 
     def start_inference(self, model_dir: str, *, num_servers: int = 1, port: int = 0, host: str = "127.0.0.1",
@@ -316,7 +337,7 @@ class RunServices:
                                        extra_args=args_i, timeout=timeout, name=f"vllm{i}", dtype=dtype,
                                        enforce_eager=enforce_eager, cpu_weight_layout=cpu_weight_layout,
                                        max_model_len=max_model_len, served_model_name=served_model_name,
-                                       env=dict(server_envs[i]) if server_envs else None)
+                                       **self._share(f"vllm{i}", server_envs[i] if server_envs else None))
             self.vllm.append(handle)
             urls.append(handle.url)
             with open(self.log_dir.parent / "vllm_commands.txt", "a") as f:
@@ -329,9 +350,21 @@ class RunServices:
         return self.envs[0] if self.envs else None
 
     def start_env(self, module: str, **kwargs) -> ManagedProcess:
-        proc = start_environment(module, log_dir=self.log_dir, **kwargs)
+        share = self._share(kwargs.get("env_name", "env"))
+        proc = start_environment(module, log_dir=self.log_dir, child_env=share["env"], cpus=share["cpus"],
+                                 **kwargs)
         self.envs.append(proc)
         return proc
+
+    def _share(self, name: str, extra_env: dict | None = None) -> dict:
+        """The budget's environment variables and affinity for child `name` (none without a budget;
+        every environment process shares the "env" plan), plus `extra_env` (e.g. the placement's
+        CUDA_VISIBLE_DEVICES)."""
+        plan = self.budget.child(name) if self.budget is not None else None
+        if plan is None and self.budget is not None and name.startswith("env"):
+            plan = self.budget.child("env")
+        env = {**(dict(plan.env) if plan else {}), **(extra_env or {})}
+        return {"env": env or None, "cpus": plan.cpus if plan else None}
 
     def check(self) -> None:
         """Raise ServiceError naming the first child process that is no longer running."""

@@ -76,6 +76,9 @@ def test_default_run_short(tmp_path):
         assert r["sync/version"] == r["step"]
         assert r["sync/server_version"] == r["step"], "vLLM does not serve the trainer's step"
         assert 0.0 <= r["reward/mean"] <= 1.0
+        phases = sum(r[f"perf/{p}_s"] for p in ("log", "wait_data", "train", "sync", "other"))
+        assert phases == pytest.approx(r["perf/step_s"], rel=1e-9), "the step's time split does not add up"
+        assert r["perf/train_s"] >= r["perf/train_step_s"] > 0 and r["perf/sync_s"] * 1e3 >= r["sync/ms"]
     # One fixed-order line per step on stdout.
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("step ")]
     assert len(lines) == 3 and all("reward" in ln and "sync ms" in ln for ln in lines)

@@ -146,13 +146,15 @@ def start_vllm_server(model_dir: str | Path, *, port: int, log_dir: str | Path, 
                       dtype: str = "float32", max_model_len: int = 512, kv_cache_gib: int = 1,
                       enforce_eager: bool = True, env: dict[str, str] | None = None,
                       name: str = "vllm", cpu_weight_layout: str = "packed",
-                      served_model_name: str | None = None) -> VLLMServerHandle:
+                      served_model_name: str | None = None,
+                      cpus: tuple[int, ...] | None = None) -> VLLMServerHandle:
     """Start our vLLM server on `host:port` and wait until `/health` answers 200.
 
     Fails fast with the log tail (`services.ServiceError`) if the process dies while starting.
     `update_token` is the secret the trainer's `WeightSync` sends; generate it with
     `new_update_token()`. `kv_cache_gib` sets `VLLM_CPU_KVCACHE_SPACE` and `cpu_weight_layout`
-    ("plain" or "packed") how linear weights are held (CPU only; see `worker_ext`).
+    ("plain" or "packed") how linear weights are held (CPU only; see `worker_ext`). `env` and
+    `cpus` (the process tree's affinity) come from `cpu_budget` when a run starts the server.
     """
     if cpu_weight_layout not in CPU_WEIGHT_LAYOUTS:
         raise ValueError(f"start_vllm_server: cpu_weight_layout must be one of {CPU_WEIGHT_LAYOUTS}, "
@@ -167,7 +169,7 @@ def start_vllm_server(model_dir: str | Path, *, port: int, log_dir: str | Path, 
     child_env.update(env or {})
     cmd = vllm_server_command(model_dir, port=port, host=host, dtype=dtype, max_model_len=max_model_len,
                               enforce_eager=enforce_eager, extra_args=extra_args, served_model_name=served_model_name)
-    proc = ManagedProcess(name, cmd, Path(log_dir) / f"{name}_{port}.log", env=child_env).start()
+    proc = ManagedProcess(name, cmd, Path(log_dir) / f"{name}_{port}.log", env=child_env, cpus=cpus).start()
     url = f"http://{host}:{port}"
     try:
         proc.wait_http(f"{url}/health", timeout)

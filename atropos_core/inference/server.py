@@ -439,6 +439,42 @@ def add_atropos_routes(app: FastAPI, *, token: str, max_body_bytes: int, model: 
         return JSONResponse({"status": "idle"})
 
 
+SPIN_ENV = "ATROPOS_VLLM_SPIN_S"  # = atropos_core.cpu_budget.SPIN_ENV (not imported: keep this light)
+
+
+def quiet_idle_readers(environ=os.environ) -> float | None:
+    """Make vLLM's shared-memory queue readers stop spinning `$ATROPOS_VLLM_SPIN_S` seconds after a
+    message (vLLM 0.32: 1 s of `sched_yield`, `SpinCondition.busy_loop_s`, no setting for it),
+    then wait on their notification socket. Unset: vLLM's behaviour. Returns the value applied.
+
+    Called at import: vLLM starts its EngineCore and workers with `spawn`, and a spawned child
+    re-imports the parent's main module (this one, as `__mp_main__`), so every process of the
+    server's tree runs this before it builds a queue. The writer notifies on every write, so a
+    reader that waits on the socket wakes as soon as a message lands (no poll interval)."""
+    raw = environ.get(SPIN_ENV)
+    if raw in (None, ""):
+        return None
+    try:
+        spin_s = max(0.0, float(raw))
+    except ValueError:
+        logger.warning("ignoring %s=%r: not a number of seconds", SPIN_ENV, raw)
+        return None
+    from vllm.distributed.device_communicators import shm_broadcast
+
+    cls = shm_broadcast.SpinCondition
+    if getattr(cls.__init__, "_atropos_spin_s", None) == spin_s:
+        return spin_s
+    original = getattr(cls.__init__, "_atropos_original", cls.__init__)
+
+    def init(self, is_reader, context, notify_address, busy_loop_s=spin_s):
+        original(self, is_reader, context, notify_address, busy_loop_s=min(busy_loop_s, spin_s))
+
+    init._atropos_spin_s = spin_s  # type: ignore[attr-defined]
+    init._atropos_original = original  # type: ignore[attr-defined]
+    cls.__init__ = init
+    return spin_s
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse our flags, hand the rest to vLLM's `serve` entry with our routes added to its app."""
     ours = argparse.ArgumentParser(add_help=False)
@@ -470,6 +506,8 @@ def main(argv: list[str] | None = None) -> None:
     sys.argv = [sys.argv[0], *rest]
     entry.main()
 
+
+quiet_idle_readers()
 
 if __name__ == "__main__":
     main()
