@@ -199,20 +199,20 @@ def _case_inputs(n, d, v, dt, dev, seed, temperature, mask_kind="mixed", near_go
     shapes whose fp64 logits would not fit (`near_gold=False`), around -3."""
     from kernels.reference import linear_logprobs_ref
 
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    hidden = (torch.randn(n, d, generator=g) * 0.5).to(dev, dt)
-    weight = (torch.randn(v, d, generator=g) * (2.0 / math.sqrt(d))).to(dev, dt)
-    targets = torch.randint(0, v, (n,), generator=g).to(dev)
-    adv = torch.randn(n, generator=g).to(dev)
-    mask = {"mixed": (torch.rand(n, generator=g) > 0.4).float(), "all": torch.ones(n),
-            "none": torch.zeros(n)}[mask_kind].to(dev)
+    g = torch.Generator(device=dev).manual_seed(seed)  # drawn on the device: (V, D) is large
+    hidden = (torch.randn(n, d, generator=g, device=dev) * 0.5).to(dt)
+    weight = (torch.randn(v, d, generator=g, device=dev) * (2.0 / math.sqrt(d))).to(dt)
+    targets = torch.randint(0, v, (n,), generator=g, device=dev)
+    adv = torch.randn(n, generator=g, device=dev)
+    mask = {"mixed": (torch.rand(n, generator=g, device=dev) > 0.4).float(), "all": torch.ones(n, device=dev),
+            "none": torch.zeros(n, device=dev)}[mask_kind]
     if near_gold:
         with torch.no_grad():
             gold_lp, _ = linear_logprobs_ref(hidden, weight, targets, temperature)
     else:
         gold_lp = torch.full((n,), -3.0, dtype=torch.float64, device=dev)
-    old = (gold_lp + 0.3 * torch.randn(n, generator=g, dtype=torch.float64).to(dev)).float()
-    ref = (gold_lp + 0.5 * torch.randn(n, generator=g, dtype=torch.float64).to(dev)).float()
+    old = (gold_lp + 0.3 * torch.randn(n, generator=g, dtype=torch.float64, device=dev)).float()
+    ref = (gold_lp + 0.5 * torch.randn(n, generator=g, dtype=torch.float64, device=dev)).float()
     return hidden, weight, targets, adv, mask, old, ref
 
 
@@ -268,8 +268,8 @@ def _large_logits_case(st, backend, dev, smoke: bool) -> bool:
     n, d, v = (64, 128, 2000) if smoke else (777, 4096, 128256)
     ok = True
     for dname in ("bf16", "fp16"):
+        h, w, t = large_logit_inputs(n, d, v, DTYPES[dname], seed=3, device=dev)
         for temp in (1.0, 0.7):
-            h, w, t = large_logit_inputs(n, d, v, DTYPES[dname], seed=3, device=dev)
             gold, _ = linear_logprobs_ref(h, w, t, temp, upcast=True)
             f32, _ = linear_logprobs_ref(h.float(), w.float(), t, temp, upcast=False)
             rounded, _ = linear_logprobs_ref(h, w, t, temp, upcast=False)
@@ -430,15 +430,14 @@ def stage2(st: Stage, dev, smoke: bool) -> None:
     n, d, v = (256, 64, 4000) if smoke else (8192, 4096, 128256)
     dt = torch.bfloat16
     backend = "triton" if dev.type == "cuda" else "torch"
-    g = torch.Generator(device="cpu").manual_seed(0)
-    hidden = (torch.randn(n, d, generator=g) * 0.5).to(dev, dt).requires_grad_(True)
-    weight = (torch.randn(v, d, generator=g) / math.sqrt(d)).to(dev, dt).requires_grad_(True)
-    targets = torch.randint(0, v, (n,), generator=g).to(dev)
-    adv = torch.randn(n, generator=g).to(dev)
-    mask = (torch.rand(n, generator=g) > 0.25).float()
-    k = int((mask != 0).sum())
-    mask = mask.to(dev)
-    old = (-3 + torch.randn(n, generator=g)).to(dev)
+    g = torch.Generator(device=dev).manual_seed(0)
+    hidden = (torch.randn(n, d, generator=g, device=dev) * 0.5).to(dt).requires_grad_(True)
+    weight = (torch.randn(v, d, generator=g, device=dev) / math.sqrt(d)).to(dt).requires_grad_(True)
+    targets = torch.randint(0, v, (n,), generator=g, device=dev)
+    adv = torch.randn(n, generator=g, device=dev)
+    mask = (torch.rand(n, generator=g, device=dev) > 0.25).float()
+    k = int((mask != 0).sum())  # the host-side count the trainer has (counted before the batch moved)
+    old = -3 + torch.randn(n, generator=g, device=dev)
 
     def call(trainer_path: bool):
         hidden.grad = weight.grad = None
@@ -583,11 +582,11 @@ def stage3(st: Stage, dev, smoke: bool, ceilings: dict) -> list:
     reps = 2 if smoke else 5
     loss_rows = []
     for n, d, v in shapes:
-        g = torch.Generator(device="cpu").manual_seed(1)
-        hidden = (torch.randn(n, d, generator=g) * 0.5).to(dev, torch.bfloat16).requires_grad_(True)
-        weight = (torch.randn(v, d, generator=g) / math.sqrt(d)).to(dev, torch.bfloat16).requires_grad_(True)
-        targets = torch.randint(0, v, (n,), generator=g).to(dev)
-        adv = torch.randn(n, generator=g).to(dev)
+        g = torch.Generator(device=dev).manual_seed(1)
+        hidden = (torch.randn(n, d, generator=g, device=dev) * 0.5).to(torch.bfloat16).requires_grad_(True)
+        weight = (torch.randn(v, d, generator=g, device=dev) / math.sqrt(d)).to(torch.bfloat16).requires_grad_(True)
+        targets = torch.randint(0, v, (n,), generator=g, device=dev)
+        adv = torch.randn(n, generator=g, device=dev)
         mask = torch.ones(n, device=dev)
         shape = f"N={n} D={d} V={v}"
         results = {}
