@@ -135,7 +135,6 @@ class _FusedPolicyLoss(torch.autograd.Function):
         # Held on ctx rather than saved: backward hands them over (scaled in place) and drops its
         # references, so autograd can adopt the buffer as `.grad` without a second (V, D) copy.
         ctx.grads = (grad_h, grad_w)
-        ctx.w_dtype = weight.dtype
         return loss
 
     @staticmethod

@@ -81,9 +81,9 @@ def large_logit_inputs(n: int, d: int, v: int, dtype, *, seed: int = 0, device="
     g = torch.Generator(device="cpu").manual_seed(seed)
     hidden = torch.randn(n, d, generator=g, dtype=torch.float64)
     weight = torch.randn(v, d, generator=g, dtype=torch.float64) * (logit_std / d ** 0.5)
-    hidden, weight = hidden.to(dtype), weight.to(dtype)
-    z = hidden.double() @ weight.double().T
+    pick = torch.randint(0, min(top_k, v), (n,), generator=g)
+    hidden, weight = hidden.to(device, dtype), weight.to(device, dtype)
+    z = hidden.double() @ weight.double().T        # on `device`: large shapes are a GPU's job
     top = z.topk(min(top_k, v), dim=1).indices
-    pick = torch.randint(0, top.shape[1], (n,), generator=g)
-    targets = top[torch.arange(n), pick]
-    return hidden.to(device), weight.to(device), targets.to(device)
+    targets = top[torch.arange(n, device=top.device), pick.to(top.device)]
+    return hidden, weight, targets
