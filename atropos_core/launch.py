@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError, TrainConfig, preset_note
-from .inference.launch import served_name_from
+from .inference.launch import merge_vllm_flags, served_name_from
 from .model_source import ModelSourceError, resolve_max_token_len, resolve_model_path
 from .services import RunServices
 
@@ -89,8 +89,8 @@ def launch_services(cfg: TrainConfig, device: torch.device) -> tuple[TrainConfig
         if cfg.inference.start:
             extra = shlex.split(cfg.inference.extra_args)
             cuda = device.type == "cuda"
-            if cuda and "--gpu-memory-utilization" not in extra:
-                extra += ["--gpu-memory-utilization", "0.3"]  # leave the rest of the GPU to the trainer
+            if cuda:  # leave the rest of the GPU to the trainer, unless the user says otherwise
+                extra = merge_vllm_flags(["--gpu-memory-utilization", "0.3"], extra)
             # CPU: fp32 and eager (the CPU backend's tested path). GPU: bf16 with CUDA graphs, and bf16
             # on the wire when the trainer keeps fp32 master weights (half the bytes per sync).
             urls = services.start_inference(cfg.model.path, num_servers=cfg.inference.num_servers,
