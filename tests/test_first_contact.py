@@ -362,7 +362,7 @@ def test_every_malformed_generate_request_gets_a_4xx(vllm_server):
 @pytest.mark.slow
 def test_both_model_lengths_start_and_serve_the_data_length(tmp_path, model_4096):
     """The 256-position model with the length unset (its limit, 256) and the 4096-position one with
-    --max-token-len 1024: each server takes prompt + max_tokens up to that length and refuses one more."""
+    --max-token-len 1024: each server serves prompt + completion up to that length, never past it."""
     m256 = build_model(tmp_path / "m256", 256)
     for model, requested, expect in ((m256, None, 256), (model_4096, 1024, 1024)):
         n = resolve_max_token_len(requested, model)
@@ -378,9 +378,14 @@ def test_both_model_lengths_start_and_serve_the_data_length(tmp_path, model_4096
                                                         "ignore_eos": True, "logprobs": 0}, timeout=120)
             assert ok.status_code == 200, ok.text[:300]
             assert len(prompt) + len(ok.json()["token_ids"][0]) == n       # the whole length is served
-            over = requests.post(f"{url}/generate", json={"prompt": {"prompt_token_ids": prompt + [1]},
-                                                          "max_tokens": 8}, timeout=120)
-            assert over.status_code == 400, over.text[:300]
+            # One token more asked for: vLLM shortens the completion to the length (never past it)...
+            capped = requests.post(f"{url}/generate", json={"prompt": {"prompt_token_ids": prompt + [1]},
+                                                            "max_tokens": 8, "ignore_eos": True}, timeout=120)
+            assert capped.status_code == 200 and len(capped.json()["token_ids"][0]) == 7, capped.text[:300]
+            # ...and a prompt that fills it alone is refused.
+            over = requests.post(f"{url}/generate", json={"prompt": {"prompt_token_ids": [1] * n},
+                                                          "max_tokens": 1}, timeout=120)
+            assert over.status_code == 400 and str(n) in over.json()["error"], over.text[:300]
             cmd = (tmp_path / f"run{n}" / "vllm_commands.txt").read_text().split()
             assert cmd[cmd.index("--max-model-len") + 1] == str(n)
         finally:
