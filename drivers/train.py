@@ -23,14 +23,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
-from atropos_core import dist as adist  # noqa: E402
+from atropos_core import cpu_budget, dist as adist  # noqa: E402
 from atropos_core.batch import broadcast_groups, build_train_batch, split_for_ranks  # noqa: E402
 from atropos_core.checkpoint import load_checkpoint, resolve_resume, save_checkpoint  # noqa: E402
-from atropos_core.client import AtroposClient, AtroposUnavailable  # noqa: E402
+from atropos_core.client import AtroposClient, AtroposUnavailable, env_metrics  # noqa: E402
 from atropos_core.config import ConfigError, parse_args, to_dict, write_config  # noqa: E402
 from atropos_core.launch import launch_services, share_launch_info  # noqa: E402
 from atropos_core.metrics import MetricsLogger  # noqa: E402
+from atropos_core.services import ServiceError  # noqa: E402
 from atropos_core.model import apply_fsdp, build_optimizer, load_model_and_tokenizer  # noqa: E402
+from atropos_core.steptime import StepClock  # noqa: E402
 from atropos_core.trainer import train_step  # noqa: E402
 from atropos_core.weight_sync import WeightSync  # noqa: E402
 
@@ -104,15 +106,18 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"train.py: config error: {e}", file=sys.stderr)
         return 2
-    rank, world, _, device = adist.init_distributed(None if cfg.run.device == "auto" else cfg.run.device)
+    rank, world, local_rank, device = adist.init_distributed(None if cfg.run.device == "auto" else cfg.run.device)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    budget = cpu_budget.plan_for_run(cfg, device)
+    logger.info("%s", budget.describe())
+    cpu_budget.apply_to_trainer(budget, local_rank)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM ends the run like Ctrl-C
     torch.manual_seed(cfg.run.seed + rank)
     services, sync, model, step, saved_step, safe_to_save, rc = None, None, None, 0, 0, False, 1
     try:
         if rank == 0:
-            cfg, services = launch_services(cfg, device)       # model dir, API, vLLM, env
+            cfg, services = launch_services(cfg, device, budget)  # model dir, API, vLLM, env
         cfg, token, server_urls = share_launch_info(cfg, services, world)
         if rank == 0:
             write_config(cfg, Path(cfg.run.out) / "config.json")
@@ -137,41 +142,43 @@ def main(argv=None) -> int:
                 sync.push(model, step)
         log = MetricsLogger(cfg.logging, run_config=to_dict(cfg))
         safe_to_save, nonfinite_streak = True, 0
+        clock = StepClock()  # perf/*_s: where each step's wall time went; they add up to perf/step_s
         while step < cfg.run.steps:
-            t0 = time.perf_counter()
+            clock.lap("other")
             groups = fetch_groups_or_stop(client, services, world, device) if client else None
             if world > 1 and not client:
                 groups = receive_groups_or_stop(device)
             elif world > 1:
                 broadcast_groups(groups, device=device, raw=client.last_raw)
-            t_data = time.perf_counter() - t0
+            clock.lap("wait_data")
             batch = build_train_batch(groups, cfg.data, log_drops=rank == 0)
             if batch.total_trained_tokens == 0:
                 logger.warning("every group of this batch was dropped (%s); waiting for the next", batch.metrics)
                 continue
             mine = split_for_ranks(batch.micro_batches, world, pad_token_id=cfg.data.pad_token_id)[rank]
+            clock.lap("other")
             safe_to_save = False  # an exception inside the step may leave weights half-updated
             m = train_step(model, optimizer, scheduler, mine, cfg.loss,
                            global_normalizer=batch.total_trained_tokens, grad_clip=cfg.optim.grad_clip)
             safe_to_save = True
+            clock.lap("train")
             step += 1
             nonfinite_streak = nonfinite_streak + 1 if m["train/skipped_nonfinite"] else 0
             if nonfinite_streak >= cfg.run.max_nonfinite_steps:
                 raise RuntimeError(f"{nonfinite_streak} consecutive steps had a non-finite loss or gradient "
                                    f"(run.max_nonfinite_steps={cfg.run.max_nonfinite_steps}); stopping")
             if sync:
-                m.update(sync.push(model, step))
-                if services and services.vllm:  # what the servers say they serve, read back
-                    served = services.served_versions()
-                    m["sync/server_version"] = min(served) if None not in served else -1
-            dt = time.perf_counter() - t0
-            m.update(batch_metrics(batch), **(client.metrics() if client else {}))
-            m.update({"perf/step_s": dt, "perf/wait_data_s": t_data, "perf/tokens_per_s": m["train/tokens_total"] / dt})
+                m.update(sync.push(model, step))  # incl. sync/server_version, what the servers now serve
+                clock.lap("sync")
+            m.update(batch_metrics(batch), **env_metrics(groups), **(client.metrics() if client else {}))
+            m.update(clock.split())
+            m["perf/tokens_per_s"] = m["train/tokens_total"] / m["perf/step_s"]
             log.log(step, m)
             if cfg.checkpoint.should_save(step):
                 save_checkpoint(cfg.checkpoint.dir, step, model, optimizer, scheduler, tokenizer,
                                 keep_last=cfg.checkpoint.keep_last)
                 saved_step = step
+            clock.lap("log")
         log.plot()
         rc = 0
     except KeyboardInterrupt:
@@ -181,6 +188,11 @@ def main(argv=None) -> int:
         print(f"train.py: config error: {e}", file=sys.stderr)
         rc = 2
     except Exception as e:  # noqa: BLE001 - every failure ends here with its reason, then clean-up
+        # A dead child is the reason, whichever call noticed first (a sync, a request, the fetch).
+        dead = services.dead_child() if services and not isinstance(e, ServiceError) else None
+        if dead is not None:
+            logger.warning("%s: %s (seen after a child process died)", type(e).__name__, e)
+            e = dead
         logger.error("run failed at step %d: %s: %s", step, type(e).__name__, e, exc_info=rank == 0 and
                      not isinstance(e, (RuntimeError, ConnectionError, TimeoutError)))
         rc = 1

@@ -101,25 +101,29 @@ class _LinearLogprobs(torch.autograd.Function):
         go = grad_logp.float()
         _, _, gh, gw = chunked_loss_and_grads(
             hidden, weight, targets, lambda rows, lp: go[rows], temperature=ctx.temperature,
-            need_grad_hidden=ctx.needs_input_grad[0], need_grad_weight=ctx.needs_input_grad[1], ops=ctx.ops)
-        return gh, (gw.to(weight.dtype) if gw is not None else None), None, None, None
+            need_grad_hidden=ctx.needs_input_grad[0], need_grad_weight=ctx.needs_input_grad[1], ops=ctx.ops,
+            grad_weight_dtype=weight.dtype)
+        return gh, gw, None, None, None
 
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                    temperature: float = 1.0, backend: str = "auto") -> torch.Tensor:
+                    temperature: float = 1.0, backend: str = "auto", validate: bool = True) -> torch.Tensor:
     """Log-probability of each target under `softmax(hidden @ weight.T / temperature)`.
 
     Args:
         hidden: `(N, D)` fp32/fp16/bf16.
         weight: `(V, D)`, same dtype (an output embedding / LM head).
         targets: `(N,)` int64 in `[0, V)`.
+        validate: check that the target ids lie in range (reads two values back to the host);
+            False where the caller already checked them.
     Returns:
         `(N,)` float32, differentiable with respect to `hidden` and `weight` (the backward pass
         recomputes logits chunk by chunk; nothing of size N×V is kept).
     """
     _check_common(hidden, weight, targets)
     losses.check_loss_args("awsft", 0.0, 0.0, 0.0, temperature)
-    _check_targets_in_range(targets, weight.shape[0])
+    if validate:
+        _check_targets_in_range(targets, weight.shape[0])
     ops = _ops_for(resolve_backend(backend, hidden.device))
     return _LinearLogprobs.apply(hidden.contiguous(), weight.contiguous(), targets.long(), float(temperature), ops)
 
@@ -131,7 +135,6 @@ class _FusedPolicyLoss(torch.autograd.Function):
         # Held on ctx rather than saved: backward hands them over (scaled in place) and drops its
         # references, so autograd can adopt the buffer as `.grad` without a second (V, D) copy.
         ctx.grads = (grad_h, grad_w)
-        ctx.w_dtype = weight.dtype
         return loss
 
     @staticmethod
@@ -140,14 +143,16 @@ class _FusedPolicyLoss(torch.autograd.Function):
             raise RuntimeError("fused_linear_policy_loss: backward ran twice (its gradients are handed over once)")
         grad_h, grad_w = ctx.grads
         ctx.grads = None
-        # Skip two full passes when the incoming gradient is 1 (the usual `loss.backward()`); the
-        # check reads the scalar, so only on CPU, where that is free (on CUDA it would sync).
+        # Skip the two scaling passes when the incoming gradient is 1 (the usual `loss.backward()`);
+        # the check reads the scalar, so only on CPU, where that is free (on CUDA it would sync).
+        # grad_w already has the weight's dtype (cast in the chunk loop): scaling it by s != 1
+        # rounds twice (fp32 -> dtype, then the product), one extra rounding of the dtype.
         unit = grad_loss.device.type == "cpu" and bool(grad_loss == 1)
         gh = gw = None
         if ctx.needs_input_grad[0]:
             gh = grad_h if unit else grad_h.mul_(grad_loss.to(grad_h.dtype))
         if ctx.needs_input_grad[1]:
-            gw = (grad_w if unit else grad_w.mul_(grad_loss)).to(ctx.w_dtype)
+            gw = grad_w if unit else grad_w.mul_(grad_loss)
         return gh, gw, None, None, None
 
 
@@ -182,6 +187,8 @@ def fused_linear_policy_loss(
     distill_coef: float = 0.0,
     distill_mode: str = "kl",
     distill_mask: Optional[torch.Tensor] = None,
+    validate: bool = True,
+    num_selected: Optional[int] = None,
 ):
     """Token-level policy-gradient loss on `hidden @ weight.T` without materialising the logits.
 
@@ -212,6 +219,14 @@ def fused_linear_policy_loss(
             rows that have a teacher (default all).
     GSPO and the sequence-level corrections need every token's logprob before any gradient: they
     run the chunk loop twice (logprobs, then the gradient pass: 8·N·D·V FLOPs instead of 6).
+        validate: check target ids and the finiteness of the per-token inputs at trained positions
+            (a clear ValueError; costs host syncs). False where the caller already validated the
+            batch (the trainer: `atropos_core.batch`), which leaves the call free of host syncs
+            when `num_selected` and `normalizer` are given too.
+        num_selected: the number of nonzero `loss_mask` entries when the caller knows it (counted
+            on the host before the batch moved to the device): the selection then needs no sync
+            (`torch.nonzero_static`). A wrong count is the caller's bug: rows are dropped or the
+            first row is repeated, so only pass a count you computed from this mask.
     Returns:
         `(loss, stats)`: a 0-dim float32 loss, and detached stats `logprobs` `(N,)` (0.0 where the
         mask is 0: those tokens are never computed), `entropy` (masked mean), `clip_frac`,
@@ -251,27 +266,36 @@ def fused_linear_policy_loss(
         raise ValueError(f"normalizer must be a positive number, got {normalizer}")
     ops = _ops_for(resolve_backend(backend, hidden.device))
 
-    sel = (loss_mask != 0).nonzero().squeeze(1)  # one host sync per call, never per chunk
+    nz = loss_mask != 0
+    if num_selected is None:
+        sel = nz.nonzero().squeeze(1)  # one host sync per call (the count), never per chunk
+    else:
+        if not 0 <= num_selected <= n:
+            raise ValueError(f"num_selected must be in [0, {n}], got {num_selected}")
+        sel = torch.nonzero_static(nz, size=int(num_selected), fill_value=0).squeeze(1)
     m_sel = loss_mask[sel].float()
     t_sel = targets[sel].long()
-    _check_targets_in_range(t_sel, weight.shape[0])
     picked = {k: (v[sel].float() if v is not None else None) for k, v in vecs.items() if k != "loss_mask"}
-    if per_tok_t and picked["temperature"].numel() and not bool((picked["temperature"] > 0).all()):
-        raise ValueError("temperature must be > 0 at every trained position")
     ids_sel = lp_sel = None
     if use_distill:
         ids_sel = distill_ids[sel].long()
         lp_sel = distill_logprobs[sel].float()
-        _check_targets_in_range(ids_sel.reshape(-1), weight.shape[0])
         picked["distill_logprobs"] = lp_sel
         dm_sel = (distill_mask[sel].float() if distill_mask is not None
                   else torch.ones(sel.numel(), device=hidden.device))
-    finite = [torch.isfinite(v).all() for v in picked.values() if v is not None]
-    finite.append(torch.isfinite(m_sel).all())
-    if not bool(torch.stack(finite).all()):
-        bad = [k for k, v in picked.items() if v is not None and not bool(torch.isfinite(v).all())]
-        raise ValueError(f"non-finite values in {bad or ['loss_mask']} at trained positions")
-    Z = float(normalizer) if normalizer is not None else max(float(m_sel.sum()), 1.0)
+    if validate:
+        _check_targets_in_range(t_sel, weight.shape[0])
+        if use_distill:
+            _check_targets_in_range(ids_sel.reshape(-1), weight.shape[0])
+        if per_tok_t and picked["temperature"].numel() and not bool((picked["temperature"] > 0).all()):
+            raise ValueError("temperature must be > 0 at every trained position")
+        finite = [torch.isfinite(v).all() for v in picked.values() if v is not None]
+        finite.append(torch.isfinite(m_sel).all())
+        if not bool(torch.stack(finite).all()):
+            bad = [k for k, v in picked.items() if v is not None and not bool(torch.isfinite(v).all())]
+            raise ValueError(f"non-finite values in {bad or ['loss_mask']} at trained positions")
+    # A 0-dim tensor when the caller gives no normalizer: dividing by it needs no host sync.
+    Z = float(normalizer) if normalizer is not None else m_sel.sum().clamp_min(1.0)
     bmask = None
     if behaviour_logprobs is not None or behaviour_mask is not None:
         bmask = (behaviour_mask[sel].bool() if behaviour_mask is not None
@@ -362,19 +386,19 @@ def fused_linear_policy_loss(
     logp_sel, ent_sel, gh_sel, gw = chunked_loss_and_grads(
         h_sel, w_det, t_sel, coef_fn, temperature=temp_arg,
         need_grad_hidden=need and hidden.requires_grad, need_grad_weight=need and weight.requires_grad,
-        ops=ops, chunk_size=chunk_size, gather_ids=ids_sel)
+        ops=ops, chunk_size=chunk_size, grad_weight_dtype=weight.dtype, gather_ids=ids_sel)
 
     dev = hidden.device
     zero = torch.zeros((), device=dev)
     parts = acc["loss"] + ([pre_loss] if pre_loss is not None else [])
     loss = (torch.stack(parts).sum() / Z).float() if parts else zero
-    n_sel = max(int(sel.numel()), 1)
+    n_sel = max(sel.numel(), 1)
     logprobs = torch.zeros(n, dtype=torch.float32, device=dev)
     logprobs[sel] = logp_sel
     ssum = lambda k: torch.stack(acc[k]).sum().float() if acc[k] else zero  # noqa: E731
     stats = {
         "logprobs": logprobs,
-        "entropy": (ent_sel * m_sel).sum() / max(float(m_sel.sum()), 1e-12) if sel.numel() else zero,
+        "entropy": (ent_sel * m_sel).sum() / m_sel.sum().clamp_min(1e-12) if sel.numel() else zero,
         "clip_frac": ssum("clip") / n_sel,
         "num_tokens": int(sel.numel()),
     }
@@ -386,7 +410,8 @@ def fused_linear_policy_loss(
         if seg is not None:
             flagged = torch.cat(flags_tok) if flags_tok else torch.zeros(0, dtype=torch.bool, device=dev)
             per_seq = losses.segment_sum(flagged.float(), seg, n_seg) > 0
-            stats.update(is_sequences=torch.tensor(float(n_seg), device=dev), is_flagged_sequences=per_seq.sum().float())
+            n_seqs = (seg[-1] + 1).float() if seg.numel() else zero
+            stats.update(is_sequences=n_seqs, is_flagged_sequences=per_seq.sum().float())
     if use_distill:
         stats.update(distill_kl_sum=ssum("dkl"), distill_top1_sum=ssum("top1"),
                      distill_tokens=dm_sel.sum())

@@ -165,10 +165,14 @@ def token_loss_and_grad(
 
 
 def segment_ids(sequence_ids: torch.Tensor):
-    """`(inverse (n,), n_segments)`: consecutive segment numbers 0..S-1 for arbitrary sequence ids
-    (one host sync: the number of segments)."""
-    uniq, inv = torch.unique(sequence_ids, return_inverse=True)
-    return inv, int(uniq.numel())
+    """`(segment (n,), n_slots)`: consecutive numbers 0, 1, ... for the runs of equal sequence ids.
+    Every sequence's tokens are contiguous (one micro-batch row, or one packed span), so a run is a
+    sequence; no host sync: `n_slots = n` bounds the count, unused slots stay empty."""
+    n = sequence_ids.numel()
+    change = torch.ones(n, dtype=torch.long, device=sequence_ids.device)
+    if n > 1:
+        change[1:] = (sequence_ids[1:] != sequence_ids[:-1]).long()
+    return torch.cumsum(change, 0) - 1, max(n, 1)
 
 
 def segment_sum(values: torch.Tensor, seg: torch.Tensor, n_seg: int) -> torch.Tensor:
@@ -187,7 +191,7 @@ def gspo_coefficients(logp, old_logprobs, advantages, mask, seg, n_seg, *, clip_
     dt = logp.dtype
     old = logp if old_logprobs is None else old_logprobs.to(dt)
     ones = torch.ones_like(logp)
-    n_i = segment_sum(ones, seg, n_seg)
+    n_i = segment_sum(ones, seg, n_seg).clamp(min=1)      # empty slots: 0 tokens, no NaN
     s = torch.exp((segment_sum(logp - old, seg, n_seg) / n_i).clamp(-_EXP_MAX, _EXP_MAX))
     A_i = segment_sum(advantages.to(dt), seg, n_seg) / n_i
     ell = torch.maximum(-s * A_i, -s.clamp(1.0 - clip_low, 1.0 + clip_high) * A_i)

@@ -202,3 +202,23 @@ def policy_loss_ref(
         stats["distill_kl"] = (dkl * trained).detach()
         stats["distill_top1"] = top1 & trained
     return loss, stats
+
+
+def large_logit_inputs(n: int, d: int, v: int, dtype, *, seed: int = 0, device="cpu", logit_std: float = 7.0,
+                       top_k: int = 16):
+    """`(hidden, weight, targets)` whose target logits sit at |z| ~ 16-32, as in a trained LM.
+
+    A trained model's sampled tokens have large logits (16-32 for Llama/Qwen-size heads), where one
+    bf16 ulp is 0.125: rounding the logits to bf16 before the softmax puts up to ~0.06 of error into
+    each logp. Here logits have std `logit_std` over the vocabulary and each target is drawn among
+    its row's `top_k` largest fp64 logits (so it is large but does not dominate the softmax, and its
+    rounding error does not cancel against the log-sum-exp's). For the logp-error tests."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    hidden = torch.randn(n, d, generator=g, dtype=torch.float64)
+    weight = torch.randn(v, d, generator=g, dtype=torch.float64) * (logit_std / d ** 0.5)
+    pick = torch.randint(0, min(top_k, v), (n,), generator=g)
+    hidden, weight = hidden.to(device, dtype), weight.to(device, dtype)
+    z = hidden.double() @ weight.double().T        # on `device`: large shapes are a GPU's job
+    top = z.topk(min(top_k, v), dim=1).indices
+    targets = top[torch.arange(n, device=top.device), pick.to(top.device)]
+    return hidden, weight, targets
