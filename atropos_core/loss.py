@@ -44,21 +44,61 @@ __all__ = ["LossConfig", "advantage_weighted_sft_loss", "micro_batch_loss", "reg
 _LOSS_METHOD = "atropos_loss_forward"
 
 
+NORMALIZATIONS = ("token_mean", "constant", "seq_mean_token_mean")
+
+
 @dataclass
 class LossConfig:
-    """Which policy loss to train with (formulas in `kernels.losses`)."""
+    """Which policy loss to train with (formulas in `kernels.losses` / `kernels.reference`)."""
 
     loss_type: str = "grpo"
     """"awsft" (advantage-weighted SFT: -A·logp), "grpo" (PPO-clipped ratio), "cispo" (clipped IS
-    weight times logp)."""
+    weight times logp), "gspo" (sequence-level ratio, length-normalised; two passes), "distill"
+    (only the distillation term: no reward needed)."""
     clip_low: float = 0.2
-    """Lower clip ε: the ratio is clipped at 1-ε (grpo)."""
+    """Lower clip ε: the ratio is clipped at 1-ε (grpo, gspo). GSPO's paper uses ~3e-4."""
     clip_high: float = 0.28
-    """Upper clip ε: the ratio / IS weight is clipped at 1+ε (grpo, cispo)."""
+    """Upper clip ε: the ratio / IS weight is clipped at 1+ε (grpo, cispo, gspo). GSPO: ~4e-4."""
     kl_coef: float = 0.0
     """β of the k3 KL penalty to the reference logprobs (used only when the batch has them)."""
     temperature: float = 1.0
-    """Sampling temperature of the inference server: logits are divided by it before softmax."""
+    """Sampling temperature of the inference server where a sequence does not say its own
+    (`overrides[i]` > `generation_params` > `group_overrides` > this): logits are divided by it."""
+    is_mode: str = "token_tis"
+    """Correction for the gap between the behaviour policy (the sampler's `inference_logprobs`) and
+    the policy trained: "token_tis" (weight min(π/μ, is_cap) per token), "token_mask" (tokens
+    outside [is_low, is_high] get weight 0), "seq_tis" / "seq_mask" (the same on the product of a
+    sequence's ratios), "geo_mask" (sequences whose per-token geometric-mean ratio leaves
+    [geo_low, geo_high] are masked), or "none" (the behaviour logprobs become the PPO old policy:
+    the ratio π/μ is clipped, not weighted). With a correction on, the PPO old policy is the
+    current one (one optimizer step per batch: ratio 1) and the weight is detached.
+    Default token_tis with C = 2: the truncated-IS fix of Yao et al. 2025 ("Your efficient RL
+    framework secretly brings you off-policy RL training") at the cap they and ms-swift
+    (`rollout_importance_sampling_threshold`, default 2.0) ship; truncation keeps every token, where
+    masking drops data. Sequence modes need a first pass (8·N·D·V FLOPs, see docs/kernels.md)."""
+    is_cap: float = 2.0
+    """C of token_tis / seq_tis."""
+    is_low: float = 0.5
+    """Lower bound of token_mask / seq_mask (0.5-2.0 is slime's masked-IS example band)."""
+    is_high: float = 2.0
+    """Upper bound of token_mask / seq_mask."""
+    geo_low: float = 0.9
+    """Lower bound of geo_mask's per-token geometric-mean ratio (our choice: ±~10% per token)."""
+    geo_high: float = 1.1
+    """Upper bound of geo_mask."""
+    normalization: str = "token_mean"
+    """Divisor of the summed token losses: "token_mean" (the batch's trained-token count, over all
+    micro-batches and ranks), "constant" (Dr. GRPO, Liu et al. 2025: `constant_normalizer`, a fixed
+    token budget, so long and short batches weigh the same per token), "seq_mean_token_mean"
+    (each sequence's token mean, averaged over the batch's sequences)."""
+    constant_normalizer: Optional[float] = None
+    """The fixed divisor of normalization="constant", e.g. sequences per batch × max tokens."""
+    distill_coef: float = 0.0
+    """λ of the distillation term over the teacher's top-k (`distill_token_ids`/`distill_logprobs`);
+    0 = off. loss_type "distill" needs it > 0."""
+    distill_mode: str = "kl"
+    """"kl": KL(teacher ‖ student), both renormalised over the teacher's top-k; "ce": teacher
+    cross-entropy against the student's full softmax (teacher renormalised)."""
     backend: str = "auto"
     """Kernel backend: "auto" (Triton on CUDA, torch elsewhere), "torch", "triton"."""
     chunk_size: Optional[int] = None
@@ -67,17 +107,37 @@ class LossConfig:
     def __post_init__(self):
         try:
             _losses.check_loss_args(self.loss_type, self.clip_low, self.clip_high, self.kl_coef, self.temperature)
+            _losses.check_is_args(self.is_mode, self.is_cap, self.is_low, self.is_high, self.geo_low, self.geo_high)
         except ValueError as e:
             raise ValueError(f"loss: {e}") from None
         if self.backend not in kernels.BACKENDS:
             raise ValueError(f"loss.backend must be one of {kernels.BACKENDS}, got {self.backend!r}")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ValueError(f"loss.chunk_size must be >= 1 or None, got {self.chunk_size}")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"loss.normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
+        if self.normalization == "constant" and not (self.constant_normalizer or 0) > 0:
+            raise ValueError("loss.normalization='constant' needs loss.constant_normalizer > 0 (Dr. GRPO's "
+                             "fixed token budget, e.g. sequences per batch × max tokens)")
+        if not self.distill_coef >= 0:
+            raise ValueError(f"loss.distill_coef must be >= 0, got {self.distill_coef}")
+        if self.distill_mode not in _losses.DISTILL_MODES:
+            raise ValueError(f"loss.distill_mode must be one of {_losses.DISTILL_MODES}, got {self.distill_mode!r}")
+        if self.loss_type == "distill" and self.distill_coef <= 0:
+            raise ValueError("loss.loss_type='distill' needs loss.distill_coef > 0")
 
     def kernel_kwargs(self) -> dict:
         return dict(loss_type=self.loss_type, clip_low=self.clip_low, clip_high=self.clip_high,
                     kl_coef=self.kl_coef, temperature=self.temperature, backend=self.backend,
                     chunk_size=self.chunk_size)
+
+    def normalizer(self, total_trained_tokens: float, num_sequences: int) -> float:
+        """The global divisor Z of the summed (weighted) token losses of one batch."""
+        if self.normalization == "constant":
+            return float(self.constant_normalizer)
+        if self.normalization == "seq_mean_token_mean":
+            return float(max(num_sequences, 1))
+        return float(max(total_trained_tokens, 1))
 
 
 def _loss_forward(self, input_ids, attention_mask, position_ids, loss_fn):
@@ -177,20 +237,37 @@ def advantage_weighted_sft_loss(model: nn.Module, input_ids: torch.Tensor, advan
     return loss, stats
 
 
+_warned: set = set()
+
+
+def _per_sequence_mean_weights(mask: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
+    """`mask / n_i`: each trained token weighs 1/(its sequence's trained-token count)."""
+    sel = mask != 0
+    _, inv = torch.unique(torch.where(sel, seq, torch.full_like(seq, -1)), return_inverse=True)
+    counts = torch.zeros(int(inv.max()) + 1 if inv.numel() else 1, device=mask.device).index_add_(0, inv, sel.float())
+    return torch.where(sel, mask / counts[inv].clamp(min=1), torch.zeros_like(mask))
+
+
 def micro_batch_loss(model: nn.Module, mb: MicroBatch, cfg: LossConfig, normalizer: float,
                      num_selected: Optional[int] = None):
-    """Loss of one already-shifted `MicroBatch`, divided by `normalizer` (the GLOBAL token count).
+    """Loss of one already-shifted `MicroBatch`, divided by `normalizer` (`LossConfig.normalizer`
+    of the whole batch: global over micro-batches and ranks).
 
     `num_selected`: `mb.num_trained_tokens`, counted by the caller while the batch was still on the
     host. With it, on CUDA, the kernel call has no host sync: the batch was validated by
     `atropos_core.batch`, so the kernel skips its own re-validation there (on CPU it still checks:
     free there).
 
+    Behaviour policy: `mb.old_logprobs` (the sampler's, where `mb.behaviour_mask`) feed
+    `cfg.is_mode`; with "none" they are the PPO old policy instead. Per-token temperature:
+    `mb.temperature` where > 0, else `cfg.temperature`. Distillation: `mb.distill_ids` rows >= 0.
+
     Padded layout: the model gets `attention_mask` and `position_ids`. Packed layout: only
     `position_ids` (see the module docstring). Returns `(loss, stats)`; stats are detached 0-dim
     tensors (sums, so micro-batches and ranks add up without a host sync): `tokens`, `entropy_sum`,
-    `clip_sum`, `logprob_sum`, and `kl_sum` / `logprob_diff_sum` when the batch carries
-    `ref_logprobs` / `old_logprobs`.
+    `clip_sum`, `logprob_sum`, `kl_sum` with `ref_logprobs`, the mismatch and IS sums with
+    behaviour logprobs (`logprob_diff_sum`, `mismatch_k3_sum`, `behaviour_tokens`, `is_*`; and
+    `is_weight_max`, a maximum), the distillation sums (`distill_*`).
     """
     if mb.layout not in ("padded", "packed"):
         raise ValueError(f"MicroBatch.layout must be 'padded' or 'packed', got {mb.layout!r}")
@@ -200,15 +277,50 @@ def micro_batch_loss(model: nn.Module, mb: MicroBatch, cfg: LossConfig, normaliz
     old, ref = _flat(mb.old_logprobs), _flat(mb.ref_logprobs)
     old = old.float() if old is not None else None
     ref = ref.float() if ref is not None else None
-    use_old = cfg.loss_type != "awsft"
+    bmask = _flat(mb.behaviour_mask) if old is not None else None
+    if old is not None and bmask is None:  # a caller's MicroBatch: every position has one
+        bmask = torch.ones_like(mask, dtype=torch.bool)
+    seq = _flat(mb.sequence_ids)
     use_ref = cfg.kl_coef > 0
+    kw = cfg.kernel_kwargs()
+    extra = {}
+    if old is not None:
+        extra.update(behaviour_logprobs=old, behaviour_mask=bmask, is_mode=cfg.is_mode, is_cap=cfg.is_cap,
+                     is_low=cfg.is_low, is_high=cfg.is_high, geo_low=cfg.geo_low, geo_high=cfg.geo_high)
+        if cfg.is_mode == "none" and cfg.loss_type != "awsft":
+            extra["old_logprobs"] = old
+    needs_seq = cfg.loss_type == "gspo" or (old is not None and cfg.is_mode in _losses.SEQ_IS_MODES) \
+        or cfg.normalization == "seq_mean_token_mean"
+    if needs_seq and seq is None:
+        raise ValueError(f"loss_type {cfg.loss_type!r} / is_mode {cfg.is_mode!r} / normalization "
+                         f"{cfg.normalization!r} need MicroBatch.sequence_ids")
+    if seq is not None and (needs_seq or (old is not None and cfg.is_mode != "none")):
+        extra["sequence_ids"] = seq  # token modes: only for the per-sequence statistics
+    if mb.temperature is not None:
+        t = _flat(mb.temperature).float()
+        kw["temperature"] = torch.where(t > 0, t, torch.full_like(t, cfg.temperature))
+    loss_type = cfg.loss_type
+    if cfg.distill_coef > 0 and mb.distill_ids is not None:
+        k = mb.distill_ids.shape[-1]
+        ids = mb.distill_ids.reshape(-1, k)
+        dmask = ids[:, 0] >= 0
+        extra.update(distill_ids=ids.clamp(min=0), distill_logprobs=mb.distill_logprobs.reshape(-1, k).float(),
+                     distill_mask=dmask, distill_coef=cfg.distill_coef, distill_mode=cfg.distill_mode)
+    elif loss_type == "distill":
+        if "distill" not in _warned:
+            logger.warning("loss.loss_type='distill' but a micro-batch has no distill_token_ids: it trains nothing")
+            _warned.add("distill")
+        loss_type = "awsft"
+        adv = torch.zeros_like(adv)
+    kw["loss_type"] = loss_type
+    if cfg.normalization == "seq_mean_token_mean":
+        mask = _per_sequence_mean_weights(mask, seq)
 
     def loss_fn(hidden, weight):
         h = hidden.reshape(-1, hidden.shape[-1])
         return kernels.fused_linear_policy_loss(
-            h, weight, targets, adv, mask, old_logprobs=old if use_old else None,
-            ref_logprobs=ref if use_ref else None, normalizer=normalizer, validate=h.device.type != "cuda",
-            num_selected=num_selected, **cfg.kernel_kwargs())
+            h, weight, targets, adv, mask, ref_logprobs=ref if use_ref else None, normalizer=normalizer,
+            validate=h.device.type != "cuda", num_selected=num_selected, **extra, **kw)
 
     attn = mb.attention_mask if mb.layout == "padded" else None
     loss, st = hidden_states_and_loss(model, mb.input_ids, attn, mb.position_ids, loss_fn)
@@ -225,5 +337,11 @@ def micro_batch_loss(model: nn.Module, mb: MicroBatch, cfg: LossConfig, normaliz
         d = torch.where(sel, ref - logp, torch.zeros_like(logp)).clamp(max=20.0)
         stats["kl_sum"] = (torch.exp(d) - d - 1.0).sum()
     if old is not None:
-        stats["logprob_diff_sum"] = torch.where(sel, (logp - old).abs(), torch.zeros_like(logp)).sum()
+        stats["logprob_diff_sum"] = st["mismatch_abs_sum"]
+        stats["mismatch_k3_sum"] = st["mismatch_k3_sum"]
+        stats["behaviour_tokens"] = st["behaviour_tokens"]
+    for k in ("is_weight_sum", "is_truncated_tokens", "is_masked_tokens", "is_sequences", "is_flagged_sequences",
+              "is_weight_max", "distill_kl_sum", "distill_top1_sum", "distill_tokens"):
+        if k in st:
+            stats[k] = st[k]
     return loss, stats

@@ -34,7 +34,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["train_step", "global_token_count", "peak_memory_gb", "empty_micro_batch"]
 
-_STAT_KEYS = ("tokens", "entropy_sum", "clip_sum", "logprob_sum", "kl_sum", "logprob_diff_sum")
+_STAT_KEYS = ("tokens", "entropy_sum", "clip_sum", "logprob_sum", "kl_sum", "logprob_diff_sum",
+              "mismatch_k3_sum", "behaviour_tokens", "is_weight_sum", "is_truncated_tokens", "is_masked_tokens",
+              "is_sequences", "is_flagged_sequences", "distill_kl_sum", "distill_top1_sum", "distill_tokens")
 
 
 def empty_micro_batch() -> MicroBatch:
@@ -42,7 +44,8 @@ def empty_micro_batch() -> MicroBatch:
     z = torch.zeros(1, 1, dtype=torch.int64)
     f = torch.zeros(1, 1, dtype=torch.float32)
     return MicroBatch(input_ids=z, targets=z.clone(), loss_mask=f, advantages=f.clone(),
-                      attention_mask=torch.ones(1, 1, dtype=torch.int64), position_ids=z.clone())
+                      attention_mask=torch.ones(1, 1, dtype=torch.int64), position_ids=z.clone(),
+                      sequence_ids=torch.full((1, 1), -1, dtype=torch.int64))
 
 
 def global_token_count(micro_batches: Sequence[MicroBatch]) -> float:
@@ -89,7 +92,11 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, mi
         `train/tokens_total` (non-padding input tokens), `train/micro_batches`,
         `train/skipped_nonfinite` (0 or 1), `perf/train_step_s`, `perf/train_tokens_per_s`,
         `perf/mem_gb`, and `kl/mean` / `logprob/abs_diff_inference` when the batch carries
-        reference / inference logprobs.
+        reference / inference logprobs; then also `offpolicy/mismatch_kl` (k3 estimate of
+        KL(behaviour ‖ current) per behaviour token), `offpolicy/behaviour_frac`, and with an
+        `is_mode`: `offpolicy/is_weight_mean`, `offpolicy/is_weight_max`, `offpolicy/truncated_frac`,
+        `offpolicy/masked_frac` (of trained tokens), `offpolicy/seq_flagged_frac` (sequences with a
+        truncated or masked token); with a teacher: `distill/kl`, `distill/top1_agree`.
     """
     if not (global_normalizer > 0 and math.isfinite(global_normalizer)):
         raise ValueError(f"global_normalizer must be a positive finite number, got {global_normalizer}")
@@ -109,7 +116,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, mi
     zero = torch.zeros((), dtype=torch.float64, device=device)
     sums = {k: zero.clone() for k in _STAT_KEYS}
     loss_sum, tok_total = zero.clone(), zero.clone()
-    has_ref = has_old = False
+    has_ref = has_old = has_is = has_distill = False
+    w_max = zero.clone()
     for mb in mbs:
         n_sel = mb.num_trained_tokens if mb.loss_mask.device.type == "cpu" else None  # counted on the host
         mb = mb.to(device)
@@ -119,16 +127,23 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, mi
         tok_total += mb.attention_mask.sum().double()
         has_ref |= "kl_sum" in st
         has_old |= "logprob_diff_sum" in st
+        has_is |= "is_weight_sum" in st
+        has_distill |= "distill_tokens" in st
+        if "is_weight_max" in st:
+            w_max = torch.maximum(w_max, st.pop("is_weight_max").double())
         for k, v in st.items():
             sums[k] += v.double()
 
     grad_norm_v = float(_grad_norm(params, grad_clip))  # already global over ranks
-    flags = torch.tensor([float(has_ref), float(has_old)], dtype=torch.float64, device=device)
+    flags = torch.tensor([float(has_ref), float(has_old), float(has_is), float(has_distill)], dtype=torch.float64,
+                         device=device)
     packed = torch.cat([torch.stack([loss_sum, tok_total] + [sums[k] for k in _STAT_KEYS]), flags])
     vals = adist.all_reduce_sum(packed).tolist()  # one collective, one host sync
     loss_total, tokens_total = vals[0], vals[1]
     s = dict(zip(_STAT_KEYS, vals[2:2 + len(_STAT_KEYS)]))
-    any_ref, any_old = vals[-2] > 0, vals[-1] > 0
+    any_ref, any_old, any_is, any_distill = (v > 0 for v in vals[-4:])
+    if any_is:
+        w_max_v = float(adist.all_reduce_max(w_max))
 
     lr = scheduler.get_last_lr()[0] if scheduler is not None else optimizer.param_groups[0]["lr"]
     finite = math.isfinite(loss_total) and math.isfinite(grad_norm_v)
@@ -161,5 +176,18 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, mi
     if any_ref:
         metrics["kl/mean"] = s["kl_sum"] / n_tok
     if any_old:
-        metrics["logprob/abs_diff_inference"] = s["logprob_diff_sum"] / n_tok
+        n_b = max(s["behaviour_tokens"], 1.0)
+        metrics["logprob/abs_diff_inference"] = s["logprob_diff_sum"] / n_b
+        metrics["offpolicy/mismatch_kl"] = s["mismatch_k3_sum"] / n_b
+        metrics["offpolicy/behaviour_frac"] = s["behaviour_tokens"] / n_tok
+    if any_is:
+        metrics["offpolicy/is_weight_mean"] = s["is_weight_sum"] / n_tok
+        metrics["offpolicy/is_weight_max"] = w_max_v
+        metrics["offpolicy/truncated_frac"] = s["is_truncated_tokens"] / n_tok
+        metrics["offpolicy/masked_frac"] = s["is_masked_tokens"] / n_tok
+        metrics["offpolicy/seq_flagged_frac"] = s["is_flagged_sequences"] / max(s["is_sequences"], 1.0)
+    if any_distill:
+        n_d = max(s["distill_tokens"], 1.0)
+        metrics["distill/kl"] = s["distill_kl_sum"] / n_d
+        metrics["distill/top1_agree"] = s["distill_top1_sum"] / n_d
     return metrics

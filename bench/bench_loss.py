@@ -14,6 +14,9 @@ Providers (all compute forward + backward of a loss on `hidden @ weight.T` with 
                        the same GEMM work, the chunked peer shipped with torch
     liger_chunked      liger_kernel.chunked_loss.LigerFusedLinearGRPOLoss(compiled=False), bnpo
     gemm_floor         the three plain GEMMs (logits, dX, dW) of the same shape, nothing else
+    ours_gspo          ours with loss_type "gspo" (sequences of 256 tokens): two passes, 8·N·D·V
+    ours_distill       ours (grpo) plus the top-k distillation term (k = 20, "kl")
+    ours_token_tis     ours (grpo) with token-level truncated IS against behaviour logprobs
     triton             (CUDA) ours with backend "triton"
     liger_triton       (CUDA) Liger's Triton LigerFusedLinearCrossEntropyLoss (plain CE)
 
@@ -72,6 +75,26 @@ def _step_fn(provider, hidden, weight, targets, advantages, mask):
         backend = "torch" if provider == "ours" else "triton"
         return run_loss(lambda: kernels.fused_linear_policy_loss(
             hidden, weight, targets, advantages, mask, loss_type="grpo", backend=backend)[0])
+    if provider in ("ours_gspo", "ours_distill", "ours_token_tis"):
+        import kernels
+
+        # Off-policy / GSPO / distillation variants of "ours" (docs/kernels.md): sequences of 256
+        # tokens, behaviour and old logprobs near the policy's, a teacher's top-20.
+        n = hidden.shape[0]
+        g = torch.Generator().manual_seed(1)
+        dev = hidden.device
+        near = (-5.0 + 0.3 * torch.randn(n, generator=g)).to(dev)
+        kw = dict(loss_type="grpo", backend="torch")
+        if provider == "ours_gspo":
+            kw.update(loss_type="gspo", old_logprobs=near, sequence_ids=(torch.arange(n) // 256).to(dev))
+        elif provider == "ours_token_tis":
+            kw.update(behaviour_logprobs=near, is_mode="token_tis", sequence_ids=(torch.arange(n) // 256).to(dev))
+        else:
+            k = 20
+            kw.update(distill_ids=torch.randint(0, weight.shape[0], (n, k), generator=g).to(dev),
+                      distill_logprobs=torch.log_softmax(torch.randn(n, k, generator=g), 1).to(dev),
+                      distill_coef=1.0, distill_mode="kl")
+        return run_loss(lambda: kernels.fused_linear_policy_loss(hidden, weight, targets, advantages, mask, **kw)[0])
     if provider == "naive":
         from kernels.reference import policy_loss_ref
 

@@ -159,7 +159,7 @@ def main(argv=None) -> int:
             clock.lap("other")
             safe_to_save = False  # an exception inside the step may leave weights half-updated
             m = train_step(model, optimizer, scheduler, mine, cfg.loss,
-                           global_normalizer=batch.total_trained_tokens, grad_clip=cfg.optim.grad_clip)
+                           global_normalizer=cfg.loss.normalizer(batch.total_trained_tokens, batch.num_sequences), grad_clip=cfg.optim.grad_clip)
             safe_to_save = True
             clock.lap("train")
             step += 1

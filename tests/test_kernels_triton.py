@@ -59,6 +59,16 @@ POLICY_CASES = {
     "awsft_bf16_two_tiles": dict(dtype="bf16", loss_type="awsft", V=5003, temperature=0.9),
     "awsft_fp32_tiny_odd": dict(dtype="fp32", loss_type="awsft", N=3, D=24, V=33),
     "grpo_fp16_masked_batch": dict(dtype="fp16", loss_type="grpo", old=True, all_masked=True),
+    # Off-policy corrections, GSPO, distillation, per-token temperature (kernels/reference.py).
+    "gspo_seq_tis_fp32": dict(dtype="fp32", loss_type="gspo", old=True, seq=True, beh=True, is_mode="seq_tis",
+                              is_cap=1.5, N=29, V=300),
+    "grpo_token_tis_fp32_temps": dict(dtype="fp32", loss_type="grpo", seq=True, beh=True, is_mode="token_tis",
+                                      is_cap=1.3, temps=True, N=29, V=300),
+    "cispo_token_mask_fp16_chunked": dict(dtype="fp16", loss_type="cispo", beh=True, is_mode="token_mask",
+                                          is_low=0.6, is_high=1.6, chunk_size=16, N=29, V=300),
+    "grpo_distill_ce_bf16_temps": dict(dtype="bf16", loss_type="grpo", old=True, distill=4, distill_mode="ce",
+                                       temps=True, N=29, V=300),
+    "distill_only_kl_fp32": dict(dtype="fp32", loss_type="distill", distill=3, distill_mode="kl", N=21, V=257),
 }
 LOGPROB_CASES = {
     "logprobs_fp32_t07": dict(dtype="fp32", temperature=0.7),
@@ -90,6 +100,20 @@ def _policy_inputs(name, spec):
         kw["old_logprobs"] = (logp_gold + 0.3 * torch.randn(n, generator=g, dtype=torch.float64)).float()
     if spec.get("ref"):
         kw["ref_logprobs"] = (logp_gold + 0.5 * torch.randn(n, generator=g, dtype=torch.float64)).float()
+    if spec.get("temps"):
+        kw["temperature"] = 0.6 + torch.rand(n, generator=g)
+    if spec.get("seq") or spec["loss_type"] == "gspo":
+        kw["sequence_ids"] = torch.arange(n) // 4
+    if spec.get("beh"):
+        kw["behaviour_logprobs"] = (logp_gold + 0.4 * torch.randn(n, generator=g, dtype=torch.float64)).float()
+        kw["behaviour_mask"] = torch.rand(n, generator=g) > 0.2
+        kw.update({k: spec[k] for k in ("is_mode", "is_cap", "is_low", "is_high") if k in spec})
+    if spec.get("distill"):
+        k = spec["distill"]
+        kw["distill_ids"] = torch.stack([torch.randperm(v, generator=g)[:k] for _ in range(n)])
+        kw["distill_logprobs"] = torch.log_softmax(2 * torch.randn(n, k + 1, generator=g), 1)[:, :k]
+        kw["distill_mask"] = torch.rand(n, generator=g) > 0.2
+        kw.update(distill_coef=0.8, distill_mode=spec["distill_mode"])
     return dict(hidden=hidden, weight=weight, targets=targets, advantages=adv, loss_mask=mask, kw=kw,
                 chunk_size=spec.get("chunk_size"))
 

@@ -43,7 +43,38 @@ def make_micro_batch(seed: int, R: int = 2, T: int = 11, V: int = 500) -> MicroB
                       ref_logprobs=-6.2 + 0.3 * torch.randn(R, T, generator=g), num_sequences=R)
 
 
+def with_offpolicy_fields(mb: MicroBatch, seed: int, k: int = 3) -> MicroBatch:
+    """The fields of an Atropos batch with behaviour logprobs for only some sequences, per-sequence
+    temperatures and a teacher's top-k (rows without a teacher: ids -1)."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    R, T = mb.input_ids.shape
+    V = 500
+    mb.sequence_ids = (torch.arange(R) + 10 * seed)[:, None].expand(R, T).clone()
+    mb.behaviour_mask = torch.zeros(R, T, dtype=torch.bool)
+    mb.behaviour_mask[0] = True
+    mb.old_logprobs = mb.old_logprobs * mb.behaviour_mask
+    mb.temperature = torch.tensor([0.7, 0.0])[:R, None].expand(R, T).clone()
+    mb.distill_ids = torch.randint(0, V, (R, T, k), generator=g)
+    mb.distill_ids[-1, : T // 2] = -1
+    mb.distill_logprobs = torch.log_softmax(torch.randn(R, T, k, generator=g), -1) - 0.1
+    return mb
+
+
 MBS = [make_micro_batch(s) for s in (10, 11, 12)]
+LOSS_VARIANTS = {
+    "grpo_token_tis": (LOSS, MBS),
+    # GSPO + sequence-level IS + per-sequence temperature + distillation + seq-mean-token-mean
+    "gspo_distill": (LossConfig(loss_type="gspo", clip_low=0.2, clip_high=0.28, kl_coef=0.05, backend="torch",
+                                is_mode="seq_tis", distill_coef=0.5, distill_mode="ce",
+                                normalization="seq_mean_token_mean"),
+                     [with_offpolicy_fields(make_micro_batch(s), s) for s in (10, 11, 12)]),
+}
+
+
+def _normalizer(loss_cfg, mbs):
+    n_seq = len({int(i) for mb in mbs for i in mb.sequence_ids.flatten().tolist() if i >= 0}) \
+        if mbs and mbs[0].sequence_ids is not None else sum(mb.num_sequences for mb in mbs)
+    return loss_cfg.normalizer(global_token_count(mbs), n_seq)
 SPLIT = {0: [0, 1], 1: [2]}  # uneven on purpose: rank 1 runs one empty micro-batch per step
 STEPS = 2
 
@@ -52,7 +83,8 @@ def _params(model) -> dict:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def _fsdp_worker(rank: int, world: int, port: int, model_dirs: dict, out_dir: str) -> None:
+def _fsdp_worker(rank: int, world: int, port: int, model_dirs: dict, out_dir: str,
+                 variant: str = "grpo_token_tis") -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -67,9 +99,10 @@ def _fsdp_worker(rank: int, world: int, port: int, model_dirs: dict, out_dir: st
             model = apply_fsdp(model, CPU)
             tied = model.lm_head.weight is model.model.embed_tokens.weight
             opt, sched = build_optimizer(model, OPTIM)
-            mine = [MBS[i] for i in SPLIT[rank]]
-            z = global_token_count(mine)
-            metrics = [train_step(model, opt, sched, mine, LOSS, global_normalizer=z, grad_clip=OPTIM.grad_clip)
+            loss_cfg, mbs = LOSS_VARIANTS[variant]
+            mine = [mbs[i] for i in SPLIT[rank]]
+            z = global_token_count(mine) if variant == "grpo_token_tis" else _normalizer(loss_cfg, mbs)
+            metrics = [train_step(model, opt, sched, mine, loss_cfg, global_normalizer=z, grad_clip=OPTIM.grad_clip)
                        for _ in range(STEPS)]
             save_checkpoint(Path(out_dir) / f"{name}_ck", STEPS, model, opt, sched)  # HF export + sharded DCP
             result[name] = {"metrics": metrics, "tied_after_shard": tied,
@@ -84,7 +117,8 @@ def _fsdp_worker(rank: int, world: int, port: int, model_dirs: dict, out_dir: st
 
 
 @pytest.mark.slow
-def test_fsdp_two_ranks_equal_one_process(tiny_model_dir, tiny_tied_model_dir, tmp_path):
+@pytest.mark.parametrize("variant", list(LOSS_VARIANTS))
+def test_fsdp_two_ranks_equal_one_process(tiny_model_dir, tiny_tied_model_dir, tmp_path, variant):
     """Same batch: one process with all micro-batches vs two gloo FSDP2 ranks with an uneven split.
     Same loss, grad norm and (after two steps) the same weights, tied and untied LM heads; the
     checkpoint saved under FSDP exports the same weights and resumes in one process."""
@@ -96,7 +130,7 @@ def test_fsdp_two_ranks_equal_one_process(tiny_model_dir, tiny_tied_model_dir, t
         for f in tmp_path.glob("error*.txt"):
             f.unlink()
         port = free_port()
-        procs = [ctx.Process(target=_fsdp_worker, args=(r, 2, port, dirs, str(tmp_path))) for r in range(2)]
+        procs = [ctx.Process(target=_fsdp_worker, args=(r, 2, port, dirs, str(tmp_path), variant)) for r in range(2)]
         for p in procs:
             p.start()
         for p in procs:
@@ -117,14 +151,17 @@ def test_fsdp_two_ranks_equal_one_process(tiny_model_dir, tiny_tied_model_dir, t
         model, _ = load_model_and_tokenizer(ModelConfig(path=d, attn_implementation="sdpa"), CPU)
         before = _params(model)
         opt, sched = build_optimizer(model, OPTIM)
-        z = sum(mb.num_trained_tokens for mb in MBS)
-        ref = [train_step(model, opt, sched, MBS, LOSS, global_normalizer=z, grad_clip=OPTIM.grad_clip)
+        loss_cfg, mbs = LOSS_VARIANTS[variant]
+        z = _normalizer(loss_cfg, mbs)
+        ref = [train_step(model, opt, sched, mbs, loss_cfg, global_normalizer=z, grad_clip=OPTIM.grad_clip)
                for _ in range(STEPS)]
         got = result[name]
         assert got["tied_after_shard"] == (name == "tied")
         assert got["lm_head_is_dtensor"]
         for m_ref, m_got in zip(ref, got["metrics"]):
-            for k in ("loss/total", "grad/norm", "entropy/mean", "clip/frac", "kl/mean", "train/tokens", "lr"):
+            keys = [k for k in m_ref if k.split("/")[0] in ("offpolicy", "distill")]
+            assert len(keys) >= 7, keys
+            for k in ["loss/total", "grad/norm", "entropy/mean", "clip/frac", "kl/mean", "train/tokens", "lr"] + keys:
                 assert m_got[k] == pytest.approx(m_ref[k], rel=1e-5, abs=1e-7), (name, k)
         assert ref[0]["grad/norm"] > OPTIM.grad_clip  # clipping was active, with the global norm
         ck_dir = tmp_path / f"{name}_ck" / f"step-{STEPS:08d}"
