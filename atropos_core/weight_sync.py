@@ -111,8 +111,14 @@ class WeightSyncConfig:
     the new weights (their KV cache is recomputed), "wait" drains them first, "abort" cancels them."""
     validate_shapes: bool = True
     """Check the manifest against the served checkpoint's tensor names/shapes before sending."""
+    verify_every: int = 1
+    """Every N steps, right after the push, compare a fixed probe's logprobs on the trainer and on
+    every server (`atropos_core.served_check`); a mismatch beyond the dtype's tolerance stops the
+    run. 0 disables it. Cost: one 32-token forward and one tiny request per server."""
 
     def __post_init__(self) -> None:
+        if self.verify_every < 0:
+            raise ValueError(f"WeightSyncConfig.verify_every must be >= 0 (0 = off), got {self.verify_every}")
         if self.backend not in ("auto", "gloo", "nccl"):
             raise ValueError(f"WeightSyncConfig.backend must be auto, gloo or nccl, got {self.backend!r}")
         if not 0 <= self.master_port < 65536:

@@ -33,6 +33,7 @@ from atropos_core.metrics import MetricsLogger  # noqa: E402
 from atropos_core.services import ServiceError  # noqa: E402
 from atropos_core.model import apply_fsdp, build_optimizer, load_model_and_tokenizer  # noqa: E402
 from atropos_core.steptime import StepClock  # noqa: E402
+from atropos_core.served_check import served_tolerance, verify_served_policy  # noqa: E402
 from atropos_core.trainer import train_step  # noqa: E402
 from atropos_core.weight_sync import WeightSync  # noqa: E402
 
@@ -169,6 +170,9 @@ def main(argv=None) -> int:
                                    f"(run.max_nonfinite_steps={cfg.run.max_nonfinite_steps}); stopping")
             if sync:
                 m.update(sync.push(model, step))  # incl. sync/server_version, what the servers now serve
+                if cfg.sync.verify_every and step % cfg.sync.verify_every == 0:  # the served policy, checked
+                    m.update(verify_served_policy(model, server_urls, cfg.data.vocab_size, step=step,
+                                                  tolerance=served_tolerance(model, cfg.sync.wire_dtype)))
                 clock.lap("sync")
             m.update(batch_metrics(batch), **env_metrics(groups), **(client.metrics() if client else {}))
             m.update(clock.split())

@@ -1,0 +1,100 @@
+"""Check that the inference servers serve the trainer's weights: score a fixed probe sequence on both
+sides and compare the per-token logprobs (`sync.verify_every`).
+
+Why: a weight-sync bug is silent (the loop keeps training, the servers keep sampling from other
+weights; a stale tied `lm_head` on CPU was one we hit). Right after a push, the trainer scores a
+fixed probe of `PROBE_LEN` token ids with its own model (one small forward, full logits: 32 × V) and
+asks each server for the same ids' `prompt_logprobs` (our `/generate`, greedy, one new token). The
+largest absolute difference is the metric `sync/verify_max_abs_diff`; above the dtype's tolerance
+the run stops with `ServedPolicyMismatch`. Raw logits on both sides (vLLM's prompt logprobs are not
+tempered). Under FSDP every rank runs the forward (a collective), rank 0 asks the servers and the
+verdict is shared, so all ranks stop together.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from . import dist as adist
+
+logger = logging.getLogger(__name__)
+
+PROBE_LEN = 32
+# Largest |logp_trainer - logp_server| accepted, by the trainer's parameter dtype. fp32 on CPU agrees
+# to ~1e-6 (docs/facts-found.md); a wrong tensor moves logprobs by O(0.1-10). 16-bit formats carry
+# their rounding of the logits (bf16: up to ~0.06 at |z| ~ 16-32) on both sides.
+TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-3, torch.float16: 0.05, torch.bfloat16: 0.15}
+
+
+class ServedPolicyMismatch(RuntimeError):
+    """The servers' logprobs of the probe differ from the trainer's beyond the tolerance."""
+
+
+def served_tolerance(model: nn.Module, wire_dtype: Optional[str] = None) -> float:
+    """The tolerance for the coarser of the trainer's parameter dtype and the sync's wire dtype."""
+    p = next(model.parameters())
+    tols = [TOLERANCE.get(p.dtype, 0.15)]
+    if wire_dtype:
+        tols.append(TOLERANCE.get(getattr(torch, str(wire_dtype).replace("torch.", ""), None), 0.15))
+    return max(tols)
+
+
+def probe_ids(vocab_size: int, n: int = PROBE_LEN) -> list[int]:
+    """A fixed, spread-out sequence of token ids below `vocab_size` (no special meaning)."""
+    v = max(2, min(vocab_size, 32000))
+    return [(97 * i + 11) % v for i in range(n)]
+
+
+@torch.no_grad()
+def trainer_logprobs(model: nn.Module, ids: Sequence[int]) -> torch.Tensor:
+    """`(len(ids)-1,)` fp64 logprob of ids[t] given ids[:t] under the trainer's model."""
+    p = next(model.parameters())
+    dev = p.to_local().device if hasattr(p, "to_local") else p.device
+    x = torch.tensor([list(ids)], dtype=torch.int64, device=dev)
+    logits = model(input_ids=x, use_cache=False).logits[0, :-1].double()
+    lp = torch.log_softmax(logits, -1)
+    return lp.gather(1, x[0, 1:, None]).squeeze(1).cpu()
+
+
+def served_logprobs(url: str, ids: Sequence[int], timeout_s: float = 60.0) -> torch.Tensor:
+    """The server's prompt logprobs of ids[1:] (its `/generate`, `prompt_logprobs=0`)."""
+    import requests
+
+    body = {"prompt": {"prompt_token_ids": list(ids)}, "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0}
+    r = requests.post(f"{url}/generate", json=body, timeout=timeout_s)
+    r.raise_for_status()
+    entries = r.json().get("prompt_logprobs")
+    if not isinstance(entries, list) or len(entries) != len(ids):
+        raise ServedPolicyMismatch(f"{url} returned no usable prompt_logprobs for the probe")
+    return torch.tensor([float(entries[t][str(ids[t])]) for t in range(1, len(ids))], dtype=torch.float64)
+
+
+def verify_served_policy(model: nn.Module, server_urls: Sequence[str], vocab_size: int, *, step: int,
+                         tolerance: Optional[float] = None) -> dict:
+    """Compare the trainer's and every server's logprobs of the probe; `{"sync/verify_max_abs_diff": d}`.
+
+    Every rank must call it (the trainer's forward is collective under FSDP). Raises
+    `ServedPolicyMismatch` on every rank when `d` exceeds `tolerance` (default by parameter dtype)."""
+    ids = probe_ids(vocab_size)
+    mine = trainer_logprobs(model, ids)
+    diff = torch.zeros((), dtype=torch.float64)
+    worst = ""
+    if adist.rank() == 0:
+        for url in server_urls:
+            d = float((served_logprobs(url, ids) - mine).abs().max())
+            if d >= float(diff):
+                diff, worst = torch.tensor(d, dtype=torch.float64), url
+    diff = adist.all_reduce_max(diff)
+    d = float(diff)
+    p = next(model.parameters())
+    tol = tolerance if tolerance is not None else TOLERANCE.get(p.dtype, 0.15)
+    if not d <= tol:
+        raise ServedPolicyMismatch(
+            f"step {step}: the inference server{' ' + worst if worst else 's'} serve(s) other weights than the "
+            f"trainer's: probe logprobs differ by up to {d:.3g} (tolerance {tol:g} for {p.dtype}). The weight "
+            f"sync is broken (a tensor not updated, e.g. a tied lm_head); stopping. sync.verify_every=0 "
+            f"disables this check")
+    return {"sync/verify_max_abs_diff": d}
