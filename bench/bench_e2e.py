@@ -87,18 +87,19 @@ def echo_model(work: Path, seed: int) -> Path:
                             hidden_size=ECHO["hidden_size"], num_layers=ECHO["num_layers"], seed=seed)
 
 
-def ours_echo(work: Path, seed: int, steps: int) -> dict:
+def ours_echo(work: Path, seed: int, steps: int, offpolicy: int = 1) -> dict:
     model = echo_model(work, seed)
     run_dir = work / f"ours_s{seed}"
     run_driver(run_dir, steps, [
         "--model", str(model), "--seed", str(seed), "--optim.lr", str(ECHO["lr"]),
         "--env.module", "bench.echo_env", "--env.group_size", str(ECHO["group"]),
         "--atropos.batch_size", str(ECHO["prompts"] * ECHO["group"]),
-        "--env.extra_args", f"--env.max_new_tokens {ECHO['new_tokens']} --env.seed {seed}"])
+        "--env.extra_args", f"--env.max_new_tokens {ECHO['new_tokens']} --env.seed {seed} "
+                            f"--env.max_batches_offpolicy {offpolicy}"])
     return summarize(run_dir)
 
 
-def trl_echo(work: Path, seed: int, steps: int) -> dict | None:
+def trl_echo(work: Path, seed: int, steps: int, offpolicy: int = 1) -> dict | None:
     try:
         import trl  # noqa: F401
     except ImportError:
@@ -118,15 +119,18 @@ def _fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
-def main_echo(steps: int, seeds: list[int]) -> int:
+def main_echo(steps: int, seeds: list[int], offpolicy: int = 1, systems=("ours", "trl")) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench_echo_"))
     meta = run_meta()
     rows = []
     for system, fn in (("ours", ours_echo), ("trl", trl_echo)):
+        if system not in systems:
+            continue
         for seed in seeds:
-            r = fn(work, seed, steps)
+            r = fn(work, seed, steps, offpolicy)
             if r is not None:
-                rows.append({**meta, **r, "task": "echo", "system": system, "seed": seed})
+                task = "echo" if offpolicy == 1 else f"echo offpolicy={offpolicy}"
+                rows.append({**meta, **r, "task": task, "system": system, "seed": seed})
     append_rows(ROOT / "bench" / "results" / "e2e.csv", FIELDS, rows)
     print(f"\necho task, {steps} steps, seeds {seeds} ({meta['device']}, {meta['commit']})")
     print(f"{'':6} {'s/step':>8} {'train s':>8} {'sync ms':>8} {'wait s':>8} {'staleness':>9}  steps to 10-step mean >= 0.6")
@@ -149,10 +153,14 @@ def main(argv=None) -> int:
     p.add_argument("--run-dir", type=Path, help="summarize this finished run instead of starting one")
     p.add_argument("--steps", type=int, default=None, help="steps (default: 20 for a run, 300 for echo)")
     p.add_argument("--seeds", default="0,1", help="echo task seeds")
+    p.add_argument("--offpolicy", type=int, default=1,
+                   help="echo: batches the environment may run ahead (its max_batches_offpolicy)")
+    p.add_argument("--systems", default="ours,trl", help="echo: rows to measure")
     p.add_argument("driver_args", nargs="*", help="extra drivers/train.py arguments (after --)")
     args = p.parse_args(argv)
     if args.task == "echo":
-        return main_echo(args.steps or 300, [int(s) for s in args.seeds.split(",")])
+        return main_echo(args.steps or 300, [int(s) for s in args.seeds.split(",")], args.offpolicy,
+                         tuple(args.systems.split(",")))
     run_dir = args.run_dir
     if run_dir is None:
         run_dir = Path(tempfile.mkdtemp(prefix="bench_e2e_")) / "run"
