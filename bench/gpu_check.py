@@ -808,6 +808,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None, help="default: cuda:0, or cpu with --smoke")
     ap.add_argument("--results-dir", type=Path, default=ROOT / "bench" / "results",
                     help="where gpu_check.csv, loss.csv and gpu_check/<run>.json go")
+    ap.add_argument("--commit", default=None,
+                    help="commit to stamp on the rows when this copy has no .git (default: git rev-parse)")
     ap.add_argument("--stage-timeout", type=float, default=300.0,
                     help="seconds one stage may take before it fails (and the next one starts)")
     args = ap.parse_args(argv)
@@ -821,6 +823,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     stages = sorted({int(s) for s in args.stages.split(",") if s.strip()})
     meta = run_meta(str(dev))
+    if args.commit:
+        meta["commit"] = args.commit
     print(f"gpu_check on {meta['device']} at {meta['commit']} ({'smoke' if args.smoke else 'full'})", flush=True)
     t_all = time.perf_counter()
     results, ceilings, loss_rows = [], {}, []
