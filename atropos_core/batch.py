@@ -72,7 +72,11 @@ DROP_REASONS = (
     "bad_mask",           # a mask entry neither -100 nor the token id at that position
     "non_finite",         # NaN/Infinity in scores, advantages or logprobs
     "bad_logprobs",       # a logprob > 0 at a trained position (misaligned or padded with 1.0)
-    "missing_logprobs",   # use_inference_logprobs/use_ref_logprobs but the group lacks the field
+    "bad_distill",        # distill_token_ids/distill_logprobs: one without the other, ragged top-k,
+                          # k differing between the two fields, or an entry that is not a list
+    "bad_temperature",    # a sampling temperature (overrides/generation_params/group_overrides)
+                          # that is not a finite number > 0
+    "missing_logprobs",   # use_inference_logprobs=True/use_ref_logprobs but the group lacks the field
     "no_trained_tokens",  # no position after the first has a mask != -100
     "duplicate",          # same tokens, trained positions and scores as a group already in this batch
 )
@@ -113,9 +117,13 @@ class DataConfig:
     flash-attention varlen does; with transformers 5.19, SDPA given position_ids and no
     attention_mask builds the block-diagonal causal mask from the position resets
     (tests/test_loss.py::test_packed_row_equals_separate_rows)."""
-    use_inference_logprobs: bool = False
-    """Put the sampler's `inference_logprobs` into `MicroBatch.old_logprobs` (PPO/CISPO ratios);
-    groups without them are dropped ("missing_logprobs")."""
+    use_inference_logprobs: Optional[bool] = None
+    """The sampler's `inference_logprobs` as the behaviour policy (`MicroBatch.old_logprobs`, used
+    by `loss.is_mode`). None (default, "auto"): used whenever a group carries them; a group
+    without them in such a batch is trained as on-policy (its `behaviour_mask` is 0: IS weight 1,
+    PPO ratio 1, left out of the mismatch metrics) and counted in
+    `data/groups_without_inference_logprobs`. True: required, groups without them are dropped
+    ("missing_logprobs"). False: ignored."""
     use_ref_logprobs: bool = False
     """Put the environment's `ref_logprobs` into `MicroBatch.ref_logprobs` (KL penalty); groups
     without them are dropped ("missing_logprobs")."""
@@ -162,6 +170,9 @@ class _Seq:
     inference_logprobs: Optional[np.ndarray]
     ref_logprobs: Optional[np.ndarray]
     zero_advantage: bool
+    temperature: Optional[float] = None     # sampling temperature, None = loss.temperature
+    distill_ids: Optional[np.ndarray] = None    # (L, k) int64, rows valid where trained
+    distill_logprobs: Optional[np.ndarray] = None  # (L, k) float64
 
 
 class _Bad(Exception):
@@ -194,6 +205,52 @@ def _float_row(v, field: str, i: int) -> np.ndarray:
     return _numeric_row(v, field, i, "iuf", np.float64, "numbers")
 
 
+def _temperature(sources) -> Optional[float]:
+    """The first `temperature` set in `sources` (dicts or None), Atropos's order of precedence."""
+    for where, src in sources:
+        if isinstance(src, dict) and src.get("temperature") is not None:
+            t = src["temperature"]
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+                raise _Bad("bad_temperature", f"{where} temperature {t!r} is not a finite number > 0")
+            return float(t)
+    return None
+
+
+def _distill_rows(ids_in, lps_in, i: int, L: int, trained: np.ndarray, cfg: DataConfig):
+    """Sequence i's teacher top-k `(ids (L, k), logprobs (L, k))`, checked at trained positions."""
+    if not isinstance(ids_in, list) or not isinstance(lps_in, list):
+        raise _Bad("bad_distill", f"distill fields of sequence {i} are not lists")
+    if len(ids_in) != L or len(lps_in) != L:
+        raise _Bad("length_mismatch", f"sequence {i}: len(tokens)={L}, len(distill_token_ids)={len(ids_in)}, "
+                                      f"len(distill_logprobs)={len(lps_in)}")
+    pos = np.flatnonzero(trained)
+    ks = set()
+    for t in pos:
+        a, b = ids_in[t], lps_in[t]
+        if not isinstance(a, list) or not isinstance(b, list):
+            raise _Bad("bad_distill", f"sequence {i} position {t}: top-k entries must be lists")
+        if len(a) != len(b):
+            raise _Bad("bad_distill", f"sequence {i} position {t}: k mismatch, {len(a)} ids vs {len(b)} logprobs")
+        ks.add(len(a))
+    if len(ks) > 1 or 0 in ks:
+        raise _Bad("bad_distill", f"sequence {i}: ragged top-k at trained positions (k in {sorted(ks)})")
+    k = ks.pop()
+    ids_t = _int_row([x for t in pos for x in ids_in[t]], "distill_token_ids", i)
+    lps_t = _float_row([x for t in pos for x in lps_in[t]], "distill_logprobs", i)
+    if ids_t.min() < 0 or (cfg.vocab_size is not None and ids_t.max() >= cfg.vocab_size):
+        raise _Bad("token_out_of_range", f"distill_token_ids[{i}] in [{ids_t.min()}, {ids_t.max()}], allowed "
+                                         f"[0, {cfg.vocab_size if cfg.vocab_size is not None else 'inf'})")
+    if not np.isfinite(lps_t).all():
+        raise _Bad("non_finite", f"distill_logprobs[{i}] holds {lps_t[~np.isfinite(lps_t)][:3].tolist()}")
+    if lps_t.max() > _LOGPROB_SLACK:
+        raise _Bad("bad_logprobs", f"distill_logprobs[{i}] has {lps_t.max():.4g} > 0")
+    ids = np.zeros((L, k), dtype=np.int64)
+    lps = np.zeros((L, k), dtype=np.float64)
+    ids[pos] = ids_t.reshape(len(pos), k)
+    lps[pos] = lps_t.reshape(len(pos), k)
+    return ids, lps
+
+
 def _check_group(group, cfg: DataConfig) -> list[_Seq]:
     """Parse and check one group; raise `_Bad(reason, detail)` on the first problem found."""
     if not isinstance(group, dict):
@@ -207,7 +264,7 @@ def _check_group(group, cfg: DataConfig) -> list[_Seq]:
         raise _Bad("empty_sequence", "group has no sequences")
     per_token = {f: group.get(f) for f in _PER_TOKEN_FLOAT_FIELDS if group.get(f) is not None}
     if cfg.use_inference_logprobs and "inference_logprobs" not in per_token:
-        raise _Bad("missing_logprobs", "data.use_inference_logprobs is set but the group has no inference_logprobs")
+        raise _Bad("missing_logprobs", "data.use_inference_logprobs is true but the group has no inference_logprobs")
     if cfg.use_ref_logprobs and "ref_logprobs" not in per_token:
         raise _Bad("missing_logprobs", "data.use_ref_logprobs is set but the group has no ref_logprobs")
     overrides = group.get("overrides")
@@ -222,11 +279,22 @@ def _check_group(group, cfg: DataConfig) -> list[_Seq]:
         # Atropos's BaseEnv sends [] when no item set one: treat that as "none".
         if overrides:
             counts["overrides"] = len(overrides)
+    d_ids, d_lps = group.get("distill_token_ids"), group.get("distill_logprobs")
+    d_ids, d_lps = (d_ids or None), (d_lps or None)       # [] = not sent, like overrides
+    if (d_ids is None) != (d_lps is None):
+        raise _Bad("bad_distill", "distill_token_ids and distill_logprobs must be sent together")
+    if d_ids is not None:
+        if not isinstance(d_ids, list) or not isinstance(d_lps, list):
+            raise _Bad("bad_distill", "distill_token_ids/distill_logprobs must be lists [sequence][position][k]")
+        counts["distill_token_ids"], counts["distill_logprobs"] = len(d_ids), len(d_lps)
     if len(set(counts.values())) != 1:
         raise _Bad("count_mismatch", "numbers of sequences differ: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
     group_overrides = group.get("group_overrides")
     if group_overrides is not None and not isinstance(group_overrides, dict):
         raise _Bad("malformed", "'group_overrides' must be an object (or null)")
+    gen_params = group.get("generation_params")
+    if gen_params is not None and not isinstance(gen_params, dict):
+        raise _Bad("malformed", "'generation_params' must be an object (or null)")
     group_zero = bool((group_overrides or {}).get("set_advantage_to_zero", False))
 
     scores = _float_row(scores_in, "scores", 0) if scores_in else np.zeros(0)
@@ -269,11 +337,15 @@ def _check_group(group, cfg: DataConfig) -> list[_Seq]:
         if not trained.any():
             raise _Bad("no_trained_tokens", f"sequence {i} has no trained position after the first token")
         ov = overrides[i] if overrides else None
+        temp = _temperature(((f"overrides[{i}]", ov), ("generation_params", gen_params),
+                             ("group_overrides", group_overrides)))
+        dist = _distill_rows(d_ids[i], d_lps[i], i, L, trained, cfg) if d_ids is not None else (None, None)
         seqs.append(_Seq(tokens=tok, trained=trained, score=float(scores[i]),
                          advantages=floats.get("advantages"),
                          inference_logprobs=floats.get("inference_logprobs"),
                          ref_logprobs=floats.get("ref_logprobs"),
-                         zero_advantage=group_zero or bool((ov or {}).get("set_advantage_to_zero", False))))
+                         zero_advantage=group_zero or bool((ov or {}).get("set_advantage_to_zero", False)),
+                         temperature=temp, distill_ids=dist[0], distill_logprobs=dist[1]))
     return seqs
 
 
@@ -470,20 +542,46 @@ class _Row:
     old_logprobs: Optional[np.ndarray]
     ref_logprobs: Optional[np.ndarray]
     seq_id: int
+    temperature: float = 0.0                     # 0 = loss.temperature
+    distill_ids: Optional[np.ndarray] = None     # (L-1, k)
+    distill_logprobs: Optional[np.ndarray] = None
 
 
-def _shift(s: _Seq, adv: np.ndarray, seq_id: int, cfg: DataConfig) -> _Row:
+@dataclass
+class _Fields:
+    """Which optional tensors the micro-batches of one batch carry (the same for all of them, so
+    every rank and micro-batch sees the same structure)."""
+
+    old: bool = False
+    ref: bool = False
+    temperature: bool = False
+    distill_k: int = 0
+
+
+def _shift(s: _Seq, adv: np.ndarray, seq_id: int, cfg: DataConfig, fields: _Fields) -> _Row:
     m = s.trained[1:]
     lp = lambda a: np.where(m, a[1:], 0.0) if a is not None else None  # noqa: E731 - prompt 1.0s go
+    d_ids = d_lps = None
+    if fields.distill_k:
+        k = fields.distill_k
+        d_ids = np.full((len(m), k), -1, dtype=np.int64)   # -1: no teacher for this row
+        d_lps = np.zeros((len(m), k), dtype=np.float64)
+        if s.distill_ids is not None:
+            # sorted by the teacher's logprob, then cut to the batch's smallest k: the top-k' of a
+            # top-k is the top-k' (vLLM also appends the sampled token after the top-k)
+            order = np.argsort(-s.distill_logprobs[1:], axis=1, kind="stable")[:, :k]
+            d_ids = np.where(m[:, None], np.take_along_axis(s.distill_ids[1:], order, 1), -1)
+            d_lps = np.where(m[:, None], np.take_along_axis(s.distill_logprobs[1:], order, 1), 0.0)
     return _Row(input_ids=s.tokens[:-1], targets=s.tokens[1:], loss_mask=m.astype(np.float32),
                 advantages=np.where(m, adv[1:], 0.0),
-                old_logprobs=lp(s.inference_logprobs) if cfg.use_inference_logprobs else None,
-                ref_logprobs=lp(s.ref_logprobs) if cfg.use_ref_logprobs else None, seq_id=seq_id)
+                old_logprobs=lp(s.inference_logprobs) if fields.old else None,
+                ref_logprobs=lp(s.ref_logprobs) if fields.ref else None, seq_id=seq_id,
+                temperature=s.temperature or 0.0, distill_ids=d_ids, distill_logprobs=d_lps)
 
 
-def _make_micro_batch(rows: list[_Row], cfg: DataConfig) -> MicroBatch:
-    with_old = cfg.use_inference_logprobs
-    with_ref = cfg.use_ref_logprobs
+def _make_micro_batch(rows: list[_Row], cfg: DataConfig, fields: Optional[_Fields] = None) -> MicroBatch:
+    fields = fields or _Fields(old=bool(cfg.use_inference_logprobs), ref=cfg.use_ref_logprobs)
+    with_old, with_ref = fields.old, fields.ref
     if cfg.layout == "packed":
         T = sum(len(r.input_ids) for r in rows)
         shape = (1, T)
@@ -500,10 +598,15 @@ def _make_micro_batch(rows: list[_Row], cfg: DataConfig) -> MicroBatch:
     position_ids = torch.zeros(shape, dtype=torch.int64)
     sequence_ids = torch.full(shape, -1, dtype=torch.int64)
     old = torch.zeros(shape, dtype=torch.float32) if with_old else None
+    bmask = torch.zeros(shape, dtype=torch.bool) if with_old else None
     ref = torch.zeros(shape, dtype=torch.float32) if with_ref else None
-    for r, k, off in placements:
+    temp = torch.zeros(shape, dtype=torch.float32) if fields.temperature else None
+    k = fields.distill_k
+    d_ids = torch.full(shape + (k,), -1, dtype=torch.int64) if k else None
+    d_lps = torch.zeros(shape + (k,), dtype=torch.float32) if k else None
+    for r, row, off in placements:
         n = len(r.input_ids)
-        sl = (k, slice(int(off), int(off) + n))
+        sl = (row, slice(int(off), int(off) + n))
         input_ids[sl] = torch.from_numpy(r.input_ids)
         targets[sl] = torch.from_numpy(r.targets)
         loss_mask[sl] = torch.from_numpy(r.loss_mask)
@@ -511,17 +614,50 @@ def _make_micro_batch(rows: list[_Row], cfg: DataConfig) -> MicroBatch:
         attention_mask[sl] = 1
         position_ids[sl] = torch.arange(n)
         sequence_ids[sl] = r.seq_id
-        if with_old:
+        if with_old and r.old_logprobs is not None:
             old[sl] = torch.from_numpy(r.old_logprobs).to(torch.float32)
+            bmask[sl] = True
         if with_ref:
             ref[sl] = torch.from_numpy(r.ref_logprobs).to(torch.float32)
+        if temp is not None:
+            temp[sl] = r.temperature
+        if k:
+            d_ids[sl] = torch.from_numpy(r.distill_ids)
+            d_lps[sl] = torch.from_numpy(r.distill_logprobs).to(torch.float32)
     cu = None
     if cfg.layout == "packed":
         cu = torch.tensor([0] + np.cumsum([len(r.input_ids) for r in rows]).tolist(), dtype=torch.int32)
     return MicroBatch(input_ids=input_ids, targets=targets, loss_mask=loss_mask, advantages=advantages,
                       attention_mask=attention_mask, position_ids=position_ids, old_logprobs=old,
                       ref_logprobs=ref, layout=cfg.layout, cu_seqlens=cu, num_sequences=len(rows),
-                      sequence_ids=sequence_ids)
+                      sequence_ids=sequence_ids, behaviour_mask=bmask, temperature=temp,
+                      distill_ids=d_ids, distill_logprobs=d_lps)
+
+
+_logged_behaviour = False
+
+
+def _batch_fields(seqs: list[_Seq], cfg: DataConfig, log: bool) -> tuple[_Fields, dict]:
+    """The optional fields of this batch and the counters that explain them (see `DataConfig`)."""
+    global _logged_behaviour
+    with_inf = [s.inference_logprobs is not None for s in seqs]
+    old = bool(cfg.use_inference_logprobs) or (cfg.use_inference_logprobs is None and any(with_inf))
+    metrics = {}
+    if old:
+        metrics["data/sequences_without_inference_logprobs"] = sum(not w for w in with_inf)
+        if not _logged_behaviour and log:
+            logger.info("batches carry inference_logprobs: they are the behaviour policy of the loss "
+                        "(data.use_inference_logprobs=%s; see loss.is_mode). Sequences without them are "
+                        "trained as on-policy and counted in data/sequences_without_inference_logprobs",
+                        {None: "auto", True: "true"}[cfg.use_inference_logprobs])
+            _logged_behaviour = True
+    ks = [s.distill_ids.shape[1] for s in seqs if s.distill_ids is not None]
+    if ks:
+        metrics["data/distill_top_k"] = min(ks)
+        metrics["data/sequences_without_distill"] = len(seqs) - len(ks)
+    fields = _Fields(old=old, ref=cfg.use_ref_logprobs, temperature=any(s.temperature is not None for s in seqs),
+                     distill_k=min(ks) if ks else 0)
+    return fields, metrics
 
 
 def build_train_batch(groups: Sequence, cfg: DataConfig, reduce_fn: Optional[ReduceFn] = None,
@@ -535,10 +671,12 @@ def build_train_batch(groups: Sequence, cfg: DataConfig, reduce_fn: Optional[Red
     kept, parsed, metrics = filter_groups(groups, cfg, log_drops)
     seqs = [s for g in parsed for s in g]
     advs = compute_advantages(parsed, cfg, reduce_fn)
-    rows = [_shift(s, a, k, cfg) for k, (s, a) in enumerate(zip(seqs, advs))]
+    fields, field_metrics = _batch_fields(seqs, cfg, log_drops)
+    metrics.update(field_metrics)
+    rows = [_shift(s, a, k, cfg, fields) for k, (s, a) in enumerate(zip(seqs, advs))]
     plan = plan_micro_batches([len(r.input_ids) for r in rows], cfg.max_tokens_per_micro_batch,
                               padded=cfg.layout == "padded")
-    mbs = [_make_micro_batch([rows[i] for i in idx], cfg) for idx in plan]
+    mbs = [_make_micro_batch([rows[i] for i in idx], cfg, fields) for idx in plan]
     trained = int(sum(r.loss_mask.sum() for r in rows))
     real = sum(len(r.input_ids) for r in rows)
     slots = sum(mb.input_ids.numel() for mb in mbs)
@@ -568,6 +706,10 @@ def _dummy_like(mb: MicroBatch, pad_token_id: int) -> MicroBatch:
         attention_mask=torch.ones((1, 1), dtype=torch.int64), position_ids=zeros(torch.int64),
         old_logprobs=zeros(torch.float32) if mb.old_logprobs is not None else None,
         ref_logprobs=zeros(torch.float32) if mb.ref_logprobs is not None else None,
+        behaviour_mask=zeros(torch.bool) if mb.behaviour_mask is not None else None,
+        temperature=zeros(torch.float32) if mb.temperature is not None else None,
+        distill_ids=torch.full((1, 1) + mb.distill_ids.shape[2:], -1, dtype=torch.int64) if mb.distill_ids is not None else None,
+        distill_logprobs=torch.zeros((1, 1) + mb.distill_ids.shape[2:]) if mb.distill_ids is not None else None,
         layout=mb.layout, cu_seqlens=torch.tensor([0, 1], dtype=torch.int32) if mb.layout == "packed" else None,
         num_sequences=0, sequence_ids=torch.full((1, 1), -1, dtype=torch.int64))
 

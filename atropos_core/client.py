@@ -25,6 +25,10 @@ What can go wrong and what this client does about it:
   fails. Seen as `/info` still -1 right after registering; the client resets the server's data
   (`GET /reset_data`, losing those early groups) and registers again (`data/api_resets`).
 - A registration that does not match ours (another trainer's state): `AtroposConfigMismatch`.
+
+Several environments may feed one API (Atropos's multi-environment training): the API numbers them
+in the order they register (`env_id` 0, 1, ...; each environment's log says "Initialized env with
+id N") and every group carries its `env_id`. `env_metrics` splits a batch's reward by it.
 """
 from __future__ import annotations
 
@@ -40,6 +44,29 @@ from tenacity import (RetryError, Retrying, retry_if_exception_type, stop_before
                       wait_exponential_jitter)
 
 logger = logging.getLogger(__name__)
+
+
+def env_metrics(groups: list) -> dict:
+    """Per-environment mean reward and sequence count of a batch as it came from the API (every
+    sequence of every group with a list of finite scores), keyed by the groups' `env_id`
+    (`reward/env<ID>`, `data/sequences_env<ID>`; "unknown" when a group carries none)."""
+    sums: dict[str, list] = {}
+    for g in groups or []:
+        if not isinstance(g, dict) or not isinstance(g.get("scores"), list):
+            continue
+        eid = g.get("env_id")
+        key = str(eid) if isinstance(eid, int) and not isinstance(eid, bool) else "unknown"
+        scores = [float(x) for x in g["scores"] if isinstance(x, (int, float)) and not isinstance(x, bool)
+                  and math.isfinite(x)]
+        acc = sums.setdefault(key, [0.0, 0])
+        acc[0] += sum(scores)
+        acc[1] += len(scores)
+    out = {}
+    for key, (total, n) in sorted(sums.items()):
+        if n:
+            out[f"reward/env{key}"] = total / n
+            out[f"data/sequences_env{key}"] = n
+    return out
 
 
 @dataclass

@@ -11,6 +11,11 @@ table per section) is applied first, then the command line. The common fields ha
 spellings (`--model`, `--steps`, `--out`, `--resume`, `--atropos-url`, `--inference-port`,
 `--no-env`). Values are parsed by the field's type; a wrong section, field or value ends at start-up
 with one message that names it. The resolved config is written to `<run dir>/config.json`.
+
+Presets: with no `--model` (or `--preset demo`) the demo preset (`DEMO_PRESET`) fills the fields
+the user did not set, and the launcher says so once; with `--model` every other field keeps its
+dataclass default, the one `--help` shows. Lengths: `run.max_token_len` (`--max-token-len`),
+`data.max_token_len` and `atropos.max_token_len` are one setting (see `model_source`).
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import shlex
 import sys
 import types
 import typing
@@ -28,7 +34,7 @@ from typing import Any, Optional
 from .batch import DataConfig
 from .checkpoint import CheckpointConfig
 from .client import AtroposConfig
-from .inference.launch import CPU_WEIGHT_LAYOUTS
+from .inference.launch import CPU_WEIGHT_LAYOUTS, check_user_vllm_args
 from .loss import LossConfig
 from .metrics import LoggingConfig
 from .model import ModelConfig, OptimConfig
@@ -41,8 +47,15 @@ class ConfigError(ValueError):
 
 @dataclass
 class RunConfig:
-    steps: int = 60
+    steps: int = 1000
     """Optimizer steps to run (one Atropos batch per step)."""
+    preset: str = "auto"
+    """"demo": the built-in tiny model and task with the settings of `DEMO_PRESET` (announced at
+    start); "none": the defaults shown by --help; "auto": demo when no --model is given, else none."""
+    max_token_len: Optional[int] = None
+    """The run's one sequence length (prompt + completion, tokens): vLLM's --max-model-len, the API
+    registration and data validation all follow it (data./atropos.max_token_len are the same
+    setting). None: the model's own limit, capped at 2048. More than the model's limit is an error."""
     out: str = "runs/default"
     """Run directory: config.json, metrics.jsonl, curves.png, logs/, checkpoints/."""
     seed: int = 0
@@ -62,6 +75,10 @@ class RunConfig:
             raise ValueError(f"run.device must be auto, cpu or cuda, got {self.device!r}")
         if self.max_nonfinite_steps < 1:
             raise ValueError(f"run.max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
+        if self.preset not in PRESETS:
+            raise ValueError(f"run.preset must be one of {PRESETS}, got {self.preset!r}")
+        if self.max_token_len is not None and self.max_token_len < 2:
+            raise ValueError(f"run.max_token_len must be >= 2 or None, got {self.max_token_len}")
 
 
 @dataclass
@@ -77,7 +94,13 @@ class InferenceConfig:
     startup_timeout_s: float = 300.0
     """How long a vLLM server may take to answer /health (cold start is 30-40 s on CPU)."""
     extra_args: str = ""
-    """Extra command-line arguments for vLLM, space separated."""
+    """Extra command-line arguments for vLLM (shell quoting): they replace the launcher's own value of
+    the same flag (--dtype, --seed, --enforce-eager, --gpu-memory-utilization, ...). The resolved
+    command line of every server is written to `<run dir>/vllm_commands.txt`."""
+    gpus: str = "auto"
+    """GPU machines: where the servers run (`atropos_core.placement`). "auto": the GPUs after the
+    trainer ranks' (colocated with the trainer, logged, when none are left); "colocate"; or a list
+    of physical GPU ids such as "4,5,6,7" or "4-7" (tensor-parallel-size of them per server)."""
     cpu_weight_layout: str = "packed"
     """CPU servers only: "packed" is vLLM's oneDNN pre-packing (generation ~1.3-1.8x faster at
     n=16, every sync re-packs); "plain" keeps plain tensors that each sync copies into in place
@@ -91,6 +114,10 @@ class InferenceConfig:
             raise ValueError(f"inference.port must be in [0, 65535], got {self.port}")
         if self.num_servers < 1:
             raise ValueError(f"inference.num_servers must be >= 1, got {self.num_servers}")
+        from .placement import check_gpus_spec
+
+        check_gpus_spec(self.gpus)
+        check_user_vllm_args(self.extra_args)
 
 
 @dataclass
@@ -99,6 +126,13 @@ class EnvConfig:
     """Start the built-in environment (atropos_core.envs.repeat_env) as a child process."""
     module: str = "atropos_core.envs.repeat_env"
     """Python module of the environment to start (its `BaseEnv.cli()` runs with `serve`)."""
+    modules: list[str] = field(default_factory=list)
+    """Several environments at once (overrides `module`): one entry per environment process, each
+    "MODULE [its own --env.* args]"; all feed the one API and sample from our servers. On the command
+    line a JSON list or comma-separated, e.g. `--env.modules atropos_core.envs.repeat_env,my_env`.
+    atroposlib pauses an environment while the API queue holds its `max_batches_offpolicy` batches,
+    whoever queued them: give a slower one room (`--env.max_batches_offpolicy`) or a share of
+    every batch (`--env.min_batch_allocation`) in its entry."""
     group_size: int = 8
     """Completions sampled per prompt (one Atropos group)."""
     max_new_tokens: int = 1
@@ -106,7 +140,18 @@ class EnvConfig:
     extra_args: str = ""
     """Extra `--env.*` / `--openai.*` arguments for the environment process, space separated."""
 
+    @property
+    def module_specs(self) -> list[str]:
+        """One "MODULE [args]" entry per environment process to start."""
+        return list(self.modules) if self.modules else [self.module]
+
     def __post_init__(self):
+        for spec in self.module_specs:
+            try:
+                if not shlex.split(spec):
+                    raise ValueError("empty entry")
+            except ValueError as e:
+                raise ValueError(f"env.modules entry {spec!r}: {e}") from None
         if self.group_size < 2:
             raise ValueError(f"env.group_size must be >= 2 (GRPO needs a group), got {self.group_size}")
 
@@ -122,7 +167,9 @@ class TrainConfig:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
     sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # A real run checkpoints every 100 steps by default (the demo preset: every 20).
+    checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(
+        dir=str(Path(RunConfig.out) / "checkpoints"), every=100))
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -137,6 +184,8 @@ SHORTCUTS = {
     "--no-env": ("env", "start", "false"),
     "--resume": ("checkpoint", "resume", "auto"),
     "--no-inference": ("inference", "start", "false"),
+    "--max-token-len": ("run", "max_token_len", None),
+    "--preset": ("run", "preset", None),
 }
 
 
@@ -178,6 +227,8 @@ def parse_value(raw: Any, tp, where: str):
             if raw not in typing.get_args(tp):
                 raise ValueError(f"expected one of {typing.get_args(tp)}")
             return raw
+        if (origin is list or tp is list) and not raw.lstrip().startswith("["):
+            return [x.strip() for x in raw.split(",") if x.strip()]  # a,b,c
         if origin in (list, tuple, dict) or tp in (list, tuple, dict):
             val = json.loads(raw)
             return tuple(val) if (origin is tuple or tp is tuple) else val
@@ -246,7 +297,9 @@ def parse_args(argv: Optional[list[str]] = None) -> TrainConfig:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(
         prog="drivers/train.py", description="Train a policy on Atropos batches; with no arguments, a "
-        "complete local RL loop (API, vLLM, built-in environment, trainer).",
+        "complete local RL loop (API, vLLM, built-in environment, trainer) under the demo preset ("
+        + ", ".join(f"{k}={v}" for k, v in DEMO_PRESET.items()) + "). With --model DIR or a hub id, the "
+        "defaults below apply unchanged.",
         epilog=config_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="TOML or JSON file with one table per section")
     for flag, (sec, name, const) in SHORTCUTS.items():
@@ -285,31 +338,70 @@ def parse_args(argv: Optional[list[str]] = None) -> TrainConfig:
     return resolve(overrides)
 
 
-# The built-in run (no model given): a tiny model learning the built-in task in minutes on CPU.
-# lr 3e-3 with 16 groups of 8 per step lifts mean reward from ~0.13 to 0.5-0.8 in 50-80 steps
-# (in-process simulation first, then real runs); 120 steps with a cosine floor of 0.2·lr end at
-# ~0.69 over the last 10 steps, 3 min 13 s on an idle 2-core machine (README).
-DEMO_DEFAULTS = {
+PRESETS = ("auto", "demo", "none")
+#: The three spellings of the run's one sequence length (see `RunConfig.max_token_len`).
+LENGTH_KEYS = ("run.max_token_len", "data.max_token_len", "atropos.max_token_len")
+
+# The demo preset (no --model given, or --preset demo): a tiny model learning the built-in task in
+# minutes on CPU. lr 3e-3 with 16 groups of 8 per step lifts mean reward from ~0.13 to 0.5-0.8 in
+# 50-80 steps (in-process simulation first, then real runs); 120 steps with a cosine floor of
+# 0.2·lr end at ~0.69 over the last 10 steps, 3 min 13 s on an idle 2-core machine (README).
+# Without the preset the dataclass defaults apply (those --help shows): a real model's settings.
+DEMO_PRESET = {
     "run.steps": 120,
     "optim.lr": 3e-3,
     "optim.schedule": "cosine",
     "optim.min_lr_ratio": 0.2,
     "atropos.batch_size": 128,
     "atropos.group_size": 8,
-    "atropos.max_token_len": 64,
-    "data.max_token_len": 64,
+    "run.max_token_len": 64,
     "loss.loss_type": "grpo",
     "checkpoint.every": 20,
     "logging.plot_every": 5,
 }
 
 
+def _is_demo(overrides: dict[str, Any]) -> bool:
+    preset = str(overrides.get("run.preset", "auto"))
+    if preset not in PRESETS:
+        raise ConfigError(f"run.preset must be one of {PRESETS}, got {preset!r}")
+    return preset == "demo" or (preset == "auto" and not overrides.get("model.path"))
+
+
+def _unify_lengths(overrides: dict[str, Any]) -> None:
+    """The three length keys are one setting: every given one must agree; all three get the value."""
+    given = {}
+    for k in LENGTH_KEYS:
+        raw = overrides.get(k)
+        if raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null", "auto", "")):
+            continue
+        try:
+            given[k] = int(raw)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{k}: cannot parse {raw!r} as int") from None
+    if len(set(given.values())) > 1:
+        raise ConfigError("the sequence length is one setting, given differently: "
+                          + ", ".join(f"{k}={v}" for k, v in given.items()) + " (set only --max-token-len)")
+    if given:
+        v = next(iter(given.values()))
+        overrides.update({k: v for k in LENGTH_KEYS})
+    else:
+        for k in LENGTH_KEYS:
+            overrides.pop(k, None)
+
+
 def resolve(overrides: dict[str, Any]) -> TrainConfig:
-    """Defaults (plus the built-in run's when no model is given), then `overrides`, plus the fields
-    derived from others: checkpoint/log dirs under the run dir, schedule length = run length."""
+    """Defaults (plus the demo preset's when it applies), then `overrides`, plus the fields derived
+    from others: checkpoint/log dirs under the run dir, schedule length = run length, one length."""
     overrides = dict(overrides)
-    if not overrides.get("model.path"):
-        overrides = {**DEMO_DEFAULTS, **overrides}
+    demo = _is_demo(overrides)
+    if demo:
+        user_keys = set(overrides)
+        preset = {k: v for k, v in DEMO_PRESET.items() if k not in user_keys
+                  and not (k in LENGTH_KEYS and user_keys & set(LENGTH_KEYS))}
+        overrides = {**preset, **overrides}
+    overrides["run.preset"] = "demo" if demo else "none"
+    _unify_lengths(overrides)
     if "atropos.url" in overrides:  # an API that already runs: start neither it nor our env
         overrides.setdefault("run.start_api", "false")
         overrides.setdefault("env.start", "false")
@@ -325,6 +417,19 @@ def resolve(overrides: dict[str, Any]) -> TrainConfig:
     except (ValueError, TypeError) as e:
         raise ConfigError(f"invalid default config: {e}") from None
     return apply_overrides(cfg, overrides)
+
+
+def preset_note(cfg: TrainConfig) -> Optional[str]:
+    """The one line that says the demo preset is in use and what it sets (None without it)."""
+    if cfg.run.preset != "demo":
+        return None
+    values = []
+    for key in DEMO_PRESET:
+        sec, name = key.split(".", 1)
+        values.append(f"{key}={getattr(getattr(cfg, sec), name)!r}")
+    model = "the built-in tiny model and task" if not cfg.model.path else f"model {cfg.model.path}"
+    return (f"using the demo preset ({model}): {', '.join(values)}; give --model DIR_OR_HUB_ID for your own "
+            f"model with the defaults of --help (--preset none keeps them with the built-in model)")
 
 
 def to_dict(cfg: TrainConfig) -> dict:

@@ -177,8 +177,14 @@ def advantage_weighted_sft_loss(model: nn.Module, input_ids: torch.Tensor, advan
     return loss, stats
 
 
-def micro_batch_loss(model: nn.Module, mb: MicroBatch, cfg: LossConfig, normalizer: float):
+def micro_batch_loss(model: nn.Module, mb: MicroBatch, cfg: LossConfig, normalizer: float,
+                     num_selected: Optional[int] = None):
     """Loss of one already-shifted `MicroBatch`, divided by `normalizer` (the GLOBAL token count).
+
+    `num_selected`: `mb.num_trained_tokens`, counted by the caller while the batch was still on the
+    host. With it, on CUDA, the kernel call has no host sync: the batch was validated by
+    `atropos_core.batch`, so the kernel skips its own re-validation there (on CPU it still checks:
+    free there).
 
     Padded layout: the model gets `attention_mask` and `position_ids`. Packed layout: only
     `position_ids` (see the module docstring). Returns `(loss, stats)`; stats are detached 0-dim
@@ -201,7 +207,8 @@ def micro_batch_loss(model: nn.Module, mb: MicroBatch, cfg: LossConfig, normaliz
         h = hidden.reshape(-1, hidden.shape[-1])
         return kernels.fused_linear_policy_loss(
             h, weight, targets, adv, mask, old_logprobs=old if use_old else None,
-            ref_logprobs=ref if use_ref else None, normalizer=normalizer, **cfg.kernel_kwargs())
+            ref_logprobs=ref if use_ref else None, normalizer=normalizer, validate=h.device.type != "cuda",
+            num_selected=num_selected, **cfg.kernel_kwargs())
 
     attn = mb.attention_mask if mb.layout == "padded" else None
     loss, st = hidden_states_and_loss(model, mb.input_ids, attn, mb.position_ids, loss_fn)

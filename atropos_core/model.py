@@ -15,7 +15,12 @@ Design:
 - Gradient reduction SUMS over ranks (`set_gradient_divide_factor(1.0)`): every micro-batch loss
   is already divided by the GLOBAL trained-token count, so summing gives the gradient of the
   global mean, independent of how tokens were split across ranks and micro-batches.
-- One plain process (no process group, see `atropos_core.dist`) is left unsharded.
+- One plain process on CPU (no process group, see `atropos_core.dist`) is left unsharded; one
+  plain process on CUDA gets a one-rank group there, so FSDP2 (one shard: the whole model) brings
+  the same bf16-compute / fp32-master mixed precision as a multi-GPU run.
+- Attention: "auto" picks flash_attention_2 only where it can run (CUDA, compute capability >= 8.0,
+  `flash_attn` importable, a 16-bit compute dtype: the model's own dtype, or bf16 from FSDP mixed
+  precision); sdpa otherwise. An explicit flash_attention_2 where it cannot run is a clear error.
 - Every rank loads the full checkpoint on CPU before sharding: simple, and fine up to a few B
   parameters per node; meta-device init + broadcast from rank 0 is the step up for larger models.
 """
@@ -33,7 +38,7 @@ from . import dist as adist
 logger = logging.getLogger(__name__)
 
 __all__ = ["ModelConfig", "OptimConfig", "load_model_and_tokenizer", "apply_fsdp", "build_optimizer",
-           "resolve_attn_implementation", "lr_lambda", "output_embedding_weight", "unwrap_param"]
+           "resolve_attn_implementation", "compute_dtype", "flash_attn_blocker", "lr_lambda", "output_embedding_weight", "unwrap_param"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _ATTN = ("auto", "flash_attention_2", "sdpa", "eager")
@@ -69,19 +74,51 @@ class ModelConfig:
         return _DTYPES[self.dtype]
 
 
-def resolve_attn_implementation(choice: str, device: torch.device) -> str:
-    """"auto" → flash_attention_2 on CUDA when `flash_attn` is installed, else sdpa."""
-    if choice != "auto":
-        if choice == "flash_attention_2" and device.type != "cuda":
-            raise ValueError("model.attn_implementation='flash_attention_2' needs a CUDA device")
-        return choice
-    if device.type == "cuda":
+def compute_dtype(cfg: "ModelConfig", device: torch.device) -> torch.dtype:
+    """The dtype the forward pass computes in: the master dtype, or bf16 where FSDP2's mixed
+    precision applies (CUDA with `mixed_precision`, fp32 masters; `atropos_core.dist` gives a
+    plain CUDA process a one-rank group so that it does)."""
+    if device.type == "cuda" and cfg.mixed_precision and cfg.torch_dtype == torch.float32:
+        return torch.bfloat16
+    return cfg.torch_dtype
+
+
+def flash_attn_blocker(device_type: str, dtype: torch.dtype, capability, flash_importable: bool):
+    """Why flash_attention_2 cannot run here (a sentence), or None when it can. Pure: the facts
+    (`capability` as (major, minor) or None, whether `flash_attn` imports) are passed in."""
+    if device_type != "cuda":
+        return f"it needs a CUDA device (this run is on {device_type})"
+    if capability is None or tuple(capability) < (8, 0):
+        return f"it needs compute capability >= 8.0 (Ampere or newer), this GPU has {capability}"
+    if dtype not in (torch.bfloat16, torch.float16):
+        return f"it computes in bf16/fp16 only, and this run computes in {dtype} (model.dtype / mixed_precision)"
+    if not flash_importable:
+        return "the flash_attn package is not installed (pip install flash-attn, the 'flash' extra)"
+    return None
+
+
+def resolve_attn_implementation(choice: str, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
+    """"auto" → flash_attention_2 where it can run (`flash_attn_blocker`), else sdpa. `dtype` is the
+    compute dtype (`compute_dtype`)."""
+    def facts():
+        cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
         try:
             import flash_attn  # noqa: F401
-            return "flash_attention_2"
+            ok = True
         except ImportError:
-            logger.info("flash_attn not installed (pip install flash-attn): using sdpa")
-    return "sdpa"
+            ok = False
+        return cap, ok
+
+    if choice not in ("auto", "flash_attention_2"):
+        return choice
+    blocker = flash_attn_blocker(device.type, dtype, *facts())
+    if choice == "flash_attention_2":
+        if blocker:
+            raise ValueError(f"model.attn_implementation='flash_attention_2' cannot run here: {blocker}")
+        return choice
+    if blocker and device.type == "cuda":
+        logger.info("attention: sdpa (flash_attention_2 not used: %s)", blocker)
+    return "flash_attention_2" if blocker is None else "sdpa"
 
 
 def load_model_and_tokenizer(cfg: ModelConfig, device: torch.device):
@@ -95,7 +132,7 @@ def load_model_and_tokenizer(cfg: ModelConfig, device: torch.device):
 
     if not cfg.path:
         raise ValueError("model.path is empty: give a local HF model directory")
-    attn = resolve_attn_implementation(cfg.attn_implementation, device)
+    attn = resolve_attn_implementation(cfg.attn_implementation, device, compute_dtype(cfg, device))
     model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=cfg.torch_dtype, attn_implementation=attn,
                                                  trust_remote_code=cfg.trust_remote_code)
     tok = AutoTokenizer.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -179,31 +180,111 @@ def start_atropos_api(port: int, log_dir: Path, host: str = "127.0.0.1", timeout
     return proc
 
 
-def start_environment(module: str, *, api_url: str, inference_urls: Sequence[str], tokenizer_dir: str,
-                      group_size: int, max_token_len: int, log_dir: Path, api_key: str = "local",
-                      extra_args: Sequence[str] = (), env_name: str = "env", child_env: dict | None = None,
-                      cpus: tuple[int, ...] | None = None) -> ManagedProcess:
-    """Start an atroposlib environment (`python -m MODULE serve ...`) pointed at our API and servers.
+ENV_RUNNER = "atropos_core.envs.run_env"
 
-    Offline by construction: wandb off, the tokenizer a local directory, HF hub calls disabled.
-    Readiness is not awaited here: an environment registers only after the trainer's first
-    `/batch`, so the trainer's wait for data is the readiness check.
-    """
-    cmd = [sys.executable, "-m", module, "serve",
+
+def _split_openai_args(args: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """Pull `--openai.FIELD VALUE` (or `=VALUE`) pairs out of an environment's argv."""
+    rest, openai = [], {}
+    args, i = list(args), 0
+    while i < len(args):
+        tok = args[i]
+        if tok.startswith("--openai."):
+            if "=" in tok:
+                key, val = tok[len("--openai."):].split("=", 1)
+                i += 1
+            else:
+                key, val = tok[len("--openai."):], (args[i + 1] if i + 1 < len(args) else "")
+                i += 2
+            openai[key] = val
+            continue
+        rest.append(tok)
+        i += 1
+    return rest, openai
+
+
+def env_server_type(module: str, timeout: float = 120.0) -> str:
+    """The `server_type` an environment module's own `config_init` asks for ("openai" if it names
+    none), read in a short child process so the trainer never imports the environment's code."""
+    probe = ("import importlib, inspect, sys\n"
+             "from atroposlib.envs.base import BaseEnv\n"
+             "m = importlib.import_module(sys.argv[1])\n"
+             "envs = [c for _, c in inspect.getmembers(m, inspect.isclass) if issubclass(c, BaseEnv) "
+             "and c is not BaseEnv and c.__module__ == m.__name__]\n"
+             "cfgs = envs[0].config_init()[1] if envs else None\n"
+             "cfg = cfgs[0] if isinstance(cfgs, list) and cfgs else cfgs\n"
+             "print('SERVER_TYPE=' + str(getattr(cfg, 'server_type', None) or 'openai'))\n")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false")
+    out = subprocess.run([sys.executable, "-c", probe, module], capture_output=True, text=True, timeout=timeout,
+                         env=env)
+    for line in out.stdout.splitlines():
+        if line.startswith("SERVER_TYPE="):
+            return line.split("=", 1)[1]
+    raise ServiceError(f"could not read the server_type of environment module {module!r}: "
+                       f"{(out.stderr.strip().splitlines() or ['no output'])[-1]}")
+
+
+def environment_command(module: str, *, api_url: str, inference_urls: Sequence[str], tokenizer_dir: str,
+                        group_size: int, max_token_len: int, api_key: str = "local", model_name: str = "default",
+                        extra_args: Sequence[str] = (), env_name: str = "env",
+                        config_path: Path | None = None) -> list[str]:
+    """The argv of one environment process. With one inference server, `--openai.*` flags point
+    the environment at it (its own `server_type` stays). With several, atroposlib 0.4.0 accepts
+    them only as a YAML list under `openai:` (`--config FILE`; `resolve_openai_configs` refuses
+    `--openai.*` flags then): one entry per server, carrying the environment's own `server_type`
+    (`env_server_type`) and any `--openai.*` flag of `extra_args`; its `ServerManager` sends each
+    request to the server with the most free request slots."""
+    cmd = [sys.executable, "-m", ENV_RUNNER, module, "serve",
            "--env.rollout_server_url", api_url,
            "--env.tokenizer_name", str(tokenizer_dir),
            "--env.use_wandb", "false",
            "--env.wandb_name", env_name,
            "--env.group_size", str(group_size),
            "--env.max_token_length", str(max_token_len)]
-    # One server config per inference replica (atroposlib's ServerManager balances over them).
-    for url in inference_urls[:1]:
-        cmd += ["--openai.base_url", f"{url.rstrip('/')}/v1", "--openai.server_type", "vllm",
-                "--openai.api_key", api_key, "--openai.model_name", "default",
-                "--openai.tokenizer_name", str(tokenizer_dir)]
-    cmd += list(extra_args)
+    rest, user_openai = _split_openai_args(extra_args)
+    server = {"base_url": None, "api_key": api_key, "model_name": model_name, "tokenizer_name": str(tokenizer_dir)}
+    if len(inference_urls) == 1:
+        server["base_url"] = f"{inference_urls[0].rstrip('/')}/v1"
+        server.update(user_openai)
+        for key, val in server.items():
+            cmd += [f"--openai.{key}", str(val)]
+    elif len(inference_urls) > 1:
+        import yaml
+
+        if config_path is None:
+            raise ValueError("environment_command: several inference servers need a config_path for the YAML")
+        entries = []
+        for url in inference_urls:
+            entry = dict(server, base_url=f"{url.rstrip('/')}/v1")
+            if "server_type" not in user_openai:
+                entry["server_type"] = env_server_type(module)
+            entry.update(user_openai)
+            entries.append(entry)
+        config_path.parent.mkdir(parents=True, exist_ok=True)
+        config_path.write_text(yaml.safe_dump({"openai": entries}, sort_keys=False))
+        cmd += ["--config", str(config_path)]
+    return cmd + rest
+
+
+def start_environment(module: str, *, api_url: str, inference_urls: Sequence[str], tokenizer_dir: str,
+                      group_size: int, max_token_len: int, log_dir: Path, api_key: str = "local",
+                      model_name: str = "default", extra_args: Sequence[str] = (),
+                      env_name: str = "env", child_env: dict | None = None,
+                      cpus: tuple[int, ...] | None = None) -> ManagedProcess:
+    """Start an atroposlib environment (`python -m atropos_core.envs.run_env MODULE serve ...`)
+    pointed at our API and every inference server (`environment_command`).
+
+    Offline by construction: wandb off, the tokenizer a local directory, HF hub calls disabled.
+    Readiness is not awaited here: an environment registers only after the trainer's first
+    `/batch`, so the trainer's wait for data is the readiness check.
+    """
+    cmd = environment_command(module, api_url=api_url, inference_urls=inference_urls, tokenizer_dir=tokenizer_dir,
+                              group_size=group_size, max_token_len=max_token_len, api_key=api_key,
+                              model_name=model_name, extra_args=extra_args, env_name=env_name,
+                              config_path=log_dir / f"{env_name}_servers.yaml")
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled",
-           "TOKENIZERS_PARALLELISM": "false", **(child_env or {})}
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",  # atroposlib prints to stdout
+           **(child_env or {})}
     return ManagedProcess(env_name, cmd, log_dir / f"{env_name}.log", env=env, cpus=cpus).start()
 
 
@@ -220,7 +301,7 @@ class RunServices:
         self.budget = budget  # cpu_budget.CpuBudget: each child's threads, binding and variables
         self.api: ManagedProcess | None = None
         self.vllm: list = []           # inference.launch.VLLMServerHandle
-        self.env: ManagedProcess | None = None
+        self.envs: list[ManagedProcess] = []
         self.token: str = ""
 
     @property
@@ -235,7 +316,13 @@ class RunServices:
 
     def start_inference(self, model_dir: str, *, num_servers: int = 1, port: int = 0, host: str = "127.0.0.1",
                         timeout: float = 300.0, extra_args: Sequence[str] = (), dtype: str = "float32",
-                        enforce_eager: bool = True, cpu_weight_layout: str = "packed") -> list[str]:
+                        enforce_eager: bool = True, cpu_weight_layout: str = "packed", max_model_len: int = 512,
+                        served_model_name: str | None = None, server_envs: Sequence[dict] | None = None,
+                        server_extra_args: Sequence[Sequence[str]] | None = None) -> list[str]:
+        """Start `num_servers` replicas (one after the other) and write their resolved command lines,
+        one a line, to `<run dir>/vllm_commands.txt`. `server_envs[i]` / `server_extra_args[i]`: what
+        server i adds to its environment (e.g. its own CUDA_VISIBLE_DEVICES, `atropos_core.placement`)
+        and to `extra_args`."""
         from .inference.launch import new_update_token, start_vllm_server
 
         self.token = new_update_token()
@@ -246,33 +333,65 @@ class RunServices:
                 raise ServiceError(f"inference.port {p} is already in use on {host}: pick another or 0 for a free one")
             logger.info("starting vLLM server %d/%d on %s:%d (cold start takes 30-60 s on CPU)", i + 1,
                         num_servers, host, p)
+            args_i = list(extra_args) + list(server_extra_args[i] if server_extra_args else [])
             handle = start_vllm_server(model_dir, port=p, log_dir=self.log_dir, host=host, update_token=self.token,
-                                       extra_args=extra_args, timeout=timeout, name=f"vllm{i}", dtype=dtype,
+                                       extra_args=args_i, timeout=timeout, name=f"vllm{i}", dtype=dtype,
                                        enforce_eager=enforce_eager, cpu_weight_layout=cpu_weight_layout,
-                                       **self._share(f"vllm{i}"))
+                                       max_model_len=max_model_len, served_model_name=served_model_name,
+                                       **self._share(f"vllm{i}", server_envs[i] if server_envs else None))
             self.vllm.append(handle)
             urls.append(handle.url)
+            with open(self.log_dir.parent / "vllm_commands.txt", "a") as f:
+                f.write(shlex.join(map(str, handle.command)) + "\n")
         return urls
 
-    def start_env(self, module: str, **kwargs) -> None:
-        share = self._share("env")
-        self.env = start_environment(module, log_dir=self.log_dir, child_env=share["env"], cpus=share["cpus"],
-                                     **kwargs)
+    @property
+    def env(self) -> ManagedProcess | None:
+        """The first environment process (the only one in a single-environment run)."""
+        return self.envs[0] if self.envs else None
 
-    def _share(self, name: str) -> dict:
-        """The budget's environment variables and affinity for child `name` (none without a budget)."""
+    def start_env(self, module: str, **kwargs) -> ManagedProcess:
+        share = self._share(kwargs.get("env_name", "env"))
+        proc = start_environment(module, log_dir=self.log_dir, child_env=share["env"], cpus=share["cpus"],
+                                 **kwargs)
+        self.envs.append(proc)
+        return proc
+
+    def _share(self, name: str, extra_env: dict | None = None) -> dict:
+        """The budget's environment variables and affinity for child `name` (none without a budget;
+        every environment process shares the "env" plan), plus `extra_env` (e.g. the placement's
+        CUDA_VISIBLE_DEVICES)."""
         plan = self.budget.child(name) if self.budget is not None else None
-        return {"env": dict(plan.env) if plan else None, "cpus": plan.cpus if plan else None}
+        if plan is None and self.budget is not None and name.startswith("env"):
+            plan = self.budget.child("env")
+        env = {**(dict(plan.env) if plan else {}), **(extra_env or {})}
+        return {"env": env or None, "cpus": plan.cpus if plan else None}
 
     def check(self) -> None:
         """Raise ServiceError naming the first child process that is no longer running."""
         procs = ([("Atropos API", self.api)] if self.api else []) + \
                 [(f"vLLM server {h.url}", h.process) for h in self.vllm] + \
-                ([("environment", self.env)] if self.env else [])
+                [(f"environment {p.name}" if len(self.envs) > 1 else "environment", p) for p in self.envs]
         for name, proc in procs:
             if not proc.alive():
                 raise ServiceError(f"{name} (pid {proc.pid}) exited with code {proc.proc.returncode}; "
                                    f"log {proc.log_path}:\n{proc.log_tail(15)}")
+
+    def dead_child(self, grace_s: float = 5.0) -> ServiceError | None:
+        """The `check()` error of a child that has died, waiting up to `grace_s` for one to show.
+
+        Called when any call of the run fails: a server killed mid-request fails the request at
+        once (connection refused), while its process may need a moment to be reaped or, when only
+        an engine process died, to exit; the dead child is the real reason and is reported."""
+        deadline = time.monotonic() + grace_s
+        while True:
+            try:
+                self.check()
+            except ServiceError as e:
+                return e
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.2)
 
     def served_versions(self) -> list:
         """The weight version each inference server reports serving (None if it cannot say)."""
@@ -285,7 +404,7 @@ class RunServices:
         return out
 
     def stop_all(self) -> None:
-        for proc in [self.env] + [h.process for h in reversed(self.vllm)] + [self.api]:
+        for proc in list(reversed(self.envs)) + [h.process for h in reversed(self.vllm)] + [self.api]:
             if proc is not None:
                 try:
                     proc.stop()

@@ -111,8 +111,9 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, mi
     loss_sum, tok_total = zero.clone(), zero.clone()
     has_ref = has_old = False
     for mb in mbs:
+        n_sel = mb.num_trained_tokens if mb.loss_mask.device.type == "cpu" else None  # counted on the host
         mb = mb.to(device)
-        loss, st = micro_batch_loss(model, mb, loss_cfg, global_normalizer)
+        loss, st = micro_batch_loss(model, mb, loss_cfg, global_normalizer, num_selected=n_sel)
         loss.backward()
         loss_sum += loss.detach().double()
         tok_total += mb.attention_mask.sum().double()

@@ -37,6 +37,13 @@ class MicroBatch:
     sequence_ids: Optional[torch.Tensor] = None   # (R, T) int64: index of the batch's kept sequence
                                                   # (TrainBatch order) at each position, -1 on padding;
                                                   # for per-sequence reductions in either layout
+    behaviour_mask: Optional[torch.Tensor] = None  # (R, T) bool, with old_logprobs: True where the
+                                                   # position has a behaviour logprob (its group sent them)
+    temperature: Optional[torch.Tensor] = None     # (R, T) float32 sampling temperature of each
+                                                   # position's sequence; 0 = use loss.temperature
+    distill_ids: Optional[torch.Tensor] = None     # (R, T, k) int64 teacher top-k ids for targets[r, t];
+                                                   # -1 where the row has no teacher (or is not trained)
+    distill_logprobs: Optional[torch.Tensor] = None  # (R, T, k) float32 teacher logprobs at those ids
 
     @property
     def num_trained_tokens(self) -> int:

@@ -89,8 +89,10 @@ class WeightSyncConfig:
     init_timeout_s: float = 120.0
     """Time for every worker of every server to join the group at `connect()`."""
     update_timeout_s: float = 30.0
-    """Per-collective timeout of the transfer group, and the servers' watchdog for a prepared update
-    that never gets applied. Short on purpose: a dead worker otherwise hangs the trainer."""
+    """Per-message timeout of the transfer (gloo: the group's per-collective timeout; NCCL: enforced
+    on the host for each message, `wait_done`, with at most `pipeline_depth` messages in flight, so
+    it never times a whole update), and the servers' watchdog for a prepared update that never gets
+    applied. Short on purpose: a dead worker otherwise hangs the trainer."""
     http_timeout_s: float = 30.0
     """Timeout of the control calls that do not wait for the broadcast (spec, prepare, abort)."""
     apply_timeout_s: float = 600.0
@@ -163,8 +165,11 @@ def make_transfer_group(backend: str, host: str, port: int, rank: int, world_siz
         if nccl_cls is None:
             raise WeightSyncError("backend 'nccl' requested but this torch build has no NCCL")
         opts = nccl_cls.Options()
-        opts._timeout = timeout
-        group = nccl_cls(prefixed, rank, world_size, opts)
+        # The per-message timeout is enforced on the host (`wait_done`); the watchdog is only the
+        # backstop that frees a hung communicator, so it must not fire first: a message may be
+        # enqueued up to MAX_PIPELINE_DEPTH messages before it can run.
+        opts._timeout = datetime.timedelta(seconds=op_timeout_s * (MAX_PIPELINE_DEPTH + 2))
+        group = _nccl_group_without_teardown(nccl_cls, prefixed, rank, world_size, opts)
     else:
         raise ValueError(f"unknown transfer backend {backend!r}")
     return group, store
@@ -209,6 +214,26 @@ def pick_backend(requested: str, trainer_device: str,
     return "nccl", ""
 
 
+def _nccl_group_without_teardown(nccl_cls, store, rank: int, world_size: int, opts):
+    """A ProcessGroupNCCL whose watchdog, on a timeout or NCCL error, aborts the communicator and
+    leaves the process alive (TORCH_NCCL_ASYNC_ERROR_HANDLING=2, "CleanUpOnly"). The default (3,
+    "SkipCleanUp") kills the process: inside a vLLM worker that is the whole engine, where a failed
+    update must only fail the update. The variable is read by the constructor, so it is set for
+    this group only and restored afterwards (vLLM's own groups keep their setting)."""
+    import os
+
+    key = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
+    old = os.environ.get(key)
+    os.environ[key] = "2"
+    try:
+        return nccl_cls(store, rank, world_size, opts)
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
 def broadcast_async(group, tensor: torch.Tensor):
     """Start broadcasting `tensor` from rank 0 of `group` (in place on the receivers); returns the
     work handle. `tensor` must stay alive until `.wait()` returns."""
@@ -218,6 +243,38 @@ def broadcast_async(group, tensor: torch.Tensor):
     opts.rootRank = 0
     opts.rootTensor = 0
     return group.broadcast([tensor], opts)
+
+
+#: Slowest wire speed a per-message timeout allows for (bytes/s): a message of b bytes gets
+#: `update_timeout_s + b / MIN_WIRE_BYTES_PER_S` (a 1 GB embedding 1 s more than a small tensor).
+MIN_WIRE_BYTES_PER_S = 1e9
+
+
+def message_timeout(base_s: float, nbytes: int) -> float:
+    """Timeout of one message of `nbytes`: sized per message, not per update."""
+    return base_s + nbytes / MIN_WIRE_BYTES_PER_S
+
+
+def wait_done(work, timeout_s: float, *, host_poll: bool, what: str = "message") -> None:
+    """Wait for one transfer message; with `host_poll` (NCCL) block the HOST, at most `timeout_s`.
+
+    gloo's `wait()` already blocks the host (and its group timeout is per collective). NCCL's only
+    makes the current stream wait: a loop of post-and-wait would enqueue a whole update at once,
+    every buffer alive (a second copy of the model on the worker) and NCCL's watchdog timing the
+    last message from the moment it was enqueued. Polling `is_completed()` first keeps at most the
+    caller's `pipeline_depth` messages in flight, makes the timeout one message's, and turns a hung
+    transfer into a WeightSyncError on the host before any stream is chained to it (the watchdog,
+    set to CleanUpOnly by `make_transfer_group`, then aborts the communicator without killing the
+    process). `work.wait()` afterwards orders the current stream and raises the work's own error."""
+    if host_poll:
+        deadline = time.monotonic() + timeout_s
+        pause = 5e-5
+        while not work.is_completed():
+            if time.monotonic() > deadline:
+                raise WeightSyncError(f"{what} not transferred within {timeout_s:.0f} s (per-message timeout)")
+            time.sleep(pause)
+            pause = min(pause * 2, 1e-3)
+    work.wait()
 
 
 def broadcast(group, tensor: torch.Tensor) -> None:
@@ -721,6 +778,7 @@ class WeightSync:
         gathered = self._gathered(params)
         err: BaseException | None = None
         current = None
+        nccl = self._backend == "nccl"  # bound what is in flight on the host (`wait_done`)
         inflight: deque = deque()  # (work, tensor kept alive until the work is done)
         try:
             for bucket in manifest["buckets"]:
@@ -737,12 +795,16 @@ class WeightSync:
                     msg = tensors[0].contiguous() if len(tensors) == 1 else pack_bucket(tensors)
                     inflight.append((broadcast_async(self._group, msg), msg))
                     while len(inflight) >= self.cfg.pipeline_depth:
-                        inflight.popleft()[0].wait()
+                        work, sent_msg = inflight.popleft()
+                        wait_done(work, message_timeout(self.cfg.update_timeout_s, sent_msg.nbytes), host_poll=nccl,
+                                  what=f"message with {current!r}")
                 except BaseException as e:  # noqa: BLE001 - reported after the loop
                     err = e
                     self._group = None  # a failed collective leaves the group unusable
             while inflight and err is None:
-                inflight.popleft()[0].wait()
+                work, sent_msg = inflight.popleft()
+                wait_done(work, message_timeout(self.cfg.update_timeout_s, sent_msg.nbytes), host_poll=nccl,
+                          what="last message")
         except BaseException as e:  # noqa: BLE001 - gathering itself failed: nothing more can be sent
             err = e
             self._group = None
@@ -781,8 +843,9 @@ class WeightSync:
             return failed
         import torch.distributed as dist
 
-        dev = next(model.parameters()).device if dist.get_backend() == "nccl" else torch.device("cpu")
-        flag = torch.tensor([1.0 if failed else 0.0], device=dev)
+        from .dist import scalar_device
+
+        flag = torch.tensor([1.0 if failed else 0.0], device=scalar_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)
 

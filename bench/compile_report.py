@@ -40,7 +40,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from kernels import triton_linear_loss as tll  # noqa: E402
-from kernels.chunked import CUDA_CHUNK_BYTES  # noqa: E402
+from kernels.chunked import default_chunk_size  # noqa: E402
 
 VOCABS = (32768, 128256, 151936)
 DIMS = (1024, 4096)
@@ -63,21 +63,23 @@ def _kernel_args(kernel: str, vocab: int, dim: int, dtype: torch.dtype):
     """(jit function, [(name, value)] of its runtime arguments) for one realistic chunk launch.
 
     Pointers appear as their Triton type ("*bf16"), assumed 16-byte aligned (torch allocations
-    are); integers take the values a chunk of the default CUDA chunk size would pass.
+    are); integers take the values a chunk of the default CUDA chunk size would pass (N=8192).
+    The logits chunk is fp32 whatever the inputs' dtype (`TorchOps.logits`); dZ has the inputs'
+    dtype; accumulate_dw is compiled as the chunks before the last run it (LOAD_DW, fp32 out).
     """
-    c = max(16, CUDA_CHUNK_BYTES // (4 * vocab))
-    c = 1 << (c.bit_length() - 1)
+    c = default_chunk_size(8192, vocab, torch.device("cuda"), dtype)
     p = "*" + _TRITON_DTYPE[dtype]
     if kernel == "row_stats":
-        return tll._row_stats_kernel, [("z_ptr", p), ("stride_z_row", vocab), ("tgt_ptr", "*i64"),
+        return tll._row_stats_kernel, [("z_ptr", "*fp32"), ("stride_z_row", vocab), ("tgt_ptr", "*i64"),
                                        ("lse_ptr", "*fp32"), ("logp_ptr", "*fp32"), ("ent_ptr", "*fp32"),
                                        ("V", vocab), ("inv_t", 1.25)]
     if kernel == "dlogits":
-        return tll._dlogits_kernel, [("z_ptr", p), ("stride_z_row", vocab), ("dz_ptr", p),
+        return tll._dlogits_kernel, [("z_ptr", "*fp32"), ("stride_z_row", vocab), ("dz_ptr", p),
                                      ("stride_dz_row", vocab), ("lse_ptr", "*fp32"), ("tgt_ptr", "*i64"),
                                      ("coef_ptr", "*fp32"), ("V", vocab), ("inv_t", 1.25)]
     if kernel == "accumulate_dw":
         return tll._accumulate_dw_kernel, [("dw_ptr", "*fp32"), ("stride_dw_v", dim), ("stride_dw_d", 1),
+                                           ("out_ptr", "*fp32"), ("stride_out_v", dim), ("stride_out_d", 1),
                                            ("dz_ptr", p), ("stride_dz_c", vocab), ("stride_dz_v", 1),
                                            ("h_ptr", p), ("stride_h_c", dim), ("stride_h_d", 1),
                                            ("C", c), ("V", vocab), ("D", dim)]
@@ -118,6 +120,8 @@ def compile_one(kernel: str, dname: str, config: dict, vocab: int, dim: int, arc
     """Compile one kernel config for `arch` ("sm_90" | "sm_80") and return its report row."""
     fn, args = _kernel_args(kernel, vocab, dim, DTYPES[dname])
     meta = {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
+    if kernel == "accumulate_dw":
+        meta["LOAD_DW"] = True
     names = fn.arg_names
     signature, constexprs, attrs = {}, dict(meta), {}
     for name, value in args:

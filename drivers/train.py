@@ -26,10 +26,11 @@ import torch  # noqa: E402
 from atropos_core import cpu_budget, dist as adist  # noqa: E402
 from atropos_core.batch import broadcast_groups, build_train_batch, split_for_ranks  # noqa: E402
 from atropos_core.checkpoint import load_checkpoint, resolve_resume, save_checkpoint  # noqa: E402
-from atropos_core.client import AtroposClient, AtroposUnavailable  # noqa: E402
+from atropos_core.client import AtroposClient, AtroposUnavailable, env_metrics  # noqa: E402
 from atropos_core.config import ConfigError, parse_args, to_dict, write_config  # noqa: E402
 from atropos_core.launch import launch_services, share_launch_info  # noqa: E402
 from atropos_core.metrics import MetricsLogger  # noqa: E402
+from atropos_core.services import ServiceError  # noqa: E402
 from atropos_core.model import apply_fsdp, build_optimizer, load_model_and_tokenizer  # noqa: E402
 from atropos_core.steptime import StepClock  # noqa: E402
 from atropos_core.trainer import train_step  # noqa: E402
@@ -171,7 +172,7 @@ def main(argv=None) -> int:
             if sync:
                 m.update(sync.push(model, step))  # incl. sync/server_version, what the servers now serve
                 clock.lap("sync")
-            m.update(batch_metrics(batch), **(client.metrics() if client else {}))
+            m.update(batch_metrics(batch), **env_metrics(groups), **(client.metrics() if client else {}))
             if stale is not None:
                 m.update(stale.result())
             m.update(clock.split())
@@ -191,6 +192,11 @@ def main(argv=None) -> int:
         print(f"train.py: config error: {e}", file=sys.stderr)
         rc = 2
     except Exception as e:  # noqa: BLE001 - every failure ends here with its reason, then clean-up
+        # A dead child is the reason, whichever call noticed first (a sync, a request, the fetch).
+        dead = services.dead_child() if services and not isinstance(e, ServiceError) else None
+        if dead is not None:
+            logger.warning("%s: %s (seen after a child process died)", type(e).__name__, e)
+            e = dead
         logger.error("run failed at step %d: %s: %s", step, type(e).__name__, e, exc_info=rank == 0 and
                      not isinstance(e, (RuntimeError, ConnectionError, TimeoutError)))
         rc = 1

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -101,25 +101,29 @@ class _LinearLogprobs(torch.autograd.Function):
         go = grad_logp.float()
         _, _, gh, gw = chunked_loss_and_grads(
             hidden, weight, targets, lambda rows, lp: go[rows], temperature=ctx.temperature,
-            need_grad_hidden=ctx.needs_input_grad[0], need_grad_weight=ctx.needs_input_grad[1], ops=ctx.ops)
-        return gh, (gw.to(weight.dtype) if gw is not None else None), None, None, None
+            need_grad_hidden=ctx.needs_input_grad[0], need_grad_weight=ctx.needs_input_grad[1], ops=ctx.ops,
+            grad_weight_dtype=weight.dtype)
+        return gh, gw, None, None, None
 
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                    temperature: float = 1.0, backend: str = "auto") -> torch.Tensor:
+                    temperature: float = 1.0, backend: str = "auto", validate: bool = True) -> torch.Tensor:
     """Log-probability of each target under `softmax(hidden @ weight.T / temperature)`.
 
     Args:
         hidden: `(N, D)` fp32/fp16/bf16.
         weight: `(V, D)`, same dtype (an output embedding / LM head).
         targets: `(N,)` int64 in `[0, V)`.
+        validate: check that the target ids lie in range (reads two values back to the host);
+            False where the caller already checked them.
     Returns:
         `(N,)` float32, differentiable with respect to `hidden` and `weight` (the backward pass
         recomputes logits chunk by chunk; nothing of size N×V is kept).
     """
     _check_common(hidden, weight, targets)
     losses.check_loss_args("awsft", 0.0, 0.0, 0.0, temperature)
-    _check_targets_in_range(targets, weight.shape[0])
+    if validate:
+        _check_targets_in_range(targets, weight.shape[0])
     ops = _ops_for(resolve_backend(backend, hidden.device))
     return _LinearLogprobs.apply(hidden.contiguous(), weight.contiguous(), targets.long(), float(temperature), ops)
 
@@ -131,7 +135,6 @@ class _FusedPolicyLoss(torch.autograd.Function):
         # Held on ctx rather than saved: backward hands them over (scaled in place) and drops its
         # references, so autograd can adopt the buffer as `.grad` without a second (V, D) copy.
         ctx.grads = (grad_h, grad_w)
-        ctx.w_dtype = weight.dtype
         return loss
 
     @staticmethod
@@ -140,14 +143,16 @@ class _FusedPolicyLoss(torch.autograd.Function):
             raise RuntimeError("fused_linear_policy_loss: backward ran twice (its gradients are handed over once)")
         grad_h, grad_w = ctx.grads
         ctx.grads = None
-        # Skip two full passes when the incoming gradient is 1 (the usual `loss.backward()`); the
-        # check reads the scalar, so only on CPU, where that is free (on CUDA it would sync).
+        # Skip the two scaling passes when the incoming gradient is 1 (the usual `loss.backward()`);
+        # the check reads the scalar, so only on CPU, where that is free (on CUDA it would sync).
+        # grad_w already has the weight's dtype (cast in the chunk loop): scaling it by s != 1
+        # rounds twice (fp32 -> dtype, then the product), one extra rounding of the dtype.
         unit = grad_loss.device.type == "cpu" and bool(grad_loss == 1)
         gh = gw = None
         if ctx.needs_input_grad[0]:
             gh = grad_h if unit else grad_h.mul_(grad_loss.to(grad_h.dtype))
         if ctx.needs_input_grad[1]:
-            gw = (grad_w if unit else grad_w.mul_(grad_loss)).to(ctx.w_dtype)
+            gw = grad_w if unit else grad_w.mul_(grad_loss)
         return gh, gw, None, None, None
 
 
@@ -164,10 +169,26 @@ def fused_linear_policy_loss(
     clip_low: float = 0.2,
     clip_high: float = 0.2,
     kl_coef: float = 0.0,
-    temperature: float = 1.0,
+    temperature: Union[float, torch.Tensor] = 1.0,
     normalizer: Optional[float] = None,
     backend: str = "auto",
     chunk_size: Optional[int] = None,
+    sequence_ids: Optional[torch.Tensor] = None,
+    behaviour_logprobs: Optional[torch.Tensor] = None,
+    behaviour_mask: Optional[torch.Tensor] = None,
+    is_mode: str = "none",
+    is_cap: float = 2.0,
+    is_low: float = 0.5,
+    is_high: float = 2.0,
+    geo_low: float = 0.9,
+    geo_high: float = 1.1,
+    distill_ids: Optional[torch.Tensor] = None,
+    distill_logprobs: Optional[torch.Tensor] = None,
+    distill_coef: float = 0.0,
+    distill_mode: str = "kl",
+    distill_mask: Optional[torch.Tensor] = None,
+    validate: bool = True,
+    num_selected: Optional[int] = None,
 ):
     """Token-level policy-gradient loss on `hidden @ weight.T` without materialising the logits.
 
@@ -176,73 +197,224 @@ def fused_linear_policy_loss(
         weight: `(V, D)` output embedding, same dtype.
         targets: `(N,)` int64 token each row predicts.
         advantages: `(N,)` per-token advantages.
-        loss_mask: `(N,)` 1 for trained tokens, 0 otherwise (masked tokens are skipped entirely).
-        old_logprobs: `(N,)` behaviour-policy logprobs (grpo/cispo); None = the current policy.
+        loss_mask: `(N,)` 1 for trained tokens, 0 otherwise (masked tokens are skipped entirely);
+            may be a weight (e.g. 1/(n_i·S) for a sequence-mean-token-mean loss).
+        old_logprobs: `(N,)` PPO old-policy logprobs (grpo/cispo/gspo); None = the current policy.
+            Where `behaviour_mask` is given and 0, the current policy is used instead.
         ref_logprobs: `(N,)` reference logprobs for the KL term (used when `kl_coef > 0`).
-        loss_type: "awsft" | "grpo" | "cispo" (formulas in `kernels.losses`).
+        loss_type: "awsft" | "grpo" | "cispo" | "gspo" | "distill" (formulas in `kernels.losses`
+            and `kernels.reference`).
+        temperature: a float or an `(N,)` per-token temperature.
         normalizer: the divisor Z; default `max(sum(loss_mask), 1)`. Pass the global trained-token
             count when a batch is split into micro-batches or across ranks.
         chunk_size: tokens per chunk; default from a memory budget (see `kernels.chunked`).
+        sequence_ids: `(N,)` sequence of each token (whole sequences per call): needed by "gspo"
+            and the sequence-level `is_mode`s, and for the per-sequence IS statistics.
+        behaviour_logprobs, behaviour_mask: `(N,)` the sampler's logprobs μ and where they exist
+            (default everywhere); the importance weight uses δ = sg(logp) - μ (0 where absent).
+        is_mode: "none" | "token_tis" | "token_mask" | "seq_tis" | "seq_mask" | "geo_mask", with
+            `is_cap` (C), `[is_low, is_high]` and `[geo_low, geo_high]` (see `kernels.reference`).
+        distill_ids, distill_logprobs: `(N, k)` teacher top-k ids and logprobs; `distill_coef` λ
+            and `distill_mode` "kl" | "ce" (renormalised over the k ids); `distill_mask` `(N,)`:
+            rows that have a teacher (default all).
+    GSPO and the sequence-level corrections need every token's logprob before any gradient: they
+    run the chunk loop twice (logprobs, then the gradient pass: 8·N·D·V FLOPs instead of 6).
+        validate: check target ids and the finiteness of the per-token inputs at trained positions
+            (a clear ValueError; costs host syncs). False where the caller already validated the
+            batch (the trainer: `atropos_core.batch`), which leaves the call free of host syncs
+            when `num_selected` and `normalizer` are given too.
+        num_selected: the number of nonzero `loss_mask` entries when the caller knows it (counted
+            on the host before the batch moved to the device): the selection then needs no sync
+            (`torch.nonzero_static`). A wrong count is the caller's bug: rows are dropped or the
+            first row is repeated, so only pass a count you computed from this mask.
     Returns:
         `(loss, stats)`: a 0-dim float32 loss, and detached stats `logprobs` `(N,)` (0.0 where the
         mask is 0: those tokens are never computed), `entropy` (masked mean), `clip_frac`,
-        `num_tokens`.
+        `num_tokens`, and 0-dim sums for the off-policy and distillation metrics (`is_*`,
+        `mismatch_*`, `distill_*`; see `_OFFPOLICY_STATS`).
     """
     _check_common(hidden, weight, targets)
-    losses.check_loss_args(loss_type, clip_low, clip_high, kl_coef, temperature)
+    per_tok_t = isinstance(temperature, torch.Tensor)
+    losses.check_loss_args(loss_type, clip_low, clip_high, kl_coef, 1.0 if per_tok_t else temperature)
+    losses.check_is_args(is_mode, is_cap, is_low, is_high, geo_low, geo_high)
+    if distill_mode not in losses.DISTILL_MODES:
+        raise ValueError(f"distill_mode must be one of {losses.DISTILL_MODES}, got {distill_mode!r}")
+    if not distill_coef >= 0.0:
+        raise ValueError(f"distill_coef must be >= 0, got {distill_coef}")
     n = hidden.shape[0]
     vecs = {"advantages": advantages, "loss_mask": loss_mask, "old_logprobs": old_logprobs,
-            "ref_logprobs": ref_logprobs}
-    for name, t in vecs.items():
+            "ref_logprobs": ref_logprobs, "behaviour_logprobs": behaviour_logprobs,
+            "temperature": temperature if per_tok_t else None}
+    for name, t in list(vecs.items()) + [("sequence_ids", sequence_ids), ("behaviour_mask", behaviour_mask),
+                                         ("distill_mask", distill_mask)]:
         if t is not None and (t.shape != (n,) or t.device != hidden.device):
             raise ValueError(f"{name} must be ({n},) on {hidden.device}, got {tuple(t.shape)} on {t.device}")
+    use_distill = distill_coef > 0 and distill_ids is not None
+    if distill_coef > 0 and (distill_ids is None) != (distill_logprobs is None):
+        raise ValueError("distill_ids and distill_logprobs go together")
+    if loss_type == "distill" and not use_distill:
+        raise ValueError("loss_type 'distill' needs distill_ids, distill_logprobs and distill_coef > 0")
+    if use_distill and (distill_ids.dim() != 2 or distill_ids.shape[0] != n or distill_logprobs.shape != distill_ids.shape
+                        or distill_ids.device != hidden.device):
+        raise ValueError(f"distill_ids/distill_logprobs must both be ({n}, k) on {hidden.device}, got "
+                         f"{tuple(distill_ids.shape)} and {tuple(distill_logprobs.shape)}")
+    use_is = is_mode != "none" and behaviour_logprobs is not None
+    needs_seq = loss_type == "gspo" or (use_is and is_mode in losses.SEQ_IS_MODES)
+    if needs_seq and sequence_ids is None:
+        raise ValueError(f"loss_type {loss_type!r} / is_mode {is_mode!r} need sequence_ids")
     if normalizer is not None and not (normalizer > 0 and normalizer == normalizer):
         raise ValueError(f"normalizer must be a positive number, got {normalizer}")
     ops = _ops_for(resolve_backend(backend, hidden.device))
 
-    sel = (loss_mask != 0).nonzero().squeeze(1)  # one host sync per call, never per chunk
+    nz = loss_mask != 0
+    if num_selected is None:
+        sel = nz.nonzero().squeeze(1)  # one host sync per call (the count), never per chunk
+    else:
+        if not 0 <= num_selected <= n:
+            raise ValueError(f"num_selected must be in [0, {n}], got {num_selected}")
+        sel = torch.nonzero_static(nz, size=int(num_selected), fill_value=0).squeeze(1)
     m_sel = loss_mask[sel].float()
     t_sel = targets[sel].long()
-    _check_targets_in_range(t_sel, weight.shape[0])
     picked = {k: (v[sel].float() if v is not None else None) for k, v in vecs.items() if k != "loss_mask"}
-    finite = [torch.isfinite(v).all() for v in picked.values() if v is not None]
-    finite.append(torch.isfinite(m_sel).all())
-    if not bool(torch.stack(finite).all()):
-        bad = [k for k, v in picked.items() if v is not None and not bool(torch.isfinite(v).all())]
-        raise ValueError(f"non-finite values in {bad or ['loss_mask']} at trained positions")
-    Z = float(normalizer) if normalizer is not None else max(float(m_sel.sum()), 1.0)
-
-    loss_parts, clip_parts = [], []
-
-    def coef_fn(rows, logp_c):
-        loss_c, g_c, clipped_c = losses.token_loss_and_grad(
-            logp_c, picked["advantages"][rows], m_sel[rows],
-            old_logprobs=None if picked["old_logprobs"] is None else picked["old_logprobs"][rows],
-            ref_logprobs=None if picked["ref_logprobs"] is None else picked["ref_logprobs"][rows],
-            loss_type=loss_type, clip_low=clip_low, clip_high=clip_high, kl_coef=kl_coef)
-        loss_parts.append(loss_c)
-        clip_parts.append(clipped_c.sum())
-        return g_c / Z
-
+    ids_sel = lp_sel = None
+    if use_distill:
+        ids_sel = distill_ids[sel].long()
+        lp_sel = distill_logprobs[sel].float()
+        picked["distill_logprobs"] = lp_sel
+        dm_sel = (distill_mask[sel].float() if distill_mask is not None
+                  else torch.ones(sel.numel(), device=hidden.device))
+    if validate:
+        _check_targets_in_range(t_sel, weight.shape[0])
+        if use_distill:
+            _check_targets_in_range(ids_sel.reshape(-1), weight.shape[0])
+        if per_tok_t and picked["temperature"].numel() and not bool((picked["temperature"] > 0).all()):
+            raise ValueError("temperature must be > 0 at every trained position")
+        finite = [torch.isfinite(v).all() for v in picked.values() if v is not None]
+        finite.append(torch.isfinite(m_sel).all())
+        if not bool(torch.stack(finite).all()):
+            bad = [k for k, v in picked.items() if v is not None and not bool(torch.isfinite(v).all())]
+            raise ValueError(f"non-finite values in {bad or ['loss_mask']} at trained positions")
+    # A 0-dim tensor when the caller gives no normalizer: dividing by it needs no host sync.
+    Z = float(normalizer) if normalizer is not None else m_sel.sum().clamp_min(1.0)
+    bmask = None
+    if behaviour_logprobs is not None or behaviour_mask is not None:
+        bmask = (behaviour_mask[sel].bool() if behaviour_mask is not None
+                 else torch.ones(sel.numel(), dtype=torch.bool, device=hidden.device))
+    seg = n_seg = None
+    if sequence_ids is not None:
+        seg, n_seg = losses.segment_ids(sequence_ids[sel])
+    temp_arg = picked["temperature"] if per_tok_t else float(temperature)
     need = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     all_sel = sel.numel() == n  # every token trained: skip the gather/scatter copies of (N, D)
     h_sel = hidden.detach() if all_sel else hidden.detach()[sel]
+    w_det = weight.detach().contiguous()
+
+    # Pass 1 (GSPO, sequence-level IS): every token's logprob, no gradient (2·N·D·V FLOPs).
+    pre_g = pre_w = pre_clip = None
+    pre_loss = None
+    if needs_seq:
+        logp1, _, _, _ = chunked_loss_and_grads(h_sel, w_det, t_sel, lambda r, lp: None, temperature=temp_arg,
+                                                need_grad_hidden=False, need_grad_weight=False, ops=ops,
+                                                chunk_size=chunk_size)
+        if use_is:
+            delta = torch.where(bmask, logp1 - picked["behaviour_logprobs"], torch.zeros_like(logp1))
+            if is_mode in losses.SEQ_IS_MODES:
+                w_s, tr_s, ms_s = losses.seq_is_weights(
+                    losses.segment_sum(delta, seg, n_seg), losses.segment_sum(torch.ones_like(delta), seg, n_seg),
+                    is_mode, cap=is_cap, low=is_low, high=is_high, geo_low=geo_low, geo_high=geo_high)
+                pre_w, pre_tr, pre_ms = w_s[seg], tr_s[seg], ms_s[seg]
+            else:
+                pre_w, pre_tr, pre_ms = losses.is_weights(delta, is_mode, cap=is_cap, low=is_low, high=is_high)
+        if loss_type == "gspo":
+            old1 = picked["old_logprobs"]
+            if old1 is not None and bmask is not None:
+                old1 = torch.where(bmask, old1, logp1)
+            pre_loss, pre_g, pre_clip, _ = losses.gspo_coefficients(
+                logp1, old1, picked["advantages"], m_sel, seg, n_seg,
+                clip_low=clip_low, clip_high=clip_high, is_weight=pre_w)
+
+    acc = {k: [] for k in ("loss", "clip", "w_sum", "w_max", "trunc", "masked", "k3", "absd", "dkl", "top1")}
+    flags_tok = []  # per chunk: (truncated | masked) tokens, for the per-sequence counts
+
+    def coef_fn(rows, logp_c, extra=None):
+        m_c = m_sel[rows]
+        w_c = None
+        if use_is:
+            delta = torch.where(bmask[rows], logp_c - picked["behaviour_logprobs"][rows], torch.zeros_like(logp_c))
+            if pre_w is not None:  # from the first pass
+                w_c, tr_c, ms_c = pre_w[rows], pre_tr[rows], pre_ms[rows]
+            else:
+                w_c, tr_c, ms_c = losses.is_weights(delta, is_mode, cap=is_cap, low=is_low, high=is_high)
+            acc["w_sum"].append(w_c.sum())
+            acc["w_max"].append(w_c.max() if w_c.numel() else torch.zeros((), device=w_c.device))
+            acc["trunc"].append(tr_c.sum())
+            acc["masked"].append(ms_c.sum())
+            flags_tok.append(tr_c | ms_c)
+        if behaviour_logprobs is not None:
+            dlt = torch.where(bmask[rows], logp_c - picked["behaviour_logprobs"][rows], torch.zeros_like(logp_c))
+            acc["k3"].append((torch.exp(dlt.clamp(max=20.0)) - dlt - 1.0).sum())
+            acc["absd"].append(dlt.abs().sum())
+        if loss_type == "gspo":
+            # the policy term is in pre_loss / pre_g; only the KL term is token-local here
+            loss_c, g_c, _ = losses.token_loss_and_grad(
+                logp_c, picked["advantages"][rows], m_c, ref_logprobs=None if picked["ref_logprobs"] is None
+                else picked["ref_logprobs"][rows], loss_type="distill", kl_coef=kl_coef)
+            g_c = g_c + pre_g[rows]
+            acc["clip"].append(pre_clip[rows].sum())
+        else:
+            old_c = None if picked["old_logprobs"] is None else picked["old_logprobs"][rows]
+            if old_c is not None and bmask is not None:  # no behaviour logprob: on-policy (ratio 1)
+                old_c = torch.where(bmask[rows], old_c, logp_c)
+            loss_c, g_c, clipped_c = losses.token_loss_and_grad(
+                logp_c, picked["advantages"][rows], m_c, old_logprobs=old_c,
+                ref_logprobs=None if picked["ref_logprobs"] is None else picked["ref_logprobs"][rows],
+                loss_type=loss_type, clip_low=clip_low, clip_high=clip_high, kl_coef=kl_coef, is_weight=w_c)
+            acc["clip"].append(clipped_c.sum())
+        acc["loss"].append(loss_c)
+        if extra is None:
+            return g_c / Z
+        logp_k, is_max = extra
+        term, d_xk, d_p, kl = losses.distill_loss_and_grad(logp_k, lp_sel[rows], distill_mode)
+        dm_c = dm_sel[rows]
+        acc["loss"].append(distill_coef * (term * m_c * dm_c).sum())
+        acc["dkl"].append((kl * dm_c).sum())
+        t1 = lp_sel[rows].argmax(1, keepdim=True)
+        acc["top1"].append((is_max.gather(1, t1).squeeze(1) * dm_c).sum())
+        lam = (distill_coef / Z) * m_c * dm_c
+        return g_c / Z, d_xk * lam.unsqueeze(1), (d_p * lam if distill_mode == "ce" else None)
+
     logp_sel, ent_sel, gh_sel, gw = chunked_loss_and_grads(
-        h_sel, weight.detach().contiguous(), t_sel, coef_fn, temperature=float(temperature),
+        h_sel, w_det, t_sel, coef_fn, temperature=temp_arg,
         need_grad_hidden=need and hidden.requires_grad, need_grad_weight=need and weight.requires_grad,
-        ops=ops, chunk_size=chunk_size)
+        ops=ops, chunk_size=chunk_size, grad_weight_dtype=weight.dtype, gather_ids=ids_sel)
 
     dev = hidden.device
-    loss = (torch.stack(loss_parts).sum() / Z).float() if loss_parts else torch.zeros((), device=dev)
-    n_sel = max(int(sel.numel()), 1)
+    zero = torch.zeros((), device=dev)
+    parts = acc["loss"] + ([pre_loss] if pre_loss is not None else [])
+    loss = (torch.stack(parts).sum() / Z).float() if parts else zero
+    n_sel = max(sel.numel(), 1)
     logprobs = torch.zeros(n, dtype=torch.float32, device=dev)
     logprobs[sel] = logp_sel
+    ssum = lambda k: torch.stack(acc[k]).sum().float() if acc[k] else zero  # noqa: E731
     stats = {
         "logprobs": logprobs,
-        "entropy": (ent_sel * m_sel).sum() / max(float(m_sel.sum()), 1e-12) if sel.numel() else torch.zeros((), device=dev),
-        "clip_frac": (torch.stack(clip_parts).sum().float() / n_sel) if clip_parts else torch.zeros((), device=dev),
+        "entropy": (ent_sel * m_sel).sum() / m_sel.sum().clamp_min(1e-12) if sel.numel() else zero,
+        "clip_frac": ssum("clip") / n_sel,
         "num_tokens": int(sel.numel()),
     }
+    if behaviour_logprobs is not None:
+        stats.update(behaviour_tokens=bmask.sum().float(), mismatch_k3_sum=ssum("k3"), mismatch_abs_sum=ssum("absd"))
+    if use_is:
+        stats.update(is_weight_sum=ssum("w_sum"), is_truncated_tokens=ssum("trunc"), is_masked_tokens=ssum("masked"),
+                     is_weight_max=torch.stack(acc["w_max"]).max().float() if acc["w_max"] else zero)
+        if seg is not None:
+            flagged = torch.cat(flags_tok) if flags_tok else torch.zeros(0, dtype=torch.bool, device=dev)
+            per_seq = losses.segment_sum(flagged.float(), seg, n_seg) > 0
+            n_seqs = (seg[-1] + 1).float() if seg.numel() else zero
+            stats.update(is_sequences=n_seqs, is_flagged_sequences=per_seq.sum().float())
+    if use_distill:
+        stats.update(distill_kl_sum=ssum("dkl"), distill_top1_sum=ssum("top1"),
+                     distill_tokens=dm_sel.sum())
     if need:
         grad_h = None
         if gh_sel is not None and all_sel:

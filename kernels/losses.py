@@ -1,12 +1,12 @@
 """Per-token policy-loss heads on `(N,)` vectors: value and derivative with respect to logp.
 
-Every loss we train with is *token-local*: token i's loss depends only on its own logprob
-`logp_i` (and on per-token constants: advantage, old and reference logprob). So the derivative
-`g_i = dL/dlogp_i` is known as soon as `logp_i` is, and the fused kernels fold it straight into
-`dZ = g_i * (onehot(t_i) - softmax(z_i)) / T` in the forward pass (6·N·D·V FLOPs instead of 8).
-This module is the only place the loss formulas live for the fast backends; the reference
-(`kernels/reference.py`) writes the same definitions with plain autograd, so tests check the
-derivatives here against autograd.
+Every token-level loss we train with is *token-local*: token i's loss depends only on its own
+logprob `logp_i` (and on per-token constants: advantage, old, behaviour and reference logprob, the
+teacher's top-k). So the derivative `g_i = dL/dlogp_i` is known as soon as `logp_i` is, and the
+fused kernels fold it straight into `dZ = g_i * (onehot(t_i) - softmax(z_i)) / T` in the forward
+pass (6·N·D·V FLOPs instead of 8). This module is the only place the loss formulas live for the
+fast backends; the reference (`kernels/reference.py`) writes the same definitions with plain
+autograd, so tests check the derivatives here against autograd.
 
 Definitions (m = mask, A = advantage, r = exp(logp - old), the caller divides by Z):
   awsft : l = -A·logp                                  g = -A
@@ -14,15 +14,29 @@ Definitions (m = mask, A = advantage, r = exp(logp - old), the caller divides by
                                                             active (or r lies inside the clip
                                                             range), else 0
   cispo : l = -sg(min(r, 1+εh))·A·logp                 g = -min(r, 1+εh)·A
+  distill: no policy term (distillation only)
   kl    : + β·(exp(d) - d - 1), d = ref - logp         g += β·(1 - exp(d))
+  IS    : the policy term (not the KL) times a detached weight w (`is_weights`, `seq_is_weights`)
+
+GSPO is *not* token-local (its ratio is a per-sequence mean): `gspo_coefficients` takes the logprobs
+of a first pass and returns the per-token derivative that the second pass folds into dZ.
+
+The distillation term is token-local but touches k logits per row besides the target:
+`distill_loss_and_grad` returns its value and its derivative with respect to the k tempered logits
+x_K (and a multiple of softmax(x) for "ce"), which the chunk loop adds into dZ (no extra GEMM).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 
-LOSS_TYPES = ("awsft", "grpo", "cispo")
+LOSS_TYPES = ("awsft", "grpo", "cispo", "gspo", "distill")
+IS_MODES = ("none", "token_tis", "token_mask", "seq_tis", "seq_mask", "geo_mask")
+SEQ_IS_MODES = ("seq_tis", "seq_mask", "geo_mask")
+DISTILL_MODES = ("kl", "ce")
+_EXP_MAX = 20.0  # log-ratios are clamped here only to keep exp() finite
 
 
 def check_loss_args(loss_type: str, clip_low: float, clip_high: float, kl_coef: float, temperature: float) -> None:
@@ -39,6 +53,48 @@ def check_loss_args(loss_type: str, clip_low: float, clip_high: float, kl_coef: 
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
+def check_is_args(mode: str, cap: float, low: float, high: float, geo_low: float, geo_high: float) -> None:
+    """Raise ValueError for an importance-sampling correction that cannot be computed."""
+    if mode not in IS_MODES:
+        raise ValueError(f"is_mode must be one of {IS_MODES}, got {mode!r}")
+    if not (cap >= 1.0 and math.isfinite(cap)):
+        raise ValueError(f"is_cap must be a finite number >= 1, got {cap}")
+    if not (0.0 <= low < 1.0 < high and math.isfinite(high)):
+        raise ValueError(f"is_low/is_high must satisfy 0 <= low < 1 < high < inf, got [{low}, {high}]")
+    if not (0.0 <= geo_low < 1.0 < geo_high and math.isfinite(geo_high)):
+        raise ValueError(f"geo_low/geo_high must satisfy 0 <= low < 1 < high < inf, got [{geo_low}, {geo_high}]")
+
+
+def is_weights(log_ratio: torch.Tensor, mode: str, *, cap: float = 2.0, low: float = 0.5, high: float = 2.0):
+    """Token-level correction `(w, truncated, masked)` from `log_ratio = sg(logp) - behaviour` `(n,)`.
+    token_tis: w = min(e^δ, cap); token_mask: w = 1[low <= e^δ <= high]. `w` is detached."""
+    r = torch.exp(log_ratio.detach().clamp(max=_EXP_MAX))
+    none = torch.zeros_like(r, dtype=torch.bool)
+    if mode == "token_tis":
+        return r.clamp(max=cap), r > cap, none
+    if mode == "token_mask":
+        keep = (r >= low) & (r <= high)
+        return keep.to(r.dtype), none, ~keep
+    raise ValueError(f"is_weights handles token modes, got {mode!r}")
+
+
+def seq_is_weights(log_ratio_sum: torch.Tensor, n_tokens: torch.Tensor, mode: str, *, cap: float = 2.0,
+                   low: float = 0.5, high: float = 2.0, geo_low: float = 0.9, geo_high: float = 1.1):
+    """Sequence-level correction `(w, truncated, masked)` per sequence from S_i = Σ_t δ_t and n_i."""
+    none = torch.zeros_like(log_ratio_sum, dtype=torch.bool)
+    if mode == "geo_mask":
+        g = torch.exp((log_ratio_sum / n_tokens.clamp(min=1)).clamp(max=_EXP_MAX))
+        keep = (g >= geo_low) & (g <= geo_high)
+        return keep.to(g.dtype), none, ~keep
+    R = torch.exp(log_ratio_sum.clamp(max=_EXP_MAX))
+    if mode == "seq_tis":
+        return R.clamp(max=cap), R > cap, none
+    if mode == "seq_mask":
+        keep = (R >= low) & (R <= high)
+        return keep.to(R.dtype), none, ~keep
+    raise ValueError(f"seq_is_weights handles sequence modes, got {mode!r}")
+
+
 def token_loss_and_grad(
     logp: torch.Tensor,
     advantages: torch.Tensor,
@@ -50,14 +106,16 @@ def token_loss_and_grad(
     clip_low: float = 0.2,
     clip_high: float = 0.2,
     kl_coef: float = 0.0,
+    is_weight: Optional[torch.Tensor] = None,
 ):
     """Masked per-token loss terms and their derivative with respect to `logp`.
 
     Args:
         logp: `(n,)` float32/float64 logprobs of the target tokens (no grad needed).
         advantages, mask: `(n,)`; mask is 0/1 (or a weight).
-        old_logprobs: `(n,)` behaviour-policy logprobs; None means `old = logp` (ratio 1).
+        old_logprobs: `(n,)` PPO old-policy logprobs; None means `old = logp` (ratio 1).
         ref_logprobs: `(n,)` reference-policy logprobs for the KL term.
+        is_weight: `(n,)` detached importance weight of the policy term (None = 1).
     Returns:
         `(loss_sum, dlogp, clipped)`: the unnormalised masked sum (0-dim), `(n,)` derivative of
         that sum with respect to logp, and an `(n,)` bool tensor of tokens whose update was clipped.
@@ -66,14 +124,17 @@ def token_loss_and_grad(
     adv = advantages.to(dt)
     m = mask.to(dt)
     clipped = torch.zeros_like(logp, dtype=torch.bool)
-    if loss_type == "awsft":
+    if loss_type == "distill":
+        per_tok = torch.zeros_like(logp)
+        g = torch.zeros_like(logp)
+    elif loss_type == "awsft":
         per_tok = -adv * logp
         g = -adv
     else:
         old = logp if old_logprobs is None else old_logprobs.to(dt)
         # Clamp the log-ratio only to keep exp() finite: a ratio of e^20 is already far outside
         # any clip range, so the clamped value changes no selected branch.
-        ratio = torch.exp((logp - old).clamp(-20.0, 20.0))
+        ratio = torch.exp((logp - old).clamp(-_EXP_MAX, _EXP_MAX))
         if loss_type == "grpo":
             clipped_ratio = ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
             unclipped_term = -ratio * adv
@@ -89,11 +150,87 @@ def token_loss_and_grad(
             g = -w * adv
             clipped = ratio > 1.0 + clip_high
         else:
-            raise ValueError(f"unknown loss_type {loss_type!r}")
+            raise ValueError(f"token_loss_and_grad: {loss_type!r} is not token-local (see gspo_coefficients)")
+    if is_weight is not None:
+        w_is = is_weight.to(dt)
+        per_tok = per_tok * w_is
+        g = g * w_is
     if kl_coef > 0.0 and ref_logprobs is not None:
-        d = (ref_logprobs.to(dt) - logp).clamp(max=20.0)
+        d = (ref_logprobs.to(dt) - logp).clamp(max=_EXP_MAX)
         ed = torch.exp(d)
         per_tok = per_tok + kl_coef * (ed - d - 1.0)
         g = g + kl_coef * (1.0 - ed)
     clipped = clipped & (m > 0)
     return (per_tok * m).sum(), g * m, clipped
+
+
+def segment_ids(sequence_ids: torch.Tensor):
+    """`(segment (n,), n_slots)`: consecutive numbers 0, 1, ... for the runs of equal sequence ids.
+    Every sequence's tokens are contiguous (one micro-batch row, or one packed span), so a run is a
+    sequence; no host sync: `n_slots = n` bounds the count, unused slots stay empty."""
+    n = sequence_ids.numel()
+    change = torch.ones(n, dtype=torch.long, device=sequence_ids.device)
+    if n > 1:
+        change[1:] = (sequence_ids[1:] != sequence_ids[:-1]).long()
+    return torch.cumsum(change, 0) - 1, max(n, 1)
+
+
+def segment_sum(values: torch.Tensor, seg: torch.Tensor, n_seg: int) -> torch.Tensor:
+    return torch.zeros(n_seg, dtype=values.dtype, device=values.device).index_add_(0, seg, values)
+
+
+def gspo_coefficients(logp, old_logprobs, advantages, mask, seg, n_seg, *, clip_low: float, clip_high: float,
+                      is_weight: Optional[torch.Tensor] = None):
+    """GSPO on the selected tokens of whole sequences (first-pass logprobs in, no grad).
+
+    s_i = exp(mean_{t∈i}(logp_t - old_t)), A_i = mean_{t∈i} A_t, ℓ_i = max(-s_i·A_i, -clip(s_i)·A_i).
+    Loss sum = Σ_t m_t·w_t·ℓ_{i(t)} = Σ_i M_i·ℓ_i with M_i = Σ_{t∈i} m_t·w_t, so
+    dL/dlogp_t = M_i·ℓ_i'(s_i)·s_i/n_i for every token of i (ℓ' = -A_i unclipped, 0 clipped).
+    Returns `(loss_sum, g (n,), clipped (n,) bool, s per token (n,))`.
+    """
+    dt = logp.dtype
+    old = logp if old_logprobs is None else old_logprobs.to(dt)
+    ones = torch.ones_like(logp)
+    n_i = segment_sum(ones, seg, n_seg).clamp(min=1)      # empty slots: 0 tokens, no NaN
+    s = torch.exp((segment_sum(logp - old, seg, n_seg) / n_i).clamp(-_EXP_MAX, _EXP_MAX))
+    A_i = segment_sum(advantages.to(dt), seg, n_seg) / n_i
+    ell = torch.maximum(-s * A_i, -s.clamp(1.0 - clip_low, 1.0 + clip_high) * A_i)
+    cl = ((s > 1.0 + clip_high) & (A_i > 0)) | ((s < 1.0 - clip_low) & (A_i < 0))
+    mw = mask.to(dt) * (is_weight.to(dt) if is_weight is not None else 1.0)
+    M = segment_sum(mw, seg, n_seg)
+    d_ell = torch.where(cl, torch.zeros_like(s), -A_i)
+    g = (M * d_ell * s / n_i)[seg]
+    return (M * ell).sum(), g, cl[seg], s[seg]
+
+
+def distill_loss_and_grad(logp_k: torch.Tensor, teacher_logprobs: torch.Tensor, mode: str = "kl"):
+    """Distillation term over the teacher's top-k ids for a chunk of rows.
+
+    Args:
+        logp_k: `(c, k)` student log-softmax at the teacher's ids (full-vocabulary normalised).
+        teacher_logprobs: `(c, k)` the teacher's logprobs at those ids.
+    Returns:
+        `(term (c,), d_xk (c, k), d_p (c,), kl (c,), top1_in_k (c,) long)`: the per-row term, its
+        derivative with respect to the k tempered logits besides a `d_p · softmax(x)` part over the
+        whole row ("ce": d_p = Σq = 1; "kl": 0), the KL(q‖s_K) for the metric, and the argmax of the
+        student's logits among the k ids (the caller compares it with the teacher's argmax and with
+        the student's own global argmax).
+    q = softmax(teacher) over the k ids; s = softmax(logp_k).
+    kl: D = Σ q (log q - log s)   dD/dx_K = s - q
+    ce: D = -Σ q log p            dD/dx = -q on K + Σq·p (p over the whole row)
+    """
+    q = torch.softmax(teacher_logprobs.float(), dim=-1)
+    log_q = torch.log_softmax(teacher_logprobs.float(), dim=-1)
+    log_s = torch.log_softmax(logp_k, dim=-1)
+    kl = (q * (log_q - log_s)).sum(-1)
+    if mode == "kl":
+        term = kl
+        d_xk = log_s.exp() - q
+        d_p = torch.zeros_like(term)
+    elif mode == "ce":
+        term = -(q * logp_k).sum(-1)
+        d_xk = -q
+        d_p = q.sum(-1)
+    else:
+        raise ValueError(f"distill mode must be one of {DISTILL_MODES}, got {mode!r}")
+    return term, d_xk, d_p, kl

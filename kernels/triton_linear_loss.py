@@ -3,10 +3,11 @@
 The chunk loop lives in `kernels.chunked.chunked_loss_and_grads`; this file supplies its four
 operations (`TritonOps`) for one chunk of C tokens, logits `z = h_c @ W.T` of shape `(C, V)`:
 
-    logits        z = h_c @ W.T                          torch.mm (cuBLAS): a GEMM Triton would not beat
+    logits        z = h_c @ W.T, fp32                    torch.mm(out_dtype=fp32) (cuBLAS, fp32 output)
     row_stats     x = z / T,  lse = logsumexp(x),  logp = x[t] - lse,
-                  H = lse - sum softmax(x) * x           one read of z:  C*V*b bytes
-    dlogits       dZ = g/T * (onehot(t) - exp(x - lse))  one read + one write of z, in place
+                  H = lse - sum softmax(x) * x           one read of z:  C*V*4 bytes
+    dlogits       dZ = g/T * (onehot(t) - exp(x - lse))  one read of z, one write of dZ (C*V*b;
+                                                         in place when b = 4)
     accumulate_dw dW[v, d] += sum_c dZ[c, v] * h_c[c, d] 2*C*V*D FLOPs, fp32 accumulator;
                                                          dW read + written once: 8*V*D bytes
 
@@ -109,12 +110,15 @@ def _dlogits_kernel(
 @triton.jit
 def _accumulate_dw_kernel(
     dw_ptr, stride_dw_v, stride_dw_d,
+    out_ptr, stride_out_v, stride_out_d,
     dz_ptr, stride_dz_c, stride_dz_v,
     h_ptr, stride_h_c, stride_h_d,
     C, V, D,
     BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, LOAD_DW: tl.constexpr,
 ):
+    # out = (dw if LOAD_DW else 0) + dz.T @ h; out may be dw itself (accumulate in place) or the
+    # weight-dtype gradient (last chunk: the cast fused into the final store).
     # d varies fastest across program ids: neighbouring programs share the same dZ columns, and
     # all of h_c (C x D, a few MiB) stays in L2 while the grid sweeps the vocabulary.
     pid = tl.program_id(0)
@@ -135,10 +139,11 @@ def _accumulate_dw_kernel(
         b = tl.load(h_ptr + offs_c[:, None] * stride_h_c + offs_d[None, :] * stride_h_d,
                     mask=mask_c[:, None] & mask_d[None, :], other=0.0)
         acc = tl.dot(tl.trans(a), b, acc, input_precision=DOT_PRECISION)
-    dw_ptrs = dw_ptr + offs_v[:, None] * stride_dw_v + offs_d[None, :] * stride_dw_d
     mask = mask_v[:, None] & mask_d[None, :]
-    acc += tl.load(dw_ptrs, mask=mask, other=0.0)
-    tl.store(dw_ptrs, acc, mask=mask)
+    if LOAD_DW:
+        acc += tl.load(dw_ptr + offs_v[:, None] * stride_dw_v + offs_d[None, :] * stride_dw_d, mask=mask, other=0.0)
+    out_ptrs = out_ptr + offs_v[:, None] * stride_out_v + offs_d[None, :] * stride_out_d
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,23 +224,37 @@ def dlogits(z: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, coef: tor
     return out
 
 
-def accumulate_dw(dw: torch.Tensor, dz: torch.Tensor, h_c: torch.Tensor, *, config: Optional[dict] = None) -> None:
-    """`dw += dz.T @ h_c` with an fp32 accumulator; dw `(V, D)` fp32, dz `(C, V)`, h_c `(C, D)`."""
-    if dw.dtype != torch.float32:
-        raise ValueError(f"dw must be float32, got {dw.dtype}")
+def accumulate_dw(dw: Optional[torch.Tensor], dz: torch.Tensor, h_c: torch.Tensor, *, first: bool = False,
+                  out: Optional[torch.Tensor] = None, config: Optional[dict] = None) -> None:
+    """`dw += dz.T @ h_c` with an fp32 accumulator; dw `(V, D)` fp32, dz `(C, V)`, h_c `(C, D)`.
+
+    `first`: `dw = dz.T @ h_c`, dw's old contents never read (no zero fill needed). `out` `(V, D)`
+    in any float dtype: the result goes there (cast in the store) instead of into dw; dw may then
+    be None when `first` (a single chunk needs no fp32 buffer)."""
     if dz.dtype != h_c.dtype:
         raise ValueError(f"dz and h_c must share a dtype, got {dz.dtype} and {h_c.dtype}")
+    if dw is None and (out is None or not first):
+        raise ValueError("accumulate_dw: dw may be None only with first=True and an out tensor")
+    if dw is not None and dw.dtype != torch.float32:
+        raise ValueError(f"dw must be float32, got {dw.dtype}")
     c, v = dz.shape
     d = h_c.shape[1]
-    if dw.shape != (v, d) or h_c.shape[0] != c:
-        raise ValueError(f"shapes do not chain: dw {tuple(dw.shape)}, dz {tuple(dz.shape)}, h_c {tuple(h_c.shape)}")
+    for name, t in (("dw", dw), ("out", out)):
+        if t is not None and (t.shape != (v, d) or h_c.shape[0] != c):
+            raise ValueError(f"shapes do not chain: {name} {tuple(t.shape)}, dz {tuple(dz.shape)}, h_c {tuple(h_c.shape)}")
+    dst = out if out is not None else dw
+    src = dw if dw is not None else dst
     cfg = config or launch_config("accumulate_dw", vocab=v, dim=d, dtype=dz.dtype)
     meta, warps, stages = _split(cfg)
     if c:
         grid = (triton.cdiv(v, meta["BLOCK_V"]) * triton.cdiv(d, meta["BLOCK_D"]),)
-        _accumulate_dw_kernel[grid](dw, dw.stride(0), dw.stride(1), dz, dz.stride(0), dz.stride(1),
-                                    h_c, h_c.stride(0), h_c.stride(1), c, v, d,
-                                    num_warps=warps, num_stages=stages, **meta)
+        _accumulate_dw_kernel[grid](src, src.stride(0), src.stride(1), dst, dst.stride(0), dst.stride(1),
+                                    dz, dz.stride(0), dz.stride(1), h_c, h_c.stride(0), h_c.stride(1), c, v, d,
+                                    LOAD_DW=not first, num_warps=warps, num_stages=stages, **meta)
+    elif first:
+        dst.zero_()
+    elif out is not None:
+        out.copy_(dw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,6 +271,7 @@ class TritonOps(TorchOps):
     """
 
     name = "triton"
+    direct_dw_out = True
 
     @staticmethod
     def row_stats(z: torch.Tensor, targets: torch.Tensor, inv_t: float):
@@ -264,8 +284,9 @@ class TritonOps(TorchOps):
         return dlogits(buf, lse, targets, coef, inv_t, dtype)
 
     @staticmethod
-    def accumulate_dw(dw: torch.Tensor, dz: torch.Tensor, h_c: torch.Tensor) -> None:
+    def accumulate_dw(dw: Optional[torch.Tensor], dz: torch.Tensor, h_c: torch.Tensor, *, first: bool = False,
+                      out: Optional[torch.Tensor] = None) -> None:
         if dz.dtype == torch.float64:
-            TorchOps.accumulate_dw(dw, dz, h_c)
+            TorchOps.accumulate_dw(dw, dz, h_c, first=first, out=out)
         else:
-            accumulate_dw(dw, dz, h_c)
+            accumulate_dw(dw, dz, h_c, first=first, out=out)

@@ -108,7 +108,10 @@ def check_against_reference(tb, groups, cfg: DataConfig) -> None:
         assert (mb.loss_mask[pad] == 0).all() and (mb.advantages[pad] == 0).all()
         assert (mb.attention_mask[pad] == 0).all() and (mb.attention_mask[~pad] == 1).all()
         assert (mb.input_ids[pad] == cfg.pad_token_id).all()
-        assert (mb.old_logprobs is not None) == cfg.use_inference_logprobs
+        # data.use_inference_logprobs None = auto: present when any group of the batch sent them
+        expect_old = bool(cfg.use_inference_logprobs) or (
+            cfg.use_inference_logprobs is None and any(g.get("inference_logprobs") for g in groups))
+        assert (mb.old_logprobs is not None) == expect_old == (mb.behaviour_mask is not None)
         assert (mb.ref_logprobs is not None) == cfg.use_ref_logprobs
         if cfg.layout == "packed":
             assert R == 1
@@ -129,6 +132,7 @@ def check_against_reference(tb, groups, cfg: DataConfig) -> None:
                           "loss_mask": mb.loss_mask[r][sel].tolist(), "advantages": mb.advantages[r][sel],
                           "position_ids": mb.position_ids[r][sel].tolist(),
                           "old_logprobs": mb.old_logprobs[r][sel] if mb.old_logprobs is not None else None,
+                          "behaviour": mb.behaviour_mask[r][sel] if mb.behaviour_mask is not None else None,
                           "ref_logprobs": mb.ref_logprobs[r][sel] if mb.ref_logprobs is not None else None}
                 if cfg.layout == "padded":
                     assert sel.nonzero().flatten().tolist() == list(range(int(sel.sum())))  # left-aligned
@@ -142,8 +146,12 @@ def check_against_reference(tb, groups, cfg: DataConfig) -> None:
         # float32 storage of float64 values: equal up to one rounding
         torch.testing.assert_close(g["advantages"], torch.tensor(exp["advantages"], dtype=torch.float32),
                                    rtol=1e-6, atol=1e-6)
+        if g["behaviour"] is not None:  # a sequence without inference_logprobs: on-policy, zeros
+            assert g["behaviour"].all().item() == (exp["old_logprobs"] is not None) == g["behaviour"].any().item()
+            if exp["old_logprobs"] is None:
+                assert (g["old_logprobs"] == 0).all()
         for name in ("old_logprobs", "ref_logprobs"):
-            if g[name] is not None:
+            if g[name] is not None and exp[name] is not None:
                 torch.testing.assert_close(g[name], torch.tensor(exp[name], dtype=torch.float32), rtol=0, atol=0)
 
 

@@ -202,6 +202,37 @@ def test_torchrun_two_ranks(tmp_path):
     assert_nothing_left(run_dir, [int(cfg["atropos"]["url"].rsplit(":", 1)[1])])
 
 
+def test_torchrun_two_nodes_one_rendezvous(tmp_path):
+    """The multi-node launch of the README on one machine: two torchrun agents ("nodes", one rank
+    each) that meet through one c10d rendezvous (`--nnodes 2 --rdzv-backend c10d`), end to end
+    through the driver: the rank that rendezvous made 0 owns the API, vLLM and the environment, the
+    other rank gets their URLs over the trainer's group, both train and exit 0."""
+    run_dir = tmp_path / "run"
+    endpoint = f"127.0.0.1:{free_port()}"
+    agents = []
+    for node in range(2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "atropos-two-nodes",
+               "--max-restarts", "0", str(REPO / "drivers" / "train.py"), "--steps", "2", "--out", str(run_dir),
+               "--checkpoint.every", "0"]
+        agents.append(ManagedProcess(f"node{node}", cmd, tmp_path / f"node{node}.log").start())
+    try:
+        rcs = [a.proc.wait(timeout=600) for a in agents]
+    finally:
+        for a in agents:
+            a.stop()
+    logs = [(tmp_path / f"node{i}.log").read_text() for i in range(2)]
+    assert rcs == [0, 0], "\n----\n".join(log[-3000:] for log in logs)
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["sync/server_version"] == r["step"] for r in rows)
+    # Exactly one agent's rank printed the step lines (rank 0, wherever rendezvous put it).
+    printed = [len([ln for ln in log.splitlines() if ln.startswith("step ")]) for log in logs]
+    assert sorted(printed) == [0, 2], printed
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert_nothing_left(run_dir, [int(cfg["atropos"]["url"].rsplit(":", 1)[1])])
+
+
 def test_torchrun_rank0_failure_stops_every_rank(tmp_path):
     """Under torchrun, a child process of rank 0 dies while rank 0 waits for data (the environment,
     SIGKILLed: only rank 0's child check sees it; a dead vLLM server would also fail the weight

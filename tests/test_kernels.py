@@ -21,8 +21,8 @@ import torch
 
 import kernels
 from kernels import losses
-from kernels.chunked import CPU_CHUNK_BYTES, default_chunk_size
-from kernels.reference import linear_logprobs_ref, policy_loss_ref
+from kernels.chunked import CPU_CHUNK_BYTES, CUDA_CHUNK_BYTES, chunk_bytes_per_row, default_chunk_size
+from kernels.reference import large_logit_inputs, linear_logprobs_ref, policy_loss_ref
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -246,6 +246,81 @@ def test_linear_logprobs_forward_backward(dtype, temperature):
         assert_rule(name, a, b, c, dtype)
 
 
+# ------------------------------------------------------------------ logits at realistic magnitudes
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=lambda t: str(t).split(".")[-1])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logp_error_at_large_logits_is_fp32_logits_error(dtype, temperature):
+    """Target logits at |z| ~ 16-32 (a trained LM's): the chunk's logits GEMM must hand fp32 logits
+    to the softmax. Rule (issue #15): logp error against fp64 within 2x that of torch computing the
+    logits in fp32 (`upcast=False` on fp32 copies of the same rounded inputs). The control: logits
+    rounded to the inputs' dtype first (what the kernel did before) miss the same bound by far
+    (one bf16 ulp at 16-32 is 0.125), so this test can fail."""
+    n, d, v = 96, 256, 4096
+    h, w, t = large_logit_inputs(n, d, v, dtype, seed=5)
+    z_t = (h.double() @ w.double().T)[torch.arange(n), t].abs()
+    assert z_t.median() >= 16 and z_t.max() <= 40, z_t.median()
+    gold, _ = linear_logprobs_ref(h, w, t, temperature, upcast=True)
+    f32, _ = linear_logprobs_ref(h.float(), w.float(), t, temperature, upcast=False)
+    rounded, _ = linear_logprobs_ref(h, w, t, temperature, upcast=False)
+    bound = 2 * _err(f32, gold) + 2e-6 * gold.abs().max().item()
+    assert _err(rounded, gold) > 10 * bound, "control: rounded logits should fail the bound"
+    lp = kernels.linear_logprobs(h, w, t, temperature=temperature, backend="torch")
+    assert _err(lp, gold) <= bound, f"linear_logprobs err {_err(lp, gold):.3e} > {bound:.3e}"
+    adv = torch.randn(n, generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(n)
+    mask[::5] = 0
+    _, st = kernels.fused_linear_policy_loss(h, w, t, adv, mask, temperature=temperature, backend="torch",
+                                             chunk_size=40)
+    sel = mask != 0
+    assert _err(st["logprobs"][sel], gold[sel]) <= bound
+
+
+def test_trainer_path_without_validation_matches(monkeypatch):
+    """`validate=False, num_selected=k` (the trainer's call) gives the validated call's results
+    exactly, reads nothing back to the host for the selection (no `.nonzero()`), and a wrong count
+    is refused when it cannot be right."""
+    case = make_case(torch.float32)
+    kw = _kw("grpo_clip_kl", case)
+    a = _run(kernels.fused_linear_policy_loss, case, backend="torch", chunk_size=8, **kw)
+    k = int((case["loss_mask"] != 0).sum())
+
+    def no_nonzero(*_a, **_k):
+        raise AssertionError("nonzero() called on the trainer path")
+    monkeypatch.setattr(torch.Tensor, "nonzero", no_nonzero)
+    b = _run(kernels.fused_linear_policy_loss, case, backend="torch", chunk_size=8, validate=False,
+             num_selected=k, **kw)
+    for x, y in zip(a[2:], b[2:]):
+        assert torch.equal(x, y)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1]["logprobs"], b[1]["logprobs"])
+    assert b[1]["num_tokens"] == k
+    with pytest.raises(ValueError, match="num_selected"):
+        _run(kernels.fused_linear_policy_loss, case, backend="torch", num_selected=N + 1, **kw)
+
+
+def test_grad_weight_in_weight_dtype_and_no_zero_fill():
+    """The weight gradient comes back in the weight's dtype (cast fused into the last chunk), the
+    fp32 accumulator starts from the first chunk's product (an uninitialised buffer must not leak
+    in: NaN-filled here), for one chunk and for several."""
+    import kernels.chunked as kc
+
+    case = make_case(torch.bfloat16)
+    gold = _gold(case)[3]
+    for chunk in (None, 7):
+        orig = torch.empty
+
+        def nan_empty(*a, **k):
+            t = orig(*a, **k)
+            return t.fill_(float("nan")) if t.is_floating_point() else t
+        kc.torch.empty = nan_empty
+        try:
+            _, _, _, gw = _run(kernels.fused_linear_policy_loss, case, backend="torch", chunk_size=chunk)
+        finally:
+            kc.torch.empty = orig
+        assert gw.dtype == torch.bfloat16 and torch.isfinite(gw.float()).all()
+        assert _err(gw, gold) <= 2e-2 * gold.abs().max().item()
+
+
 # ------------------------------------------------------------------ the loss heads
 
 def _heads_ref(logp, adv, mask, **kw):
@@ -364,6 +439,16 @@ def test_default_chunk_size_bounds():
         c = default_chunk_size(n, v, cpu)
         assert 1 <= c <= n
         assert c == n or c * v * 4 <= CPU_CHUNK_BYTES or c == 16
+    # From the real element sizes (fp32 logits + a 16-bit dZ row), no power-of-two floor, chunks
+    # evened out: 1.5 GiB at V=128256 in bf16 holds 2092 rows, so N=8192 runs as 4 x 2048.
+    cuda = torch.device("cuda")
+    assert default_chunk_size(8192, 128256, cuda, torch.bfloat16) == 2048
+    c = default_chunk_size(8192, 151936, cuda, torch.bfloat16)
+    assert c % 16 == 0 and c * 151936 * 6 <= CUDA_CHUNK_BYTES and c > 1024 and -(-8192 // c) == 5
+    assert default_chunk_size(777, 152064, cuda, torch.bfloat16) == 777
+    for n, v, dt in [(5000, 1000, torch.float32), (333, 50000, torch.float16), (10**6, 262144, torch.bfloat16)]:
+        c = default_chunk_size(n, v, cpu, dt)
+        assert c * chunk_bytes_per_row(v, dt) <= CPU_CHUNK_BYTES or c == 16
 
 
 # ------------------------------------------------------------------ memory

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from kernels.chunked import TorchOps  # noqa: E402
-from kernels.reference import linear_logprobs_ref, policy_loss_ref  # noqa: E402
+from kernels.reference import large_logit_inputs, linear_logprobs_ref, policy_loss_ref  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Slack per dtype, relative to the gold's scale (max |gold|): about one rounding of each format,
@@ -64,6 +64,8 @@ LOGPROB_CASES = {
     "logprobs_fp32_t07": dict(dtype="fp32", temperature=0.7),
     "logprobs_bf16": dict(dtype="bf16", temperature=1.0, chunk=True),
     "logprobs_fp16_two_tiles": dict(dtype="fp16", temperature=1.1, V=4500),
+    # Target logits at |z| ~ 16-32: also checked against fp32-logits torch (test_logp_error_at_large_logits).
+    "logprobs_bf16_large_logits_t07": dict(dtype="bf16", temperature=0.7, V=2000, large=True),
 }
 OPS_DTYPES = ("fp32", "fp16", "bf16")
 
@@ -96,6 +98,9 @@ def _logprob_inputs(name, spec):
     g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
     n, d, v = 37, 48, spec.get("V", 1000)
     dt = DTYPES[spec["dtype"]]
+    if spec.get("large"):
+        h, w, t = large_logit_inputs(n, d, v, dt, seed=zlib.crc32(name.encode()) % 1000)
+        return dict(hidden=h, weight=w, targets=t, grad_out=torch.randn(n, generator=g), temperature=spec["temperature"])
     return dict(hidden=(torch.randn(n, d, generator=g) * 0.5).to(dt), weight=(torch.randn(v, d, generator=g) * 0.5).to(dt),
                 targets=torch.randint(0, v, (n,), generator=g), grad_out=torch.randn(n, generator=g),
                 temperature=spec["temperature"])
@@ -320,6 +325,22 @@ def test_linear_logprobs_forward_backward(interpreted, name):
 
 
 @pytest.mark.interpret
+def test_logp_error_at_large_logits(interpreted):
+    """At |z| ~ 16-32 the Triton path's logp is within 2x the error of fp32-logits torch (issue #15);
+    logits rounded to bf16 first (the control) are not."""
+    data, out = interpreted
+    name = "logprobs_bf16_large_logits_t07"
+    x, got = data["logprobs"][name], out[name]
+    gold, _ = linear_logprobs_ref(x["hidden"], x["weight"], x["targets"], x["temperature"], upcast=True)
+    f32, _ = linear_logprobs_ref(x["hidden"].float(), x["weight"].float(), x["targets"], x["temperature"],
+                                 upcast=False)
+    rounded, _ = linear_logprobs_ref(x["hidden"], x["weight"], x["targets"], x["temperature"], upcast=False)
+    bound = 2 * _err(f32, gold) + 2e-6 * gold.abs().max().item()
+    assert _err(rounded, gold) > 10 * bound
+    assert _err(got["logp"], gold) <= bound, f"{_err(got['logp'], gold):.3e} > {bound:.3e}"
+
+
+@pytest.mark.interpret
 @pytest.mark.parametrize("label", ["default", "small"])
 @pytest.mark.parametrize("dname", OPS_DTYPES)
 def test_ops_match_torch_ops(interpreted, dname, label):
@@ -397,6 +418,28 @@ def test_gpu_bf16_large_vocab(vocab):
     lp_k = kernels.linear_logprobs(hidden, weight, targets, temperature=0.9, backend="triton")
     lp_t, _ = linear_logprobs_ref(hidden, weight, targets, 0.9, upcast=False)
     _check(name, "linear_logprobs", lp_k, lp_t, logp_gold, "bf16")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("vocab", [128256, 152064])
+def test_gpu_logp_error_at_large_logits(vocab):
+    """Compiled kernels, target logits at |z| ~ 16-32: logp within 2x the fp32-logits torch error
+    against fp64 (the bf16-baseline rule above cannot see bf16-rounded logits: it rounds too)."""
+    import kernels
+
+    dev = torch.device("cuda")
+    h, w, t = large_logit_inputs(512, 1024, vocab, torch.bfloat16, seed=vocab % 97, device=dev)
+    for temp in (1.0, 0.7):
+        gold, _ = linear_logprobs_ref(h, w, t, temp, upcast=True)
+        f32, _ = linear_logprobs_ref(h.float(), w.float(), t, temp, upcast=False)
+        bound = 2 * _err(f32, gold) + 2e-6 * gold.abs().max().item()
+        lp = kernels.linear_logprobs(h, w, t, temperature=temp, backend="triton")
+        assert _err(lp, gold) <= bound, f"T={temp}: {_err(lp, gold):.3e} > {bound:.3e}"
+        adv = torch.randn(512, device=dev)
+        mask = torch.ones(512, device=dev)
+        _, st = kernels.fused_linear_policy_loss(h, w, t, adv, mask, temperature=temp, backend="triton",
+                                                 validate=False, num_selected=512, normalizer=512.0)
+        assert _err(st["logprobs"], gold) <= bound
 
 
 if __name__ == "__main__":

@@ -95,3 +95,26 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir):
         grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
     for n in grads[0]:
         assert torch.allclose(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-7), n
+
+
+def test_flash_attn_chosen_only_where_it_can_run():
+    """The selection logic of issue #15 (item 2), on the facts a GPU node would present."""
+    from atropos_core.model import compute_dtype, flash_attn_blocker
+
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert flash_attn_blocker("cuda", bf16, (9, 0), True) is None          # H100/H200, bf16
+    assert flash_attn_blocker("cuda", torch.float16, (8, 0), True) is None  # A100, fp16
+    assert "CUDA" in flash_attn_blocker("cpu", bf16, None, True)
+    assert "capability" in flash_attn_blocker("cuda", bf16, (7, 5), True)   # T4
+    assert "fp32" in flash_attn_blocker("cuda", fp32, (9, 0), True).replace("float32", "fp32")
+    assert "flash_attn" in flash_attn_blocker("cuda", bf16, (9, 0), False)
+    # Compute dtype: fp32 masters on CUDA compute in bf16 (FSDP mixed precision, also on one GPU).
+    cuda = torch.device("cuda", 0)
+    assert compute_dtype(ModelConfig(), cuda) == bf16
+    assert compute_dtype(ModelConfig(mixed_precision=False), cuda) == fp32
+    assert compute_dtype(ModelConfig(dtype="float16"), cuda) == torch.float16
+    assert compute_dtype(ModelConfig(), CPU) == fp32
+    # On this (CPU) machine: auto is sdpa, an explicit flash request names the reason.
+    with pytest.raises(ValueError, match="CUDA device"):
+        resolve_attn_implementation("flash_attention_2", CPU, bf16)
+    assert resolve_attn_implementation("auto", CPU, bf16) == "sdpa"

@@ -208,6 +208,52 @@ def test_train_step_argument_errors(tiny_model_dir):
         make_micro_batch(1).num_trained_tokens + make_micro_batch(2).num_trained_tokens)
 
 
+def test_group_backend_follows_device():
+    """CUDA groups carry gloo beside NCCL, so CPU-tensor collectives (launch info, batch bytes,
+    python numbers) have a backend (issue #15, item 1: 'No backend type associated with device
+    type cpu' on an NCCL-only group)."""
+    from atropos_core import dist as adist
+
+    assert adist.process_group_backend("cuda") == "cpu:gloo,cuda:nccl"
+    assert adist.process_group_backend("cpu") == "gloo"
+    with pytest.raises(ValueError):
+        adist.process_group_backend("mps")
+
+
+def test_one_rank_group_runs_fsdp_like_one_process(monkeypatch, tiny_model_dir):
+    """A plain process with `single_rank_group` (the CUDA default) gets a one-rank group on an
+    in-process store: FSDP2 shards (one shard), the CPU launch-info broadcast and the scalar
+    reductions run on it, and a train step gives the unsharded process's result."""
+    import torch.distributed as dist
+
+    from atropos_core import dist as adist
+    from atropos_core.batch import broadcast_groups
+
+    monkeypatch.delenv("RANK", raising=False)
+    ref, _ = load_model_and_tokenizer(ModelConfig(path=str(tiny_model_dir), attn_implementation="sdpa"), CPU)
+    opt, sched = build_optimizer(ref, OPTIM)
+    m_ref = train_step(ref, opt, sched, MBS[:2], LOSS, global_normalizer=global_token_count(MBS[:2]), grad_clip=0.5)
+    try:
+        assert adist.init_distributed("cpu", single_rank_group=True) == (0, 1, 0, CPU)
+        assert adist.is_dist() and adist.world_size() == 1 and dist.get_backend() == "gloo"
+        assert adist.scalar_device() == CPU and adist.all_reduce_max(3) == 3
+        assert broadcast_groups([{"model": "m", "urls": ["u"]}], device=adist.scalar_device()) == [
+            {"model": "m", "urls": ["u"]}]
+        model, _ = load_model_and_tokenizer(ModelConfig(path=str(tiny_model_dir), attn_implementation="sdpa"), CPU)
+        model = apply_fsdp(model, CPU)
+        assert type(model.lm_head.weight).__name__ == "DTensor"
+        opt, sched = build_optimizer(model, OPTIM)
+        m = train_step(model, opt, sched, MBS[:2], LOSS, global_normalizer=global_token_count(MBS[:2]),
+                       grad_clip=0.5)
+        assert m["loss/total"] == pytest.approx(m_ref["loss/total"], rel=1e-5)
+        assert m["grad/norm"] == pytest.approx(m_ref["grad/norm"], rel=1e-5)
+        sharded = {n: p.full_tensor() for n, p in model.named_parameters()}
+        for n, p in ref.named_parameters():
+            assert torch.allclose(sharded[n], p.detach(), rtol=1e-5, atol=1e-7), n
+    finally:
+        adist.cleanup()
+
+
 def test_single_process_dist_is_world_one(monkeypatch):
     from atropos_core import dist as adist
 

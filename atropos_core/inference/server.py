@@ -37,8 +37,11 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+from typing import Annotated, Optional, Union
+
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
 logger = logging.getLogger("atropos_core.inference.server")
 
@@ -47,11 +50,66 @@ DEFAULT_MAX_BODY_BYTES = 8 << 20
 #: Sequences whose weight version /generate remembers (for the trainer's staleness metric); the
 #: oldest are forgotten first. ~100 B each.
 SAMPLED_VERSIONS_KEPT = 1 << 16
+_MAX_TOKEN_ID = 2**31 - 1
+_Float = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+_TokenId = Annotated[int, Field(strict=True, ge=0, le=_MAX_TOKEN_ID)]
+
+
+class _TokenPrompt(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt_token_ids: Annotated[list[_TokenId], Field(min_length=1)]
+
+
+class GenerateRequest(BaseModel):
+    """The declared schema of a `/generate` body, checked before anything reaches vLLM: strict
+    types (no "1" for 1, no true for 1), finite numbers, ranges where vLLM asserts rather than
+    raises. Keys outside it are ignored (logged once per key); vLLM's own checks (a prompt longer
+    than --max-model-len, a token id outside the vocabulary, too many logprobs) still answer 400."""
+
+    model_config = ConfigDict(extra="allow")
+    prompt: Union[_TokenPrompt, Annotated[str, Field(strict=True, min_length=1)]]
+    n: Optional[Annotated[int, Field(strict=True, ge=1, le=4096)]] = None
+    max_tokens: Optional[Annotated[int, Field(strict=True, ge=1, le=_MAX_TOKEN_ID)]] = None
+    temperature: Optional[Annotated[_Float, Field(ge=0.0)]] = None
+    top_p: Optional[Annotated[_Float, Field(gt=0.0, le=1.0)]] = None
+    top_k: Optional[Annotated[int, Field(strict=True, ge=-1, le=_MAX_TOKEN_ID)]] = None
+    min_p: Optional[Annotated[_Float, Field(ge=0.0, le=1.0)]] = None
+    seed: Optional[Annotated[int, Field(strict=True, ge=-(2**63), le=2**63 - 1)]] = None
+    stop: Optional[Union[Annotated[str, Field(strict=True)], list[Annotated[str, Field(strict=True)]]]] = None
+    stop_token_ids: Optional[list[_TokenId]] = None
+    logprobs: Optional[Annotated[int, Field(strict=True, ge=-1, le=_MAX_TOKEN_ID)]] = None
+    prompt_logprobs: Optional[Annotated[int, Field(strict=True, ge=-1, le=_MAX_TOKEN_ID)]] = None
+    presence_penalty: Optional[Annotated[_Float, Field(ge=-2.0, le=2.0)]] = None
+    frequency_penalty: Optional[Annotated[_Float, Field(ge=-2.0, le=2.0)]] = None
+    repetition_penalty: Optional[Annotated[_Float, Field(gt=0.0)]] = None
+    ignore_eos: Optional[StrictBool] = None
+    skip_special_tokens: Optional[StrictBool] = None
+    include_stop_str_in_output: Optional[StrictBool] = None
+    min_tokens: Optional[Annotated[int, Field(strict=True, ge=0, le=_MAX_TOKEN_ID)]] = None
+    spaces_between_special_tokens: Optional[StrictBool] = None
+
+
 #: Request keys of /generate passed to SamplingParams (others are ignored, logged once).
-_SAMPLING_KEYS = ("n", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop",
-                  "stop_token_ids", "logprobs", "prompt_logprobs", "presence_penalty", "frequency_penalty",
-                  "repetition_penalty", "ignore_eos", "skip_special_tokens", "include_stop_str_in_output",
-                  "min_tokens", "spaces_between_special_tokens")
+_SAMPLING_KEYS = tuple(k for k in GenerateRequest.model_fields if k != "prompt")
+
+
+def parse_generate_request(body: Any) -> tuple[Any, dict, set]:
+    """(engine prompt, SamplingParams kwargs, ignored keys) of a `/generate` body, or ValueError
+    with one line naming each wrong field."""
+    try:
+        req = GenerateRequest.model_validate(body)
+    except ValidationError as e:
+        parts = []
+        for err in e.errors()[:5]:
+            # Keep field names and list indices; drop pydantic's names of union branches.
+            loc = ".".join(str(x) for x in err["loc"] if isinstance(x, int)
+                           or (str(x).isidentifier() and not str(x)[0].isupper() and not str(x).startswith("_")))
+            parts.append(f"{loc or 'body'}: {err['msg']}")
+        raise ValueError("invalid /generate request: " + "; ".join(parts)) from None
+    prompt = ({"prompt_token_ids": list(req.prompt.prompt_token_ids)} if isinstance(req.prompt, _TokenPrompt)
+              else req.prompt)
+    kwargs = {k: getattr(req, k) for k in _SAMPLING_KEYS if getattr(req, k) is not None}
+    return prompt, kwargs, set(req.model_extra or {})
 
 
 class _UpdateState:
@@ -153,7 +211,10 @@ def add_atropos_routes(app: FastAPI, *, token: str, max_body_bytes: int, model: 
         raw = await request.body()
         if len(raw) > max_body_bytes:
             raise _BodyTooLarge(f"request body over {max_body_bytes} bytes")
-        data = json.loads(raw or b"{}")
+        try:
+            data = json.loads(raw or b"{}")
+        except RecursionError:
+            raise ValueError("request body nests too deeply") from None
         if not isinstance(data, dict):
             raise ValueError("request body must be a JSON object")
         return data
@@ -180,23 +241,13 @@ def add_atropos_routes(app: FastAPI, *, token: str, max_body_bytes: int, model: 
 
         try:
             body = await body_json(request)
-            prompt = body.get("prompt")
-            if isinstance(prompt, dict) and isinstance(prompt.get("prompt_token_ids"), list):
-                ids = prompt["prompt_token_ids"]
-                if not ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-                    raise ValueError("prompt.prompt_token_ids must be a non-empty list of ints")
-                engine_prompt: Any = {"prompt_token_ids": ids}
-            elif isinstance(prompt, str) and prompt:
-                engine_prompt = prompt
-            else:
-                raise ValueError('"prompt" must be {"prompt_token_ids": [...]} or a string')
-            kwargs = {k: body[k] for k in _SAMPLING_KEYS if k in body and body[k] is not None}
-            unknown = set(body) - set(_SAMPLING_KEYS) - {"prompt"} - ignored_keys_logged
+            engine_prompt, kwargs, unknown = parse_generate_request(body)
+            unknown -= ignored_keys_logged
             if unknown:
                 ignored_keys_logged.update(unknown)
                 logger.warning("/generate ignores request keys %s", sorted(unknown))
             params = SamplingParams(output_kind=RequestOutputKind.FINAL_ONLY, **kwargs)
-        except (ValueError, TypeError) as err:
+        except (ValueError, TypeError, AssertionError) as err:  # vLLM asserts on some combinations
             return _bad_request(err)
         final = None
         try:

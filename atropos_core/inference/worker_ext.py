@@ -62,7 +62,9 @@ from atropos_core.weight_sync import (
     bucket_layout,
     device_id,
     make_transfer_group,
+    message_timeout,
     unpack_bucket,
+    wait_done,
 )
 
 # Under "vllm." so the line reaches the server log: vLLM configures only its own logger tree in workers.
@@ -196,7 +198,8 @@ class AtroposWeightTransferEngine(WeightTransferEngine[AtroposInitInfo, AtroposU
         self.group = None
         self._store = None
         self._in_place: bool | None = None  # decided once the model is loaded (first init)
-        self._pool: list[torch.Tensor] = []  # reused CPU receive buffers (in-place loading only)
+        self._pool: list[torch.Tensor] = []  # reused receive buffers (in-place loading only)
+        self._op_timeout_s = 30.0  # per message, from /weights/init
 
     def init_transfer_engine(self, init_info: AtroposInitInfo) -> None:
         if init_info.backend == "nccl" and self.device.type != "cuda":
@@ -204,6 +207,7 @@ class AtroposWeightTransferEngine(WeightTransferEngine[AtroposInitInfo, AtroposU
         pc = self.parallel_config
         rank = init_info.rank_offset + pc.data_parallel_index * pc.world_size + pc.rank
         self.shutdown()  # a reconnecting trainer (e.g. after a resume) replaces the old group
+        self._op_timeout_s = float(init_info.op_timeout_s)
         with _unpinned():
             self.group, self._store = make_transfer_group(
                 init_info.backend, init_info.host, init_info.port, rank, init_info.world_size,
@@ -288,11 +292,15 @@ class AtroposWeightTransferEngine(WeightTransferEngine[AtroposInitInfo, AtroposU
         depth = info.pipeline_depth  # 1..MAX_PIPELINE_DEPTH: the server validated the manifest
         inflight: deque = deque()
         buckets = iter(info.buckets)
-        # In place on CPU, `load_weights` has copied a tensor out before the generator resumes, so
-        # receive buffers can be reused: depth + 1 of them cover `depth` receives in flight plus the
-        # one being loaded. (Layerwise loading keeps the received tensors until a layer is complete,
-        # and CUDA's caching allocator already reuses memory.)
-        reuse = self._in_place is True and self.device.type == "cpu"
+        # In place, `load_weights` has copied a tensor out (CPU) or enqueued that copy (CUDA) before
+        # the generator resumes, so receive buffers can be reused: depth + 1 of them cover `depth`
+        # receives in flight plus the one being loaded. On CUDA the next receive into a buffer is
+        # ordered after that copy because NCCL's stream waits for the current stream when the
+        # receive is posted. (Layerwise loading keeps the received tensors until a layer is
+        # complete.) On CUDA the host waits for each message (`wait_done`): without that NCCL's
+        # `wait()` returns at once and the whole update would be enqueued, every buffer alive.
+        reuse = self._in_place is True
+        host_poll = self.device.type == "cuda"
         slot = 0
         while True:
             while len(inflight) < depth:
@@ -311,7 +319,8 @@ class AtroposWeightTransferEngine(WeightTransferEngine[AtroposInitInfo, AtroposU
                 return
             bucket, buf, work = inflight.popleft()
             t0 = time.perf_counter()
-            work.wait()
+            wait_done(work, message_timeout(self._op_timeout_s, buf.nbytes), host_poll=host_poll,
+                      what=f"message with {names[bucket[0]]!r}")
             stats["wait_s"] += time.perf_counter() - t0
             if len(bucket) == 1:
                 yield names[bucket[0]], buf
@@ -330,9 +339,9 @@ class AtroposWeightTransferEngine(WeightTransferEngine[AtroposInitInfo, AtroposU
         if slot is None or nbytes > POOL_MAX_BYTES:
             return torch.empty(shape, dtype=dtype, device=self.device)
         while len(self._pool) <= slot:
-            self._pool.append(torch.empty(0, dtype=torch.uint8))
+            self._pool.append(torch.empty(0, dtype=torch.uint8, device=self.device))
         if self._pool[slot].numel() < nbytes:
-            self._pool[slot] = torch.empty(nbytes, dtype=torch.uint8)
+            self._pool[slot] = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         return self._pool[slot][:nbytes].view(dtype).view(shape)
 
     def shutdown(self) -> None:
