@@ -27,7 +27,10 @@ Design (see docs/weight_sync.md for the measured numbers):
   server receives while rank 0 broadcasts; it then finishes, resets the prefix cache and resumes,
   resuming on its own error path too), or `abort`
   (resume) if anything failed before the broadcast. A bad manifest fails before a single byte is
-  broadcast. The gloo group's timeout is short (`update_timeout_s`), because a worker that died
+  broadcast. Once a server has prepared a manifest, later updates with the same names, shapes,
+  dtypes and plan (`manifest_key`) are one exchange, `/weights/update`: the server answers
+  "ready" (paused, receives posted) on a streamed first line, the trainer broadcasts, the second
+  line is the result and the served version (`sync/round_trips` says which path ran). The gloo group's timeout is short (`update_timeout_s`), because a worker that died
   mid-broadcast otherwise hangs the trainer. Trainer ranks keep gathering in lockstep after a
   failure on rank 0 and all raise the same `WeightSyncError` at the end, so the trainer can still
   checkpoint and exit.

@@ -17,7 +17,10 @@ Why our own entry module rather than vLLM's dev-mode routes:
   `/weights/apply` receives (while the trainer broadcasts), finishes, resets the prefix cache
   (re-computing in-flight requests' KV on the new weights) and ALWAYS resumes, on the error path
   too (a failed update otherwise leaves vLLM paused and later requests hang). `/weights/abort` and
-  a watchdog undo a prepare that is never applied (trainer died in between).
+  a watchdog undo a prepare that is never applied (trainer died in between). `/weights/update` is
+  both in one exchange for a manifest prepared before (streamed: "ready", then the result).
+* `/generate` remembers which weight version produced each sequence; `/weights/sampled_versions`
+  gives it back, so the trainer can log how stale its data is with unmodified environments.
 
 The app is vLLM's own (`build_app`), with our routes added by wrapping it where vLLM's entry
 module looks it up, so every vLLM CLI flag and the serving loop stay vLLM's.
