@@ -137,7 +137,7 @@ def main_echo(steps: int, seeds: list[int], offpolicy: int = 1, systems=("ours",
     for system in ("ours", "trl"):
         mine = [r for r in rows if r["system"] == system]
         if not mine:
-            print(f"{system:6} not measured (trl not installed)")
+            print(f"{system:6} not measured (not in --systems, or trl not installed)")
             continue
         pick = lambda k: statistics.median(r[k] for r in mine) if all(r.get(k) is not None for r in mine) else None  # noqa: E731
         reach = " / ".join(str(r["steps_to_0.6"]) if r["steps_to_0.6"] else f"never in {r['steps']}" for r in mine)
