@@ -45,6 +45,7 @@ setup(
         ],
         "flash": ["flash-attn"],
         "dev": [
+            "trl==1.16.0",  # bench/bench_e2e.py --task echo: the in-process GRPO row (no torch change)
             "pytest>=8",
             "pytest-timeout",
             "hypothesis",

@@ -129,7 +129,10 @@ class EnvConfig:
     modules: list[str] = field(default_factory=list)
     """Several environments at once (overrides `module`): one entry per environment process, each
     "MODULE [its own --env.* args]"; all feed the one API and sample from our servers. On the command
-    line a JSON list or comma-separated, e.g. `--env.modules atropos_core.envs.repeat_env,my_env`."""
+    line a JSON list or comma-separated, e.g. `--env.modules atropos_core.envs.repeat_env,my_env`.
+    atroposlib pauses an environment while the API queue holds its `max_batches_offpolicy` batches,
+    whoever queued them: give a slower one room (`--env.max_batches_offpolicy`) or a share of
+    every batch (`--env.min_batch_allocation`) in its entry."""
     group_size: int = 8
     """Completions sampled per prompt (one Atropos group)."""
     max_new_tokens: int = 1

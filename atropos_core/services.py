@@ -283,7 +283,8 @@ def start_environment(module: str, *, api_url: str, inference_urls: Sequence[str
                               model_name=model_name, extra_args=extra_args, env_name=env_name,
                               config_path=log_dir / f"{env_name}_servers.yaml")
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled",
-           "TOKENIZERS_PARALLELISM": "false", **(child_env or {})}
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",  # atroposlib prints to stdout
+           **(child_env or {})}
     return ManagedProcess(env_name, cmd, log_dir / f"{env_name}.log", env=env, cpus=cpus).start()
 
 

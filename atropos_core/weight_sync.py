@@ -27,7 +27,10 @@ Design (see docs/weight_sync.md for the measured numbers):
   server receives while rank 0 broadcasts; it then finishes, resets the prefix cache and resumes,
   resuming on its own error path too), or `abort`
   (resume) if anything failed before the broadcast. A bad manifest fails before a single byte is
-  broadcast. The gloo group's timeout is short (`update_timeout_s`), because a worker that died
+  broadcast. Once a server has prepared a manifest, later updates with the same names, shapes,
+  dtypes and plan (`manifest_key`) are one exchange, `/weights/update`: the server answers
+  "ready" (paused, receives posted) on a streamed first line, the trainer broadcasts, the second
+  line is the result and the served version (`sync/round_trips` says which path ran). The gloo group's timeout is short (`update_timeout_s`), because a worker that died
   mid-broadcast otherwise hangs the trainer. Trainer ranks keep gathering in lockstep after a
   failure on rank 0 and all raise the same `WeightSyncError` at the end, so the trainer can still
   checkpoint and exit.
@@ -39,6 +42,8 @@ construction.
 from __future__ import annotations
 
 import datetime
+import hashlib
+import json
 import logging
 import socket
 import time
@@ -383,6 +388,22 @@ def validate_manifest(manifest: dict, spec: dict | None, where: str) -> None:
                          f"{missing[0]!r} (tied vs untied embeddings?)")
 
 
+def manifest_key(manifest: dict) -> str:
+    """What identifies a manifest apart from its version: a hash of names, dtypes, shapes, bucket
+    plan and pipeline depth. Trainer and server compute it alike; an update whose key the server
+    already holds needs one exchange (`/weights/update`) instead of prepare + apply."""
+    fields = {k: manifest.get(k) for k in ("names", "dtypes", "shapes", "buckets")}
+    fields["pipeline_depth"] = manifest.get("pipeline_depth", PIPELINE_DEPTH)
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:32]
+
+
+def sequence_key(tokens: Sequence[int]) -> str:
+    """Key of one sampled sequence (prompt + completion token ids) in the server's record of which
+    weight version generated it (`/weights/sampled_versions`); both ends compute it alike."""
+    raw = ",".join(str(int(t)) for t in tokens).encode()
+    return hashlib.blake2b(raw, digest_size=12).hexdigest()
+
+
 def clean_param_name(name: str) -> str:
     """HF parameter name of a (possibly compiled / checkpoint-wrapped) module's parameter."""
     for seg in _WRAPPER_SEGMENTS:
@@ -423,6 +444,8 @@ class WeightSync:
         self._specs: dict[str, dict] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._listen_sock: socket.socket | None = None
+        self._known: dict[str, str] = {}  # url -> manifest_key the server holds (after a good update)
+        self._pending_keys: dict[str, str] = {}  # keys the servers answered at the last prepare
 
     # -- HTTP -----------------------------------------------------------------------------------
     def _call(self, url: str, route: str, body: dict | None = None, timeout: float | None = None,
@@ -458,6 +481,42 @@ class WeightSync:
         if first_err is not None:
             raise first_err if isinstance(first_err, WeightSyncError) else WeightSyncError(str(first_err))
         return results
+
+    def staleness(self, groups: Sequence, trainer_version: int) -> dict:
+        """`data/staleness_*` of a batch: `trainer_version` (the weights it will be trained from)
+        minus the weight version each sequence was sampled with, as the servers recorded it at
+        `/generate` (works with unmodified Atropos environments: the sequence's tokens are the
+        key). Sequences no server knows (generated elsewhere, tokens changed by the environment,
+        or a record evicted) are counted in `data/staleness_unknown`. Rank 0 only; one request
+        per server. Never raises: a failure is logged and reported as unknown."""
+        keys = [sequence_key(toks) for g in groups if isinstance(g, dict)
+                for toks in (g.get("tokens") or []) if isinstance(toks, list)]
+        if self.rank != 0 or not keys:
+            return {}
+        found: dict[str, int] = {}
+        for url in self.urls:
+            try:
+                answer = self._call(url, "/weights/sampled_versions", {"keys": keys})
+            except WeightSyncError as e:
+                logger.warning("could not read sampled versions from %s: %s", url, e)
+                continue
+            for k, v in zip(keys, answer.get("versions") or []):
+                if isinstance(v, int):
+                    found.setdefault(k, v)
+        lags = [trainer_version - found[k] for k in keys if k in found]
+        out = {"data/staleness_unknown": len(keys) - len(lags)}
+        if lags:
+            out.update({"data/staleness_mean": sum(lags) / len(lags), "data/staleness_max": max(lags),
+                        "data/staleness_min": min(lags)})
+        return out
+
+    def staleness_async(self, groups: Sequence, trainer_version: int) -> Future:
+        """`staleness` on the sync's worker threads, so the request overlaps the train step."""
+        if self._pool is None:
+            done: Future = Future()
+            done.set_result({})
+            return done
+        return self._pool.submit(self.staleness, groups, trainer_version)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def connect(self, device: torch.device | str | None = None) -> None:
@@ -579,19 +638,25 @@ class WeightSync:
         params = self._params(model)
         err: BaseException | None = None
         manifest: dict = {}
+        updates: list[Future] | None = None
         if self.rank == 0:
             manifest = self._manifest(params, version)
             try:
                 if self._group is None:
                     raise WeightSyncError("transfer group is closed (an earlier update failed?): reconnect")
-                self._prepare(manifest)
+                key = manifest_key(manifest)
+                if all(self._known.get(url) == key for url in self.urls):
+                    updates = self._start_updates(key, version)  # None: a server forgot it
+                if updates is None:
+                    self._prepare(manifest)
             except BaseException as e:  # noqa: BLE001 - re-raised on every rank below
                 err = e
         phases = {"sync/prepare_ms": (time.perf_counter() - t0) * 1e3}  # rank 0 fills in the rest
         # Go/no-go before any gather, so a rejected manifest costs no all-gathers.
         if self._agree_failed(err is not None, model):
             raise self._final_error(err, "prepare")
-        sent = self._stream(params, manifest, version, phases) if self.rank == 0 else self._gather_only(params)
+        sent = self._stream(params, manifest, version, phases, updates) if self.rank == 0 else \
+            self._gather_only(params)
         err = sent if isinstance(sent, BaseException) else None
         if self._agree_failed(err is not None, model):
             raise self._final_error(err, "broadcast")
@@ -600,6 +665,7 @@ class WeightSync:
         out = {"sync/ms": ms, "sync/bytes": nbytes, "sync/version": int(version)}
         if self.rank == 0:
             out.update(phases)
+            out["sync/round_trips"] = 1 if updates is not None else 2
             logger.info("pushed weights v%d: %.1f MB in %.0f ms (%s)", version, nbytes / 1e6, ms,
                         ", ".join(f"{k.removeprefix('sync/')} {v:.0f}" for k, v in phases.items()))
         return out
@@ -613,12 +679,89 @@ class WeightSync:
                     raise WeightSyncError(str(e)) from None
         body = {"manifest": manifest, "pause_mode": self.cfg.pause_mode,
                 "watchdog_s": self.cfg.update_timeout_s + 30}
+        self._known.clear()
         futures = self._run_on_servers(lambda url: self._call(url, "/weights/prepare", body), wait=False)
         try:
-            self._raise_first(futures)
+            answers = self._raise_first(futures)
         except WeightSyncError:
             self._abort_all()
             raise
+        self._pending_keys = {url: a.get("manifest_key") for url, a in zip(self.urls, answers)}
+
+    def _start_updates(self, key: str, version: int) -> list[Future] | None:
+        """Start `/weights/update` (prepare + apply in one exchange) on every server; return once
+        each has answered "ready" (paused, receives posted), with futures of their final answers.
+        None when a server does not know the manifest (nothing was paused: prepare instead)."""
+        body = {"manifest_key": key, "version": int(version), "pause_mode": self.cfg.pause_mode}
+        readies: list[Future] = []
+        finals: list[Future] = []
+        for url in self.urls:
+            ready: Future = Future()
+            readies.append(ready)
+            finals.append(self._pool.submit(self._update_one_or_fail, url, body, ready))
+        try:
+            states = self._raise_first(readies)
+        except WeightSyncError:
+            self._known.clear()
+            raise
+        if "manifest_unknown" in states:
+            self._known.clear()
+            if states.count("manifest_unknown") != len(states):  # cannot happen unless servers restarted
+                self._raise_first(finals)
+                raise WeightSyncError("some servers started the update and some did not know its manifest; "
+                                      "their receive times out and they resume: reconnect")
+            return None
+        return finals
+
+    def _update_one_or_fail(self, url: str, body: dict, ready: Future) -> dict:
+        try:
+            return self._update_one(url, body, ready)
+        except BaseException as err:
+            if not ready.done():  # never leave push() waiting for a "ready" that cannot come
+                ready.set_exception(err)
+            raise
+
+    def _update_one(self, url: str, body: dict, ready: Future) -> dict:
+        """One server's `/weights/update`: sets `ready` to "ready" (or "manifest_unknown", or an
+        error) as soon as the first line arrives, then returns the final answer."""
+        try:
+            resp = self._session.post(f"{url}/weights/update", json=body, headers=self._headers, stream=True,
+                                      timeout=(self.cfg.http_timeout_s, self.cfg.apply_timeout_s))
+        except requests.RequestException as err:
+            e = WeightSyncError(f"vLLM server {url}: POST /weights/update failed: {err}")
+            ready.set_exception(e)
+            raise e from err
+        with resp:
+            if resp.status_code != 200:
+                try:
+                    answer = resp.json()
+                except ValueError:
+                    answer = {"error": resp.text}
+                if resp.status_code == 409 and answer.get("code") == "manifest_unknown":
+                    ready.set_result("manifest_unknown")
+                    return {}
+                e = WeightSyncError(f"vLLM server {url}: POST /weights/update answered {resp.status_code}: "
+                                    f"{answer.get('error') or answer}")
+                ready.set_exception(e)
+                raise e
+            lines = resp.iter_lines()
+            try:
+                first = json.loads(next(lines))
+                if first.get("status") != "ready":
+                    raise ValueError(f"first line {first!r}")
+            except (StopIteration, ValueError, requests.RequestException) as err:
+                e = WeightSyncError(f"vLLM server {url}: /weights/update did not start: {err}")
+                ready.set_exception(e)
+                raise e from None
+            ready.set_result("ready")
+            try:
+                final = json.loads(next(lines))
+            except (StopIteration, ValueError, requests.RequestException) as err:
+                raise WeightSyncError(f"vLLM server {url}: /weights/update gave no result: {err}") from None
+        if final.get("http_status", 200) != 200:
+            raise WeightSyncError(f"vLLM server {url}: /weights/update answered {final.get('http_status')}: "
+                                  f"{final.get('error')}")
+        return final
 
     def _abort_all(self) -> None:
         """Resume every server that may have been paused by a prepare (best effort)."""
@@ -628,15 +771,19 @@ class WeightSync:
             except WeightSyncError as e:
                 logger.warning("could not abort the pending update on %s: %s", url, e)
 
-    def _stream(self, params, manifest: dict, version: int, phases: dict[str, float]) -> BaseException | None:
-        """Rank 0: start `apply` on every server, then broadcast. Keeps gathering after a failure so
-        the other trainer ranks are never left waiting in an all-gather. Records "sync/send_ms" and
-        "sync/finish_ms" in `phases`."""
+    def _stream(self, params, manifest: dict, version: int, phases: dict[str, float],
+                applies: list[Future] | None = None) -> BaseException | None:
+        """Rank 0: start `apply` on every server (unless `applies`, the running one-exchange
+        updates, are given), then broadcast. Keeps gathering after a failure so the other trainer
+        ranks are never left waiting in an all-gather. Records "sync/send_ms", "sync/finish_ms"
+        and "sync/server_version" (the lowest version the servers answered) in `phases`."""
         t_start = time.perf_counter()
-        applies = self._run_on_servers(
-            lambda url: self._call(url, "/weights/apply", {"version": int(version)},
-                                   timeout=self.cfg.apply_timeout_s),
-            wait=False)
+        pending = self._pending_keys if applies is None else dict(self._known)
+        if applies is None:
+            applies = self._run_on_servers(
+                lambda url: self._call(url, "/weights/apply", {"version": int(version)},
+                                       timeout=self.cfg.apply_timeout_s),
+                wait=False)
         gathered = self._gathered(params)
         err: BaseException | None = None
         current = None
@@ -672,6 +819,7 @@ class WeightSync:
             self._group = None
         t_sent = time.perf_counter()
         if err is not None:
+            self._known.clear()
             # The server's own error (e.g. it rejected or lost the update) is the better message.
             for url, f in zip(self.urls, applies):
                 try:
@@ -680,8 +828,12 @@ class WeightSync:
                     return WeightSyncError(f"{server_err} (trainer side: {err!r} at tensor {current!r})")
             return WeightSyncError(f"sending tensor {current!r} failed: {err!r}")
         try:
-            self._raise_first(applies)
+            answers = self._raise_first(applies)
+            versions = [a.get("weight_version") for a in answers]
+            phases["sync/server_version"] = min(versions) if None not in versions else -1
+            self._known = {url: k for url, k in pending.items() if k}
         except WeightSyncError as e:
+            self._known.clear()
             return e
         finally:
             done = time.perf_counter()

@@ -1,17 +1,28 @@
-"""Where the time of an RL step goes, end to end: waiting for data, training, syncing weights.
+"""Where the time of an RL step goes, end to end, and how fast the loop learns.
 
-Reads a run's `metrics.jsonl` (or runs `drivers/train.py` first, the default built-in run unless
-other driver arguments are given after `--`) and reports per-step medians of
+Two modes. Rows are appended to bench/results/e2e.csv (long format, with device, commit, date).
+
+**A run** (default): reads a run's `metrics.jsonl` (or runs `drivers/train.py` first, the built-in
+default run unless other driver arguments follow `--`) and reports per-step medians of the
+`perf/*_s` split, which adds up to the step (`atropos_core.steptime`):
 
     wait_data_s   trainer blocked on the Atropos API (/batch): rollout generation + scoring
     train_s       forward + backward + optimizer step (train_step)
-    sync_ms       pushing the new weights into every vLLM server
-    step_s        the whole step; tokens_per_s = trained + context tokens / step_s
+    sync_s        pushing the new weights into every vLLM server (sync_ms: WeightSync's own timer)
+    log_s         metrics line, JSONL, plot, checkpoint
+    step_s        the whole step; loop_s = sum of step_s over the run (start-up excluded)
+    staleness     trainer step minus the weight version each sequence was sampled with
 
-Rows are appended to bench/results/e2e.csv (long format, with device, commit and date).
+**The echo task** (`--task echo`), held out from the defaults: a random-initialised 2-layer,
+128-wide Qwen2 with a 300-token vocabulary learns to echo prompt tokens (`bench/echo_env.py`);
+4 prompts x 4 samples of 6 tokens per step, lr 3e-3, seeds 0 and 1. One row for ours (API + env +
+vLLM + sync, separate processes) and one for TRL's GRPO trainer in one process with HF generate
+(`bench/trl_echo.py`, when `trl` is installed). Targets: median s/step <= 0.07; steps to a 10-step
+mean reward >= 0.6 no more than TRL's.
 
     python bench/bench_e2e.py --run-dir runs/default
-    python bench/bench_e2e.py --steps 20              # runs a short default run first
+    python bench/bench_e2e.py --steps 120                       # the no-argument demo, 120 steps
+    python bench/bench_e2e.py --task echo [--steps 300] [--seeds 0,1]
 """
 from __future__ import annotations
 
@@ -29,39 +40,135 @@ from bench.common import append_rows, run_meta  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = ["device", "commit", "date", "run", "steps", "wait_data_s", "train_s", "sync_ms", "step_s", "tokens_per_s",
-          "reward_first10", "reward_last10"]
+          "reward_first10", "reward_last10", "task", "system", "seed", "loop_s", "sync_s", "log_s", "other_s",
+          "steps_to_0.6", "staleness_mean", "staleness_max"]
+ECHO = {"vocab_size": 300, "hidden_size": 128, "num_layers": 2, "prompts": 4, "group": 4, "new_tokens": 6,
+        "lr": 3e-3}
+TARGET_REWARD, WINDOW = 0.6, 10
+
+
+def steps_to(rewards: list[float], target: float = TARGET_REWARD, window: int = WINDOW):
+    """First step (1-based) whose trailing `window`-step mean reward is >= `target`, else None."""
+    for i in range(window, len(rewards) + 1):
+        if statistics.mean(rewards[i - window:i]) >= target:
+            return i
+    return None
 
 
 def summarize(run_dir: Path) -> dict:
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     if not rows:
         raise SystemExit(f"{run_dir}/metrics.jsonl has no steps")
-    rows = rows[1:] if len(rows) > 3 else rows  # step 1 includes the environment's first rollouts
-    med = lambda k: statistics.median(r[k] for r in rows if k in r)  # noqa: E731
     rewards = [r["reward/mean"] for r in rows]
-    return {"run": str(run_dir), "steps": len(rows) + 1, "wait_data_s": med("perf/wait_data_s"),
+    loop_s = sum(r["perf/step_s"] for r in rows)
+    timed = rows[1:] if len(rows) > 3 else rows  # step 1 includes the environment's first rollouts
+    med = lambda k: statistics.median(r[k] for r in timed if k in r) if any(k in r for r in timed) else None  # noqa: E731
+    stale = [r["data/staleness_mean"] for r in rows if "data/staleness_mean" in r]
+    return {"run": str(run_dir), "steps": len(rows), "wait_data_s": med("perf/wait_data_s"),
             "train_s": med("perf/train_step_s"), "sync_ms": med("sync/ms"), "step_s": med("perf/step_s"),
-            "tokens_per_s": med("perf/tokens_per_s"), "reward_first10": statistics.mean(rewards[:10]),
-            "reward_last10": statistics.mean(rewards[-10:])}
+            "sync_s": med("perf/sync_s"), "log_s": med("perf/log_s"), "other_s": med("perf/other_s"),
+            "tokens_per_s": med("perf/tokens_per_s"), "loop_s": loop_s,
+            "reward_first10": statistics.mean(rewards[:10]), "reward_last10": statistics.mean(rewards[-10:]),
+            "steps_to_0.6": steps_to(rewards),
+            "staleness_mean": statistics.mean(stale) if stale else None,
+            "staleness_max": max((r["data/staleness_max"] for r in rows if "data/staleness_max" in r), default=None)}
+
+
+def run_driver(run_dir: Path, steps: int, args: list[str]) -> None:
+    cmd = [sys.executable, str(ROOT / "drivers" / "train.py"), "--steps", str(steps), "--out", str(run_dir), *args]
+    print("running:", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def echo_model(work: Path, seed: int) -> Path:
+    from atropos_core.envs.tiny_model import build_tiny_model
+
+    return build_tiny_model(work / f"echo_model_s{seed}", vocab_size=ECHO["vocab_size"],
+                            hidden_size=ECHO["hidden_size"], num_layers=ECHO["num_layers"], seed=seed)
+
+
+def ours_echo(work: Path, seed: int, steps: int, offpolicy: int = 1) -> dict:
+    model = echo_model(work, seed)
+    run_dir = work / f"ours_s{seed}"
+    run_driver(run_dir, steps, [
+        "--model", str(model), "--seed", str(seed), "--optim.lr", str(ECHO["lr"]),
+        "--env.module", "bench.echo_env", "--env.group_size", str(ECHO["group"]),
+        "--atropos.batch_size", str(ECHO["prompts"] * ECHO["group"]),
+        "--env.extra_args", f"--env.max_new_tokens {ECHO['new_tokens']} --env.seed {seed} "
+                            f"--env.max_batches_offpolicy {offpolicy}"])
+    return summarize(run_dir)
+
+
+def trl_echo(work: Path, seed: int, steps: int, offpolicy: int = 1) -> dict | None:
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        print("trl is not installed: the TRL row is not measured (pip install trl)", flush=True)
+        return None
+    model = echo_model(work, seed)
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "trl_echo.py"), str(model), "--seed", str(seed),
+                           "--steps", str(steps)], check=True, capture_output=True, text=True)
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    times = res["step_s"][1:] if len(res["step_s"]) > 3 else res["step_s"]
+    return {"run": f"trl seed {seed}", "steps": len(res["rewards"]), "step_s": statistics.median(times),
+            "loop_s": sum(res["step_s"]), "reward_first10": statistics.mean(res["rewards"][:10]),
+            "reward_last10": statistics.mean(res["rewards"][-10:]), "steps_to_0.6": steps_to(res["rewards"])}
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def main_echo(steps: int, seeds: list[int], offpolicy: int = 1, systems=("ours", "trl")) -> int:
+    work = Path(tempfile.mkdtemp(prefix="bench_echo_"))
+    meta = run_meta()
+    rows = []
+    for system, fn in (("ours", ours_echo), ("trl", trl_echo)):
+        if system not in systems:
+            continue
+        for seed in seeds:
+            r = fn(work, seed, steps, offpolicy)
+            if r is not None:
+                task = "echo" if offpolicy == 1 else f"echo offpolicy={offpolicy}"
+                rows.append({**meta, **r, "task": task, "system": system, "seed": seed})
+    append_rows(ROOT / "bench" / "results" / "e2e.csv", FIELDS, rows)
+    print(f"\necho task, {steps} steps, seeds {seeds} ({meta['device']}, {meta['commit']})")
+    print(f"{'':6} {'s/step':>8} {'train s':>8} {'sync ms':>8} {'wait s':>8} {'staleness':>9}  steps to 10-step mean >= 0.6")
+    for system in ("ours", "trl"):
+        mine = [r for r in rows if r["system"] == system]
+        if not mine:
+            print(f"{system:6} not measured (not in --systems, or trl not installed)")
+            continue
+        pick = lambda k: statistics.median(r[k] for r in mine) if all(r.get(k) is not None for r in mine) else None  # noqa: E731
+        reach = " / ".join(str(r["steps_to_0.6"]) if r["steps_to_0.6"] else f"never in {r['steps']}" for r in mine)
+        print(f"{system:6} {_fmt(pick('step_s'), '8.3f')} {_fmt(pick('train_s'), '8.3f')} "
+              f"{_fmt(pick('sync_ms'), '8.1f')} {_fmt(pick('wait_data_s'), '8.3f')} "
+              f"{_fmt(pick('staleness_mean'), '9.2f')}  {reach}")
+    return 0
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--task", choices=("run", "echo"), default="run")
     p.add_argument("--run-dir", type=Path, help="summarize this finished run instead of starting one")
-    p.add_argument("--steps", type=int, default=20, help="steps of the run started when no --run-dir")
+    p.add_argument("--steps", type=int, default=None, help="steps (default: 20 for a run, 300 for echo)")
+    p.add_argument("--seeds", default="0,1", help="echo task seeds")
+    p.add_argument("--offpolicy", type=int, default=1,
+                   help="echo: batches the environment may run ahead (its max_batches_offpolicy)")
+    p.add_argument("--systems", default="ours,trl", help="echo: rows to measure")
     p.add_argument("driver_args", nargs="*", help="extra drivers/train.py arguments (after --)")
     args = p.parse_args(argv)
+    if args.task == "echo":
+        return main_echo(args.steps or 300, [int(s) for s in args.seeds.split(",")], args.offpolicy,
+                         tuple(args.systems.split(",")))
     run_dir = args.run_dir
     if run_dir is None:
         run_dir = Path(tempfile.mkdtemp(prefix="bench_e2e_")) / "run"
-        cmd = [sys.executable, str(ROOT / "drivers" / "train.py"), "--steps", str(args.steps), "--out", str(run_dir),
-               *args.driver_args]
-        print("running:", " ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True)
-    row = {**run_meta(), **summarize(run_dir)}
+        run_driver(run_dir, args.steps or 20, args.driver_args)
+    row = {**run_meta(), **summarize(run_dir), "task": "default", "system": "ours"}
     append_rows(ROOT / "bench" / "results" / "e2e.csv", FIELDS, [row])
     for k in FIELDS[3:]:
-        v = row[k]
+        v = row.get(k)
         print(f"{k:>16}: {v:.3f}" if isinstance(v, float) else f"{k:>16}: {v}")
     return 0
 

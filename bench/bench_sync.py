@@ -21,7 +21,11 @@ Measured (idle 2-core AMD EPYC, fp32, 7 repeats; all runs in docs/weight_sync.md
   Target 1.3x: not met (plain reached 1.27-1.30x only under looser protocols). Target 5x vs disk:
   out of reach here for any transport (raw gloo itself is 3-6x faster than the page-cached disk trip).
 
-    python bench/bench_sync.py [--models tiny,100m] [--layouts plain,packed] [--repeats 5]
+    python bench/bench_sync.py [--models tiny,100m] [--layouts plain,packed] [--repeats 5] [--cpu-budget off]
+
+`sync_prepare` / `sync_send` / `sync_finish` rows are the push's phases (`sync/*_ms`); with the
+manifest unchanged after the first push, prepare is the wait for the one-exchange `/weights/update`
+to answer "ready".
 """
 from __future__ import annotations
 
@@ -42,6 +46,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from atropos_core.cpu_budget import apply_to_trainer, available_cpus, plan_cpu_budget  # noqa: E402
 from atropos_core.envs.tiny_model import build_tiny_model  # noqa: E402
 from atropos_core.inference import new_update_token, start_vllm_server  # noqa: E402
 from atropos_core.services import free_port  # noqa: E402
@@ -55,7 +60,7 @@ from atropos_core.weight_sync import (  # noqa: E402
 from bench.common import append_rows, run_meta  # noqa: E402
 
 CSV_FIELDS = ["device", "commit", "date", "model", "params", "bytes", "method", "repeats", "ms_median", "ms_min",
-              "MB_per_s", "x_raw_gloo", "layout", "tok_per_s"]
+              "MB_per_s", "x_raw_gloo", "layout", "tok_per_s", "cpu_budget"]
 
 #: Pause before each timed sync and raw round: after any RPC, vLLM's EngineCore and worker poll their
 #: shared-memory queues in a sched_yield loop for 1 s (`SpinCondition.busy_loop_s`, vLLM 0.32), which
@@ -124,11 +129,14 @@ def time_generation(url: str, n: int, max_tokens: int, repeats: int) -> list[flo
 
 
 def bench_server(name: str, model, model_dir: Path, work: Path, layout: str, repeats: int,
-                 warmup: int) -> dict[str, list[float]]:
-    """Sync, disk round trip and generation speed on one server started with `layout`."""
+                 warmup: int, budget=None) -> dict[str, list[float]]:
+    """Sync, disk round trip and generation speed on one server started with `layout` (and the
+    CPU budget's settings for a run's first server when `budget` is given)."""
     token = new_update_token()
+    plan = budget.child("vllm0") if budget is not None else None
     server = start_vllm_server(model_dir, port=free_port(), log_dir=work / "logs", update_token=token,
-                               timeout=900, name=f"vllm_{name}_{layout}", cpu_weight_layout=layout)
+                               timeout=900, name=f"vllm_{name}_{layout}", cpu_weight_layout=layout,
+                               env=dict(plan.env) if plan else None)
     results: dict[str, list[float]] = {}
     try:
         for n in (1, 16):
@@ -138,18 +146,22 @@ def bench_server(name: str, model, model_dir: Path, work: Path, layout: str, rep
         raw = RawGloo([p.detach() for p in model.parameters()], warmup + repeats)
         version = 0
         results["atropos_sync"], results["raw_gloo"] = [], []
+        for phase in ("prepare", "send", "finish"):
+            results[f"sync_{phase}"] = []
         for i in range(warmup + repeats):
             with torch.no_grad():
                 for p in model.parameters():
                     p.mul_(1.0001)  # new content every round, as after an optimizer step
             version += 1
             time.sleep(SETTLE_S)
-            ms = sync.push(model, version)["sync/ms"]
+            m = sync.push(model, version)
             time.sleep(SETTLE_S)
             raw_ms = raw.round_ms()
             if i >= warmup:
-                results["atropos_sync"].append(ms)
+                results["atropos_sync"].append(m["sync/ms"])
                 results["raw_gloo"].append(raw_ms)
+                for phase in ("prepare", "send", "finish"):
+                    results[f"sync_{phase}"].append(m[f"sync/{phase}_ms"])
         raw.close()
         sync.close()
         disk = []
@@ -169,14 +181,15 @@ def bench_server(name: str, model, model_dir: Path, work: Path, layout: str, rep
     return results
 
 
-def bench_model(name: str, work: Path, layouts: list[str], repeats: int, warmup: int) -> list[dict]:
+def bench_model(name: str, work: Path, layouts: list[str], repeats: int, warmup: int, budget=None) -> list[dict]:
     from transformers import AutoModelForCausalLM
 
     model_dir = build_tiny_model(work / name, **MODELS[name])
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     params = sum(p.numel() for p in model.parameters())
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    per_layout = {layout: bench_server(name, model, model_dir, work, layout, repeats, warmup) for layout in layouts}
+    per_layout = {layout: bench_server(name, model, model_dir, work, layout, repeats, warmup, budget)
+                  for layout in layouts}
     base = {"model": name, "params": params, "bytes": nbytes}
     rows = []
     for layout, results in per_layout.items():
@@ -200,15 +213,24 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "sync.csv"))
+    ap.add_argument("--cpu-budget", choices=("on", "off"), default="on",
+                    help="start the server and size this process as a run would (atropos_core.cpu_budget)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     meta = run_meta("cpu")
     layouts = args.layouts.split(",")
     rows = []
+    budget = None
+    if args.cpu_budget == "on":
+        budget = plan_cpu_budget(available_cpus(), num_servers=1, user_env=dict(os.environ))
+        apply_to_trainer(budget)
+        print(budget.describe())
+    meta["cpu_budget"] = args.cpu_budget
     with tempfile.TemporaryDirectory(prefix="bench_sync_") as tmp:
         for name in args.models.split(","):
-            rows += [dict(meta, **r) for r in bench_model(name, Path(tmp), layouts, args.repeats, args.warmup)]
+            rows += [dict(meta, **r) for r in bench_model(name, Path(tmp), layouts, args.repeats, args.warmup,
+                                                          budget)]
     append_rows(Path(args.out), CSV_FIELDS, rows)
     print(f"{'model':6} {'layout':7} {'method':15} {'MB':>7} {'ms (median)':>12} {'MB/s':>8} {'x raw':>6} {'tok/s':>8}")
     for r in rows:

@@ -44,6 +44,7 @@ import json
 import math
 import os
 import platform
+import signal
 import sys
 import tempfile
 import time
@@ -792,6 +793,14 @@ def stage4(st: Stage, dev, smoke: bool) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
+class StageTimeout(Exception):
+    pass
+
+
+def _stage_timeout(signum, frame):
+    raise StageTimeout("stage ran past --stage-timeout")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks that the script runs")
@@ -799,6 +808,10 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None, help="default: cuda:0, or cpu with --smoke")
     ap.add_argument("--results-dir", type=Path, default=ROOT / "bench" / "results",
                     help="where gpu_check.csv, loss.csv and gpu_check/<run>.json go")
+    ap.add_argument("--commit", default=None,
+                    help="commit to stamp on the rows when this copy has no .git (default: git rev-parse)")
+    ap.add_argument("--stage-timeout", type=float, default=300.0,
+                    help="seconds one stage may take before it fails (and the next one starts)")
     args = ap.parse_args(argv)
     dev = torch.device(args.device or ("cpu" if args.smoke else "cuda:0"))
     if dev.type == "cuda":
@@ -810,6 +823,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     stages = sorted({int(s) for s in args.stages.split(",") if s.strip()})
     meta = run_meta(str(dev))
+    if args.commit:
+        meta["commit"] = args.commit
     print(f"gpu_check on {meta['device']} at {meta['commit']} ({'smoke' if args.smoke else 'full'})", flush=True)
     t_all = time.perf_counter()
     results, ceilings, loss_rows = [], {}, []
@@ -818,6 +833,8 @@ def main(argv=None) -> int:
     for num in stages:
         st = Stage(num, fns[num])
         print(f"stage {num}: {st.title}", flush=True)
+        signal.signal(signal.SIGALRM, _stage_timeout)
+        signal.alarm(max(1, int(args.stage_timeout)))
         try:
             if num == 0:
                 ceilings = stage0(st, dev, args.smoke)
@@ -833,6 +850,7 @@ def main(argv=None) -> int:
             st.error = f"{type(e).__name__}: {e}"
             print(f"  [FAIL] stage {num} crashed:\n{traceback.format_exc()}", flush=True)
         finally:
+            signal.alarm(0)
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
         results.append(st.result())

@@ -157,6 +157,8 @@ def main(argv=None) -> int:
                 logger.warning("every group of this batch was dropped (%s); waiting for the next", batch.metrics)
                 continue
             mine = split_for_ranks(batch.micro_batches, world, pad_token_id=cfg.data.pad_token_id)[rank]
+            # How many steps behind the weights it trains from the batch was sampled (asked meanwhile).
+            stale = sync.staleness_async(groups, step) if sync and client else None
             clock.lap("other")
             safe_to_save = False  # an exception inside the step may leave weights half-updated
             m = train_step(model, optimizer, scheduler, mine, cfg.loss,
@@ -175,6 +177,8 @@ def main(argv=None) -> int:
                                                   tolerance=served_tolerance(model, cfg.sync.wire_dtype)))
                 clock.lap("sync")
             m.update(batch_metrics(batch), **env_metrics(groups), **(client.metrics() if client else {}))
+            if stale is not None:
+                m.update(stale.result())
             m.update(clock.split())
             m["perf/tokens_per_s"] = m["train/tokens_total"] / m["perf/step_s"]
             log.log(step, m)

@@ -23,7 +23,7 @@ def test_cpu_machine_never_oversubscribes(cores, servers):
     bound = [_bound(s) for s in b.servers]
     for s, cpus in zip(b.servers, bound):
         assert s.threads == len(cpus) >= 1
-        assert s.env["OMP_NUM_THREADS"] == "1" and s.env[SPIN_ENV] == "0"  # light parts of vLLM
+        assert s.env["OMP_NUM_THREADS"] == "1" and float(s.env[SPIN_ENV]) < 1  # light parts of vLLM
     for x, y in itertools.combinations(bound, 2):
         assert not x & y, "two vLLM workers bound to one core"
     light = set(b.environment.cpus or ())
@@ -102,7 +102,7 @@ def test_spin_setting_reaches_vllm_queue_readers():
     try:
         assert quiet_idle_readers({}) is None
         assert quiet_idle_readers({SPIN_ENV: "zero"}) is None  # logged and ignored
-        assert quiet_idle_readers({SPIN_ENV: "0"}) == 0.0
+        assert quiet_idle_readers({SPIN_ENV: "0.05"}) == 0.05
         import zmq
 
         ctx = zmq.Context()
@@ -110,7 +110,7 @@ def test_spin_setting_reaches_vllm_queue_readers():
             path = "ipc:///tmp/atropos-spin-test-" + str(id(ctx))
             writer = shm_broadcast.SpinCondition(False, ctx, path)
             reader = shm_broadcast.SpinCondition(True, ctx, path)
-            assert reader.busy_loop_s == 0.0
+            assert reader.busy_loop_s == 0.05
             reader.record_read()
             writer.notify()
             reader.wait(timeout_ms=2000)  # returns on the notification, no 1 s of spinning first

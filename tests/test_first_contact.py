@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -385,7 +386,7 @@ def test_both_model_lengths_start_and_serve_the_data_length(tmp_path, model_4096
             # ...and a prompt that fills it alone is refused.
             over = requests.post(f"{url}/generate", json={"prompt": {"prompt_token_ids": [1] * n},
                                                           "max_tokens": 1}, timeout=120)
-            assert over.status_code == 400 and str(n) in over.json()["error"], over.text[:300]
+            assert over.status_code == 400 and f"maximum model length of {n}" in over.text, over.text[:300]
             cmd = (tmp_path / f"run{n}" / "vllm_commands.txt").read_text().split()
             assert cmd[cmd.index("--max-model-len") + 1] == str(n)
         finally:
@@ -405,9 +406,12 @@ def test_user_setup_trains_end_to_end(tmp_path, model_256_chat):
     run = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"),
                OMP_NUM_THREADS="1")
-    steps = 4
+    steps = 6
+    # atroposlib: an environment stops sampling while the API queue holds max_batches_offpolicy batches,
+    # whoever queued them; the chat env (slower per group) gets room of its own so both feed the API.
+    modules = ["atropos_core.envs.repeat_env", "atropos_core.envs.chat_env --env.max_batches_offpolicy 4"]
     cmd = TRAIN + ["--model", repo_id, "--out", str(run), "--steps", str(steps), "--inference.num_servers", "2",
-                   "--env.modules", "atropos_core.envs.repeat_env,atropos_core.envs.chat_env",
+                   "--env.modules", json.dumps(modules),
                    "--env.group_size", "4", "--atropos.batch_size", "16", "--optim.lr", "1e-4",
                    "--inference.extra_args", "--enable-log-requests --seed 3", "--checkpoint.every", "0"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=1400, env=env)
@@ -429,10 +433,9 @@ def test_user_setup_trains_end_to_end(tmp_path, model_256_chat):
     # Every replica served; both kinds of request reached our servers.
     logs = [p.read_text(errors="replace") for p in sorted((run / "logs").glob("vllm*_*.log"))]
     assert len(logs) == 2
-    for text in logs:
-        assert "Added request" in text, text[-2000:]
-    joined = "\n".join(logs)
-    assert "Added request atropos-" in joined and "chatcmpl-" in joined, joined[-3000:]
+    for text in logs:  # n > 1 requests are logged per child ("<i>_<id>"): real rollouts, not health checks
+        assert re.search(r"Added request \d+_atropos-", text) and re.search(r"Added request \d+_chatcmpl-", text), \
+            text[-2000:]
     # Both environments fed the API; each one's reward is in the metrics.
     keys = {k for row in rows for k in row}
     assert {"reward/env0", "reward/env1"} <= keys, sorted(keys)

@@ -45,6 +45,33 @@ def test_command_binds_loopback_and_keeps_token_off_argv(tmp_path):
         assert cmd[cmd.index(flag) + 1] == value
     assert "--enforce-eager" in cmd and "--worker-extension-cls" in cmd and "--weight-transfer-config" in cmd
     assert not any("token" in c.lower() for c in cmd)
+    assert cmd[cmd.index("--logprobs-mode") + 1] == "processed_logprobs"
+    mine = vllm_server_command(tmp_path, port=1234, extra_args=["--logprobs-mode", "raw_logits"])
+    assert mine.count("--logprobs-mode") == 1 and mine[-1] == "raw_logits"
+
+
+def test_logprobs_at_temperature_match_the_trainer(vllm_server):
+    """Sampled at temperature 0.7, the served logprobs are the trainer's log_softmax(z / 0.7) of those
+    tokens (the trainer's own loss path, `loss.temperature=0.7`), not the raw softmax(z) logprobs
+    vLLM returns by default (the control: those differ by far more than the tolerance)."""
+    from atropos_core.loss import advantage_weighted_sft_loss
+
+    model = _served_checkpoint(vllm_server)
+    prompt = [5, 6, 7, 8]
+    out = vllm_generate(vllm_server.url, prompt, n=4, max_tokens=6, temperature=0.7, seed=3)
+    for comp in out["logprobs"]:
+        toks = [int(next(iter(entry[0]))) for entry in comp]   # entry: [{sampled id: logprob, ...}]
+        served = torch.tensor([float(next(iter(entry[0].values()))) for entry in comp], dtype=torch.float64)
+        ids = torch.tensor([prompt + toks])
+        mask = torch.zeros_like(ids, dtype=torch.float32)
+        mask[0, len(prompt):] = 1
+        with torch.no_grad():
+            _, st = advantage_weighted_sft_loss(model, ids, torch.zeros(1), mask, temperature=0.7, backend="torch")
+        trainer = st["logprobs"][0, len(prompt) - 1:].double()
+        raw = torch.tensor(hf_token_logprobs(model, prompt, toks), dtype=torch.float64)
+        err = (served - trainer).abs().max().item()
+        assert err < LOGPROB_TOL, f"served logprobs at T=0.7 differ from the trainer's by {err:.2e}"
+        assert (served - raw).abs().max().item() > 100 * LOGPROB_TOL, "control: raw logprobs should differ"
 
 
 def test_atroposlib_server_manager_samples_from_our_server(vllm_server):

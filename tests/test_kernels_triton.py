@@ -444,5 +444,27 @@ def test_gpu_bf16_large_vocab(vocab):
     _check(name, "linear_logprobs", lp_k, lp_t, logp_gold, "bf16")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("vocab", [128256, 152064])
+def test_gpu_logp_error_at_large_logits(vocab):
+    """Compiled kernels, target logits at |z| ~ 16-32: logp within 2x the fp32-logits torch error
+    against fp64 (the bf16-baseline rule above cannot see bf16-rounded logits: it rounds too)."""
+    import kernels
+
+    dev = torch.device("cuda")
+    h, w, t = large_logit_inputs(512, 1024, vocab, torch.bfloat16, seed=vocab % 97, device=dev)
+    for temp in (1.0, 0.7):
+        gold, _ = linear_logprobs_ref(h, w, t, temp, upcast=True)
+        f32, _ = linear_logprobs_ref(h.float(), w.float(), t, temp, upcast=False)
+        bound = 2 * _err(f32, gold) + 2e-6 * gold.abs().max().item()
+        lp = kernels.linear_logprobs(h, w, t, temperature=temp, backend="triton")
+        assert _err(lp, gold) <= bound, f"T={temp}: {_err(lp, gold):.3e} > {bound:.3e}"
+        adv = torch.randn(512, device=dev)
+        mask = torch.ones(512, device=dev)
+        _, st = kernels.fused_linear_policy_loss(h, w, t, adv, mask, temperature=temp, backend="triton",
+                                                 validate=False, num_selected=512, normalizer=512.0)
+        assert _err(st["logprobs"], gold) <= bound
+
+
 if __name__ == "__main__":
     _worker(sys.argv[1], sys.argv[2])

@@ -175,12 +175,14 @@ def test_push_after_optimizer_step_serves_trainer_weights(vllm_server):
         assert served_version(vllm_server.url) == v1
         assert metrics["sync/version"] == v1 and metrics["sync/ms"] > 0
         assert metrics["sync/bytes"] == sum(p.numel() * p.element_size() for p in model.parameters())
+        assert metrics["sync/round_trips"] == 2 and metrics["sync/server_version"] == v1  # prepare + apply
         assert_serves(vllm_server.url, model)
         # A second step through the same connection: the version advances, outputs follow.
         train_step(model, seed=2)
         v2 = vllm_server.next_version()
-        sync.push(model, v2)
+        m2 = sync.push(model, v2)
         assert served_version(vllm_server.url) == v2 > v1
+        assert m2["sync/round_trips"] == 1 and m2["sync/server_version"] == v2  # same manifest: one exchange
         assert_serves(vllm_server.url, model)
     finally:
         sync.close()
@@ -261,6 +263,22 @@ def test_shape_mismatch_fails_before_sending(vllm_server, tmp_path):
     assert len(out["token_ids"][0]) == 2
 
 
+@pytest.mark.vllm
+def test_one_exchange_update_needs_a_known_manifest(vllm_server):
+    """`/weights/update` with a manifest the server never prepared: 409, nothing paused."""
+    headers = {"Authorization": f"Bearer {vllm_server.token}"}
+    r = requests.post(f"{vllm_server.url}/weights/update", json={"manifest_key": "0" * 32, "version": 1},
+                      headers=headers, timeout=10)
+    assert r.status_code == 409 and r.json()["code"] == "manifest_unknown"
+    assert requests.post(f"{vllm_server.url}/weights/update", json={"version": 1}, headers=headers,
+                         timeout=10).status_code == 400
+    assert requests.post(f"{vllm_server.url}/weights/update", json={"manifest_key": "x", "version": 1},
+                         timeout=10).status_code == 401
+    assert requests.get(f"{vllm_server.url}/weight_version", timeout=10).json()["phase"] == "idle"
+    out = vllm_generate(vllm_server.url, PROMPTS[0], n=1, max_tokens=2, temperature=0.0)
+    assert len(out["token_ids"][0]) == 2
+
+
 class _DiesMidway(WeightSync):
     """Fault injection: the trainer stops producing tensors half-way through an update."""
 
@@ -288,6 +306,33 @@ def test_failed_update_raises_once_and_server_resumes(vllm_server):
                                                            "max_tokens": 2, "temperature": 0.0}, timeout=30)
     assert r.status_code == 200
     # A fresh connection recovers a consistent state.
+    push_once(vllm_server, model)
+    assert_serves(vllm_server.url, model)
+
+
+class _DiesOnSecondPush(_DiesMidway):
+    pushes = 0
+
+    def _gathered(self, params):
+        self.pushes += 1
+        yield from (super()._gathered(params) if self.pushes == 2 else WeightSync._gathered(self, params))
+
+
+@pytest.mark.vllm
+def test_failed_one_exchange_update_raises_and_server_resumes(vllm_server):
+    """The same failure on the one-exchange path (second push, manifest known)."""
+    model = load_hf(vllm_server.model_dir)
+    train_step(model, seed=7)
+    sync = _DiesOnSecondPush(WeightSyncConfig(update_timeout_s=3), [vllm_server.url], vllm_server.token)
+    sync.connect()
+    try:
+        assert sync.push(model, vllm_server.next_version())["sync/round_trips"] == 2
+        with pytest.raises(WeightSyncError, match="trainer died"):
+            sync.push(model, vllm_server.next_version())
+    finally:
+        sync.close()
+    state = requests.get(f"{vllm_server.url}/weight_version", timeout=10).json()
+    assert state["weight_version"] is None and state["phase"] == "idle"
     push_once(vllm_server, model)
     assert_serves(vllm_server.url, model)
 
@@ -358,3 +403,29 @@ def test_fsdp2_two_ranks_push(vllm_server, tmp_path):
     assert any(not torch.equal(original[n], p) for n, p in model.named_parameters())
     assert served_version(vllm_server.url) == version
     assert_serves(vllm_server.url, model)
+
+
+@pytest.mark.vllm
+def test_staleness_from_the_versions_the_server_recorded(vllm_server):
+    """/generate records which weight version produced each sequence; the trainer reads it back."""
+    model = load_hf(vllm_server.model_dir)
+    train_step(model, seed=8)
+    sync = WeightSync(WeightSyncConfig(), [vllm_server.url], vllm_server.token)
+    sync.connect()
+    try:
+        v = vllm_server.next_version()
+        sync.push(model, v)
+        out = vllm_generate(vllm_server.url, PROMPTS[1], n=2, max_tokens=3, temperature=1.0)
+        groups = [{"tokens": [PROMPTS[1] + ids for ids in out["token_ids"]]},
+                  {"tokens": [[7, 7, 7, 7, 7, 7, 7, 7, 7]]}]  # never generated here
+        m = sync.staleness_async(groups, v + 2).result(timeout=30)
+        assert m["data/staleness_mean"] == m["data/staleness_max"] == m["data/staleness_min"] == 2
+        assert m["data/staleness_unknown"] == 1
+        assert sync.staleness([{"tokens": "not a list"}], v) == {}  # malformed groups are skipped
+    finally:
+        sync.close()
+    r = requests.post(f"{vllm_server.url}/weights/sampled_versions", json={"keys": [1, 2]},
+                      headers={"Authorization": f"Bearer {vllm_server.token}"}, timeout=10)
+    assert r.status_code == 400
+    assert requests.post(f"{vllm_server.url}/weights/sampled_versions", json={"keys": []},
+                         timeout=10).status_code == 401

@@ -138,6 +138,11 @@ def vllm_server_command(model_dir: str | Path, *, port: int, host: str = "127.0.
         cmd += ["--served-model-name", served_model_name]
     if enforce_eager:
         cmd.append("--enforce-eager")
+    # Logprobs of the distribution actually sampled from (after temperature; and after top-k /
+    # top-p / penalties when an environment sets them), not vLLM's default raw_logprobs of
+    # softmax(z): the trainer computes log_softmax(z / loss.temperature), so at any temperature
+    # other than 1 raw logprobs would disagree with it (tests/test_inference.py, T = 0.7).
+    cmd += ["--logprobs-mode", "processed_logprobs"]
     return merge_vllm_flags(cmd, extra_args)
 
 

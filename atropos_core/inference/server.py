@@ -17,7 +17,10 @@ Why our own entry module rather than vLLM's dev-mode routes:
   `/weights/apply` receives (while the trainer broadcasts), finishes, resets the prefix cache
   (re-computing in-flight requests' KV on the new weights) and ALWAYS resumes, on the error path
   too (a failed update otherwise leaves vLLM paused and later requests hang). `/weights/abort` and
-  a watchdog undo a prepare that is never applied (trainer died in between).
+  a watchdog undo a prepare that is never applied (trainer died in between). `/weights/update` is
+  both in one exchange for a manifest prepared before (streamed: "ready", then the result).
+* `/generate` remembers which weight version produced each sequence; `/weights/sampled_versions`
+  gives it back, so the trainer can log how stale its data is with unmodified environments.
 
 The app is vLLM's own (`build_app`), with our routes added by wrapping it where vLLM's entry
 module looks it up, so every vLLM CLI flag and the serving loop stay vLLM's.
@@ -33,19 +36,23 @@ import os
 import sys
 import time
 import uuid
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 from typing import Annotated, Optional, Union
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
 logger = logging.getLogger("atropos_core.inference.server")
 
 TOKEN_ENV = "ATROPOS_UPDATE_TOKEN"
 DEFAULT_MAX_BODY_BYTES = 8 << 20
+#: Sequences whose weight version /generate remembers (for the trainer's staleness metric); the
+#: oldest are forgotten first. ~100 B each.
+SAMPLED_VERSIONS_KEPT = 1 << 16
 _MAX_TOKEN_ID = 2**31 - 1
 _Float = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 _TokenId = Annotated[int, Field(strict=True, ge=0, le=_MAX_TOKEN_ID)]
@@ -118,6 +125,12 @@ class _UpdateState:
         self.version: int | None = 0  # None after a failed update: the weights are in an unknown state
         self.last_error: str | None = None
         self.lock = asyncio.Lock()
+        # The last manifest prepared here and its key (`weight_sync.manifest_key`): an update with
+        # the same names, shapes, dtypes and plan needs only `/weights/update`, one exchange.
+        self.known_key: str | None = None
+        self.known_manifest: dict | None = None
+        # weight_sync.sequence_key(prompt + completion) -> the version that generated it
+        self.sampled: "OrderedDict[str, int]" = OrderedDict()
 
 
 def _checkpoint_spec(model: str) -> dict:
@@ -212,6 +225,17 @@ def add_atropos_routes(app: FastAPI, *, token: str, max_body_bytes: int, model: 
     def engine(request: Request):
         return request.app.state.engine_client
 
+    def _remember_versions(final) -> None:
+        from atropos_core.weight_sync import sequence_key
+
+        if state.version is None:
+            return
+        prompt = list(final.prompt_token_ids or [])
+        for o in final.outputs:
+            state.sampled[sequence_key(prompt + list(o.token_ids))] = state.version
+        while len(state.sampled) > SAMPLED_VERSIONS_KEPT:
+            state.sampled.popitem(last=False)
+
     # -- Atropos's token-in/token-out route ----------------------------------------------------
     @app.post("/generate")
     async def generate(request: Request):
@@ -236,6 +260,7 @@ def add_atropos_routes(app: FastAPI, *, token: str, max_body_bytes: int, model: 
             return _error(400, str(err))
         if final is None:
             return _error(500, "generation produced no output")
+        _remember_versions(final)
         want_lp = params.logprobs is not None
         result: dict[str, Any] = {
             "text": [o.text for o in final.outputs],
@@ -319,7 +344,7 @@ def add_atropos_routes(app: FastAPI, *, token: str, max_body_bytes: int, model: 
     async def weights_prepare(request: Request):
         if (denied := refused(request)) is not None:
             return denied
-        from atropos_core.weight_sync import PIPELINE_DEPTH, validate_manifest
+        from atropos_core.weight_sync import PIPELINE_DEPTH, manifest_key, validate_manifest
 
         try:
             body = await body_json(request)
@@ -349,16 +374,40 @@ def add_atropos_routes(app: FastAPI, *, token: str, max_body_bytes: int, model: 
             state.manifest = {k: manifest[k] for k in ("names", "dtypes", "shapes", "buckets")}
             state.manifest["version"] = version
             state.manifest["pipeline_depth"] = manifest.get("pipeline_depth", PIPELINE_DEPTH)
+            state.known_key = manifest_key(state.manifest)
+            state.known_manifest = dict(state.manifest)
             state.prepare_id = uuid.uuid4().hex
             asyncio.get_running_loop().create_task(_watchdog(eng, state.prepare_id, watchdog_s))
-        return JSONResponse({"status": "prepared"})
+        return JSONResponse({"status": "prepared", "manifest_key": state.known_key})
+
+    async def _apply(eng, manifest: dict, version: int) -> tuple[int, dict]:
+        """Receive, finish, reset the prefix cache, ALWAYS resume; the caller holds the lock and
+        has set phase "applying". Returns (HTTP status, answer)."""
+        from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
+
+        t0 = time.perf_counter()
+        try:
+            await eng.update_weights(request=WeightTransferUpdateRequest(update_info=manifest))
+            await eng.finish_weight_update(str(version))
+            if not await eng.reset_prefix_cache(reset_running_requests=True):
+                logger.warning("prefix cache was not reset after the update to v%d", version)
+            state.version, state.last_error = version, None
+        except Exception as err:  # noqa: BLE001 - reported to the trainer
+            state.version = None
+            state.last_error = f"update to v{version} failed: {err}"
+            logger.exception("weight update to v%d failed", version)
+            return 500, {"error": f"weight update to v{version} failed on this server: {err}"}
+        finally:
+            await eng.resume_generation()
+            state.phase, state.manifest = "idle", None
+        ms = (time.perf_counter() - t0) * 1e3
+        logger.info("weights updated to v%d in %.0f ms", version, ms)
+        return 200, {"status": "updated", "weight_version": version, "ms": ms}
 
     @app.post("/weights/apply")
     async def weights_apply(request: Request):
         if (denied := refused(request)) is not None:
             return denied
-        from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
-
         try:
             body = await body_json(request)
             version = int(body["version"])
@@ -373,24 +422,83 @@ def add_atropos_routes(app: FastAPI, *, token: str, max_body_bytes: int, model: 
             if version != state.manifest["version"]:
                 return _error(400, f"version {version} differs from the prepared {state.manifest['version']}")
             state.phase = "applying"
-            t0 = time.perf_counter()
+            code, answer = await _apply(eng, state.manifest, version)
+        return JSONResponse(answer, status_code=code)
+
+    @app.post("/weights/update")
+    async def weights_update(request: Request):
+        """Prepare and apply in one exchange, for an update whose manifest this server already
+        knows (`manifest_key` from the last `/weights/prepare`; only the version changes). The
+        answer streams two JSON lines: `{"status": "ready"}` once generation is paused and the
+        workers wait for the broadcast (the trainer sends no byte before it), then the result of
+        the update. 409 `manifest_unknown` (nothing paused): the trainer falls back to prepare+apply."""
+        if (denied := refused(request)) is not None:
+            return denied
+        try:
+            body = await body_json(request)
+            key, version = body.get("manifest_key"), int(body["version"])
+            pause_mode = body.get("pause_mode", "keep")
+            if not isinstance(key, str) or pause_mode not in ("keep", "wait", "abort"):
+                raise ValueError("/weights/update needs a string 'manifest_key' and a valid 'pause_mode'")
+        except _BodyTooLarge as err:
+            return _bad_request(err)
+        except (ValueError, TypeError, KeyError) as err:
+            return _error(400, f"/weights/update needs 'manifest_key' and an integer 'version': {err}")
+        eng = engine(request)
+        await state.lock.acquire()
+        try:
+            if state.phase != "idle":
+                state.lock.release()
+                return _error(409, f"an update is {state.phase}")
+            if key != state.known_key or state.known_manifest is None:
+                state.lock.release()
+                return JSONResponse({"error": "manifest unknown here: prepare it first", "code": "manifest_unknown"},
+                                    status_code=409)
+            await _pause(eng, pause_mode)
             try:
-                await eng.update_weights(request=WeightTransferUpdateRequest(update_info=state.manifest))
-                await eng.finish_weight_update(str(version))
-                if not await eng.reset_prefix_cache(reset_running_requests=True):
-                    logger.warning("prefix cache was not reset after the update to v%d", version)
-                state.version, state.last_error = version, None
-            except Exception as err:  # noqa: BLE001 - reported to the trainer
-                state.version = None
-                state.last_error = f"update to v{version} failed: {err}"
-                logger.exception("weight update to v%d failed", version)
-                return _error(500, f"weight update to v{version} failed on this server: {err}")
-            finally:
+                await eng.start_weight_update()
+            except Exception as err:  # noqa: BLE001
                 await eng.resume_generation()
-                state.phase, state.manifest = "idle", None
-        ms = (time.perf_counter() - t0) * 1e3
-        logger.info("weights updated to v%d in %.0f ms", version, ms)
-        return JSONResponse({"status": "updated", "weight_version": version, "ms": ms})
+                state.lock.release()
+                logger.exception("start_weight_update failed")
+                return _error(500, f"start_weight_update failed: {err}")
+        except BaseException:
+            if state.lock.locked():
+                state.lock.release()
+            raise
+        state.phase = "applying"
+        manifest = dict(state.known_manifest, version=version)
+
+        async def run() -> tuple[int, dict]:
+            try:
+                return await _apply(eng, manifest, version)
+            finally:
+                state.lock.release()
+
+        # A task, so that a client that disconnects mid-update cannot cancel it half-way: the
+        # update still ends (by the group's timeout if no byte comes) and generation resumes.
+        task = asyncio.get_running_loop().create_task(run())
+
+        async def lines():
+            yield json.dumps({"status": "ready"}) + "\n"
+            code, answer = await asyncio.shield(task)
+            yield json.dumps(dict(answer, http_status=code)) + "\n"
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+    @app.post("/weights/sampled_versions")
+    async def sampled_versions(request: Request):
+        """The weight version that generated each sequence (`weight_sync.sequence_key` of prompt +
+        completion tokens), or null where this server does not know it."""
+        if (denied := refused(request)) is not None:
+            return denied
+        try:
+            keys = (await body_json(request)).get("keys")
+            if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
+                raise ValueError("/weights/sampled_versions needs 'keys': a list of strings")
+        except ValueError as err:
+            return _bad_request(err)
+        return JSONResponse({"versions": [state.sampled.get(k) for k in keys]})
 
     @app.post("/weights/load_from_disk")
     async def weights_load_from_disk(request: Request):
