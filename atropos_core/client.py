@@ -39,9 +39,13 @@ from dataclasses import dataclass
 from typing import Any, Optional
 from urllib.parse import urlparse
 
-import requests
-from tenacity import (RetryError, Retrying, retry_if_exception_type, stop_before_delay,
-                      wait_exponential_jitter)
+try:
+    import requests
+    from tenacity import (RetryError, Retrying, retry_if_exception_type, stop_before_delay,
+                          wait_exponential_jitter)
+except ImportError as _e:  # AtroposConfig and env_metrics serve runs without the API (atropos.url synthetic)
+    requests = None
+    _MISSING = _e
 
 logger = logging.getLogger(__name__)
 
@@ -69,12 +73,17 @@ def env_metrics(groups: list) -> dict:
     return out
 
 
+#: `atropos.url` value that selects the synthetic batch source (`atropos_core.synthetic`).
+SYNTHETIC_URL = "synthetic"
+
+
 @dataclass
 class AtroposConfig:
     """Where the trajectory API is and what the trainer registers with it."""
 
     url: str = "http://127.0.0.1:8000"
-    """Base URL of the trajectory API (`run-api`), e.g. http://127.0.0.1:8000."""
+    """Base URL of the trajectory API (`run-api`), e.g. http://127.0.0.1:8000; or "synthetic": seeded
+    random groups drawn in the trainer (`atropos_core.synthetic`), no API, vLLM or environment."""
     batch_size: int = 64
     """Sequences per training batch (not groups): the server ships exactly this many."""
     max_token_len: int = 2048
@@ -113,7 +122,7 @@ class AtroposConfig:
 
     def __post_init__(self):
         parsed = urlparse(self.url)
-        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        if self.url != SYNTHETIC_URL and (parsed.scheme not in ("http", "https") or not parsed.netloc):
             raise ValueError(f"atropos.url must be an http(s) URL like http://127.0.0.1:8000, got {self.url!r}")
         self.url = self.url.rstrip("/")
         if self.batch_size < 1:
@@ -163,7 +172,7 @@ class _NoBatchYet(Exception):
     pass
 
 
-_NETWORK_ERRORS = (requests.ConnectionError, requests.Timeout)
+_NETWORK_ERRORS = (requests.ConnectionError, requests.Timeout) if requests else ()
 
 
 class AtroposClient:
@@ -172,6 +181,9 @@ class AtroposClient:
     overlaps the next fetch with the current step is fine)."""
 
     def __init__(self, cfg: AtroposConfig, session: Optional[requests.Session] = None):
+        if requests is None:
+            raise ImportError(f"the Atropos API client needs requests and tenacity ({_MISSING}); install them, "
+                              f"or train on synthetic batches with --atropos-url synthetic")
         self.cfg = cfg
         self.session = session or requests.Session()
         self.uuid: Optional[int] = None

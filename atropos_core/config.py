@@ -405,6 +405,8 @@ def resolve(overrides: dict[str, Any]) -> TrainConfig:
     if "atropos.url" in overrides:  # an API that already runs: start neither it nor our env
         overrides.setdefault("run.start_api", "false")
         overrides.setdefault("env.start", "false")
+        if overrides["atropos.url"] == "synthetic":  # batches drawn in the trainer: nothing to serve them
+            overrides.setdefault("inference.start", "false")
     if str(overrides.get("env.start", "true")).lower() not in ("false", "0", "no", "off"):
         overrides.setdefault("atropos.group_size", overrides.get("env.group_size", EnvConfig.group_size))
     out = str(overrides.get("run.out", RunConfig.out))

@@ -97,6 +97,7 @@ class MetricsLogger:
     def __init__(self, cfg: LoggingConfig, *, run_config: Optional[dict] = None, stream: TextIO = None):
         self.cfg = cfg
         self.active = adist.is_main()
+        self._no_plot_noted = False
         self.stream = stream or sys.stdout
         self.history: list[dict] = []
         self._wandb = None
@@ -134,8 +135,14 @@ class MetricsLogger:
         """Redraw `<run dir>/curves.png` from the history (atomically replaced)."""
         if not self.active or not self.history:
             return None
-        import matplotlib
-
+        try:
+            import matplotlib
+        except ImportError:
+            if not self._no_plot_noted:
+                logger.info("matplotlib is not installed: no %s (metrics.jsonl has every value)",
+                            self.run_dir / "curves.png")
+                self._no_plot_noted = True
+            return None
         matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
 

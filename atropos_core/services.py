@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-import requests
-
 logger = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
@@ -137,6 +135,8 @@ class ManagedProcess:
                            f" last log lines:\n{self.log_tail()}")
 
     def wait_http(self, url: str, timeout: float) -> None:
+        import requests  # here, not at the top: a run without child processes needs no requests
+
         self.wait_healthy(lambda: requests.get(url, timeout=2).status_code == 200, timeout, what=f"GET {url}")
 
     def stop(self, timeout: float = 15.0) -> None:

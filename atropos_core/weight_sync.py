@@ -52,7 +52,10 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
-import requests
+try:
+    import requests
+except ImportError:  # WeightSyncConfig serves runs without inference servers; WeightSync needs requests
+    requests = None
 import torch
 
 logger = logging.getLogger(__name__)
@@ -437,6 +440,8 @@ class WeightSync:
         self.urls = [u.rstrip("/") for u in server_urls]
         self.rank, self.world_size = rank, world_size
         self._headers = {"Authorization": f"Bearer {token}"}
+        if requests is None:
+            raise ImportError("WeightSync needs the requests package (pip install requests)")
         self._session = requests.Session()
         self._group = None
         self._store = None

@@ -24,7 +24,9 @@ Stages (each passes or fails on its own; the exit code is 1 when any failed, 0 o
   4  FSDP2 on one GPU (a one-rank group, as a plain `python drivers/train.py` gets): a bf16
      mixed-precision step of a locally built Qwen2-shaped model (V=128256, tied and untied) against
      one fp32 process; then the driver's step loop in process (Atropos-format groups ->
-     `build_train_batch` -> `train_step` x3 -> `save_checkpoint`), without an inference server.
+     `build_train_batch` -> `train_step` x3 -> `save_checkpoint`), without an inference server; then
+     `drivers/train.py` itself, as a child process, for 3 steps on synthetic batches
+     (`--atropos-url synthetic`: no API, vLLM or environment; exit 0, metrics, checkpoint).
 
 What it needs: CUDA torch >= 2.8 (for `torch.mm(out_dtype=)`), Triton, transformers, numpy and this
 checkout; nothing else. It imports only `kernels` and the `atropos_core` modules of the model/loss/
@@ -45,6 +47,7 @@ import math
 import os
 import platform
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -788,6 +791,61 @@ def stage4(st: Stage, dev, smoke: bool) -> None:
                  f"losses {[round(x, 4) for x in losses]}")
     finally:
         adist.cleanup()
+    _driver_run(st, dev, vocab, smoke)
+
+
+def _driver_run(st: Stage, dev, vocab: int, smoke: bool, steps: int = 3) -> None:
+    """`drivers/train.py` itself as a child process on `dev` with synthetic batches (`--atropos-url
+    synthetic`: no API, vLLM or environment), on a Qwen2-shaped model saved here with a local
+    tokenizer: exit 0, `steps` finite rows in metrics.jsonl, the synthetic-data line once, and the
+    final checkpoint."""
+    from atropos_core.checkpoint import find_latest
+    from atropos_core.envs.tiny_model import build_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir, out = Path(tmp) / "model", Path(tmp) / "run"
+        tok = build_tokenizer(model_dir)
+        model = _qwen2_model(vocab, False, smoke)
+        model.config.pad_token_id = model.config.eos_token_id = tok.eos_token_id
+        model.save_pretrained(str(model_dir), safe_serialization=True)
+        del model
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                                  "MASTER_PORT", "TRITON_INTERPRET")}
+        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        if dev.type == "cuda":  # the child sees only this GPU, as its cuda:0
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            idx = dev.index or 0
+            env["CUDA_VISIBLE_DEVICES"] = visible.split(",")[idx] if visible else str(idx)
+        cmd = [sys.executable, str(ROOT / "drivers" / "train.py"), "--model", str(model_dir),
+               "--atropos-url", "synthetic", "--steps", str(steps), "--out", str(out),
+               "--max-token-len", "64" if smoke else "512", "--atropos.batch_size", "16" if smoke else "64",
+               "--atropos.group_size", "8", "--checkpoint.every", "0", "--logging.plot_every", "0",
+               "--run.device", dev.type]
+        print("  " + " ".join(cmd[1:]), flush=True)
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+        wall = time.perf_counter() - t0
+        log = proc.stdout + proc.stderr
+        for line in proc.stdout.splitlines():
+            if line.startswith("step "):
+                print("  " + line, flush=True)
+        ok = st.check("driver: drivers/train.py --atropos-url synthetic exits 0", proc.returncode == 0,
+                      f"exit {proc.returncode} after {wall:.0f} s" + ("" if proc.returncode == 0 else
+                                                                    "; log tail:\n" + log[-3000:]))
+        st.metric("driver synthetic", "wall_s", wall, "s")
+        if not ok:
+            return
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        losses = [r.get("loss/total") for r in rows]
+        st.check(f"driver: {steps} rows in metrics.jsonl, finite loss", [r.get("step") for r in rows] ==
+                 list(range(1, steps + 1)) and all(isinstance(x, float) and math.isfinite(x) for x in losses),
+                 f"losses {[round(x, 4) if isinstance(x, float) else x for x in losses]}")
+        st.check("driver: says once that the data is synthetic", log.count("SYNTHETIC batches") == 1)
+        latest = find_latest(out / "checkpoints")
+        st.check("driver: final checkpoint saved", latest is not None and latest.name == f"step-{steps:08d}",
+                 str(latest))
+        if rows:
+            st.metric("driver synthetic", "last_step_tokens_per_s", rows[-1].get("perf/tokens_per_s", float("nan")))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ push the weights into vLLM → log. Everything else is a function in `atropos_co
     python drivers/train.py                 # the whole loop on this machine, built-in defaults:
                                             # API + vLLM + built-in environment + trainer
     python drivers/train.py --model DIR --atropos-url http://HOST:PORT --inference-port 9001
+    python drivers/train.py --model DIR --atropos-url synthetic --steps 5   # no API/vLLM/env: random groups
     torchrun --nproc-per-node 2 drivers/train.py ...      # FSDP2 over 2 ranks
     python drivers/train.py --help          # every config field, all overridable
 
@@ -26,7 +27,7 @@ import torch  # noqa: E402
 from atropos_core import cpu_budget, dist as adist  # noqa: E402
 from atropos_core.batch import broadcast_groups, build_train_batch, split_for_ranks  # noqa: E402
 from atropos_core.checkpoint import load_checkpoint, resolve_resume, save_checkpoint  # noqa: E402
-from atropos_core.client import AtroposClient, AtroposUnavailable, env_metrics  # noqa: E402
+from atropos_core.client import SYNTHETIC_URL, AtroposClient, AtroposUnavailable, env_metrics  # noqa: E402
 from atropos_core.config import ConfigError, parse_args, to_dict, write_config  # noqa: E402
 from atropos_core.launch import launch_services, share_launch_info  # noqa: E402
 from atropos_core.metrics import MetricsLogger  # noqa: E402
@@ -77,6 +78,16 @@ def fetch_groups(client: AtroposClient, services, watch_every_s: float = 5.0) ->
                     last_note = now
     finally:
         client.cfg = cfg
+
+
+def open_batch_source(cfg, step: int):
+    """Rank 0's source of groups: the Atropos API, or seeded synthetic groups (`--atropos-url synthetic`)."""
+    acfg = dataclasses.replace(cfg.atropos, starting_step=step)
+    if acfg.url == SYNTHETIC_URL:
+        from atropos_core.synthetic import SyntheticBatches
+
+        return SyntheticBatches(acfg, cfg.data.vocab_size, seed=cfg.run.seed)
+    return AtroposClient(acfg)
 
 
 STOP_KEY = "__atropos_trainer_stop__"
@@ -133,7 +144,7 @@ def main(argv=None) -> int:
         if resume_from is not None:
             step = load_checkpoint(resume_from, model, optimizer, scheduler)["step"]
             logger.info("resumed from %s at step %d", resume_from, step)
-        client = AtroposClient(dataclasses.replace(cfg.atropos, starting_step=step)) if rank == 0 else None
+        client = open_batch_source(cfg, step) if rank == 0 else None
         if client:
             client.register()
         sync = WeightSync(cfg.sync, server_urls, token, rank, world) if server_urls else None

@@ -10,25 +10,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-BLOCKED = ("requests", "tenacity", "atroposlib", "vllm", "flash_attn", "liger_kernel")
+from tests.fixtures.blocked import blocked_runner
 
-_RUNNER = """
-import runpy, sys
-# None in sys.modules: `import x` raises ModuleNotFoundError, importlib.util.find_spec(x) gives None
-# (what transformers' availability probes see on a machine without the package).
-for name in {blocked!r}:
-    sys.modules[name] = None
-sys.argv = ["bench/gpu_check.py", "--smoke", "--results-dir", {out!r}]
-runpy.run_path("bench/gpu_check.py", run_name="__main__")
-"""
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_gpu_check_smoke_runs_every_stage_without_the_serving_stack(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="2")
     env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, "-c", _RUNNER.format(blocked=BLOCKED, out=str(tmp_path))], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
+    code = blocked_runner("bench/gpu_check.py", ["--smoke", "--results-dir", str(tmp_path)])
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     runs = list((tmp_path / "gpu_check").glob("*-smoke.json"))

@@ -21,8 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import requests
-
 from atropos_core.services import ManagedProcess
 
 logger = logging.getLogger(__name__)
@@ -122,6 +120,8 @@ class VLLMServerHandle:
         return self.process.alive()
 
     def weight_version(self) -> int | None:
+        import requests  # here, not at the top: a run without inference servers needs no requests
+
         return requests.get(f"{self.url}/weight_version", timeout=10).json()["weight_version"]
 
 
