@@ -122,6 +122,8 @@ def compile_one(kernel: str, dname: str, config: dict, vocab: int, dim: int, arc
     meta = {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
     if kernel == "accumulate_dw":
         meta["LOAD_DW"] = True
+    if kernel == "row_stats":
+        meta["ENTROPY"] = True                          # the superset; ENTROPY=False only drops the sums
     names = fn.arg_names
     signature, constexprs, attrs = {}, dict(meta), {}
     for name, value in args:

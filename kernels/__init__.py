@@ -90,7 +90,8 @@ class _LinearLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, ops):
         logp, _, _, _ = chunked_loss_and_grads(hidden, weight, targets, lambda r, lp: None, temperature=temperature,
-                                               need_grad_hidden=False, need_grad_weight=False, ops=ops)
+                                               need_grad_hidden=False, need_grad_weight=False, ops=ops,
+                                               logprobs_only=True)
         ctx.save_for_backward(hidden, weight, targets)
         ctx.temperature, ctx.ops = temperature, ops
         return logp
@@ -309,13 +310,14 @@ def fused_linear_policy_loss(
     h_sel = hidden.detach() if all_sel else hidden.detach()[sel]
     w_det = weight.detach().contiguous()
 
-    # Pass 1 (GSPO, sequence-level IS): every token's logprob, no gradient (2·N·D·V FLOPs).
+    # Pass 1 (GSPO, sequence-level IS): every token's logprob, no gradient (2·N·D·V FLOPs), logprob-only
+    # row pass (lse and the target logit; no entropy, no dZ).
     pre_g = pre_w = pre_clip = None
     pre_loss = None
     if needs_seq:
         logp1, _, _, _ = chunked_loss_and_grads(h_sel, w_det, t_sel, lambda r, lp: None, temperature=temp_arg,
                                                 need_grad_hidden=False, need_grad_weight=False, ops=ops,
-                                                chunk_size=chunk_size)
+                                                chunk_size=chunk_size, logprobs_only=True)
         if use_is:
             delta = torch.where(bmask, logp1 - picked["behaviour_logprobs"], torch.zeros_like(logp1))
             if is_mode in losses.SEQ_IS_MODES:

@@ -134,9 +134,12 @@ class TorchOps:
     direct_dw_out = False
 
     @staticmethod
-    def logits(h_c: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def logits(h_c: torch.Tensor, weight: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """`h_c @ weight.T` as fp32 (fp64 for fp64 inputs): never rounded to a 16-bit dtype, whose
-        half-ulp at |z| = 16-32 (0.03-0.06 in bf16) would go straight into logp (`mm_fp32`)."""
+        half-ulp at |z| = 16-32 (0.03-0.06 in bf16) would go straight into logp (`mm_fp32`).
+        `out`: an fp32 `(C, V)` buffer to write into (fp32 inputs only; otherwise ignored)."""
+        if out is not None and h_c.dtype == torch.float32 and weight.dtype == torch.float32:
+            return torch.mm(h_c, weight.t(), out=out)
         return mm_fp32(h_c, weight.t())
 
     @staticmethod
@@ -164,6 +167,19 @@ class TorchOps:
             entropy[s:s + r] = torch.bmm(p_b.unsqueeze(1), logp_b.unsqueeze(2)).view(-1)
             logp_b.copy_(p_b)                        # the buffer now holds probabilities
         return lse, logp, entropy.neg_(), z
+
+    @staticmethod
+    def row_logprobs(z: torch.Tensor, targets: torch.Tensor, inv_t: float):
+        """`(lse, logp)`, each (C,) fp32, of softmax(z·inv_t): `row_stats` without the entropy and
+        probability pass (the first pass of GSPO / sequence-level IS needs only logp). May overwrite z."""
+        z = z.float() if z.dtype != torch.float32 else z.contiguous()
+        if inv_t != 1.0:
+            z.mul_(inv_t)
+        rows = torch.arange(z.shape[0], device=z.device)
+        z_t = z[rows, targets]
+        torch.log_softmax(z, 1, out=z)               # one fused row pass, in place (see row_stats)
+        logp = z[rows, targets]
+        return z_t - logp, logp
 
     @staticmethod
     def dlogits(p: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor, inv_t: float,
@@ -212,6 +228,7 @@ def chunked_loss_and_grads(
     chunk_size: Optional[int] = None,
     grad_weight_dtype: torch.dtype = torch.float32,
     gather_ids: Optional[torch.Tensor] = None,
+    logprobs_only: bool = False,
 ):
     """Run the chunk loop over all rows of `hidden` (already restricted to selected tokens).
 
@@ -235,6 +252,11 @@ def chunked_loss_and_grads(
     tempered logits besides a `d_p (C,) · softmax(x)` part over the whole row (None: 0). They go
     into dZ as `(g - d_p)(onehot(t) - p) + d_p·onehot(t) + scatter(ids, d_xk)`, all times 1/T:
     a scatter of k + 1 values per row and one row-max pass, no extra GEMM.
+    `logprobs_only`: a forward-only pass for the targets' logprobs (GSPO's and the sequence-level
+    IS modes' first pass): per chunk the logits GEMM and `ops.row_logprobs` (log-sum-exp and the
+    target logit; no entropy, no probabilities, no dZ), into one `[C, V]` buffer reused across
+    chunks where the backend's `logits` takes `out` (no fresh pages per chunk). `coef_fn` and the
+    gradient flags are ignored; returns `(logp, None, None, None)`.
     """
     n, d = hidden.shape
     v = weight.shape[0]
@@ -243,6 +265,8 @@ def chunked_loss_and_grads(
     inv_t = 1.0 if per_row_t else 1.0 / temperature
     c = chunk_size or default_chunk_size(n, v, hidden.device, hidden.dtype)
     dev = hidden.device
+    if logprobs_only:
+        return _chunked_logprobs(hidden, weight, targets, c, per_row_t, inv_t, inv_t_rows, ops), None, None, None
     logp = torch.empty(n, dtype=torch.float32, device=dev)
     entropy = torch.empty_like(logp)
     grad_h = torch.empty_like(hidden) if need_grad_hidden else None
@@ -286,3 +310,19 @@ def chunked_loss_and_grads(
         if need_grad_weight:
             ops.accumulate_dw(acc_w, dz, h_c, first=s == 0, out=out_w if rows.stop == n else None)
     return logp, entropy, grad_h, (out_w if out_w is not None else acc_w)
+
+
+def _chunked_logprobs(hidden, weight, targets, c, per_row_t, inv_t, inv_t_rows, ops) -> torch.Tensor:
+    """The `logprobs_only` loop of `chunked_loss_and_grads`: 2·N·D·V FLOPs and one row pass."""
+    n = hidden.shape[0]
+    logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    buf = None
+    for s in range(0, n, c):
+        rows = slice(s, min(s + c, n))
+        z = ops.logits(hidden[rows], weight, out=None if buf is None else buf[:rows.stop - s])
+        if buf is None and rows.stop - s == c and n > c and z.dtype == torch.float32 and z.is_contiguous():
+            buf = z                                  # reused by the next chunks (row_logprobs is in place)
+        if per_row_t:
+            z.mul_(inv_t_rows[rows].to(z.dtype).unsqueeze(1))
+        _, logp[rows] = ops.row_logprobs(z, targets[rows], inv_t)
+    return logp

@@ -6,6 +6,7 @@ operations (`TritonOps`) for one chunk of C tokens, logits `z = h_c @ W.T` of sh
     logits        z = h_c @ W.T, fp32                    torch.mm(out_dtype=fp32) (cuBLAS, fp32 output)
     row_stats     x = z / T,  lse = logsumexp(x),  logp = x[t] - lse,
                   H = lse - sum softmax(x) * x           one read of z:  C*V*4 bytes
+    row_logprobs  lse and logp only (ENTROPY=False)      the same read, no entropy sums (GSPO pass 1)
     dlogits       dZ = g/T * (onehot(t) - exp(x - lse))  one read of z, one write of dZ (C*V*b;
                                                          in place when b = 4)
     accumulate_dw dW[v, d] += sum_c dZ[c, v] * h_c[c, d] 2*C*V*D FLOPs, fp32 accumulator;
@@ -57,7 +58,9 @@ def _row_stats_kernel(
     lse_ptr, logp_ptr, ent_ptr,
     V, inv_t,
     BLOCK_V: tl.constexpr,
+    ENTROPY: tl.constexpr = True,
 ):
+    # ENTROPY=False: lse and logp only (the logprob-only first pass); ent_ptr is not written.
     row = tl.program_id(0).to(tl.int64)
     z_row_ptr = z_ptr + row * stride_z_row
     cols = tl.arange(0, BLOCK_V)
@@ -71,9 +74,10 @@ def _row_stats_kernel(
         m_new = tl.maximum(m, tl.max(x, axis=0))
         alpha = tl.exp(m - m_new)
         e = tl.exp(x - m_new)                      # 0 on masked lanes
-        xm = tl.where(mask, x - m_new, 0.0)        # avoid 0 * -inf on masked lanes
-        # Rescale the old sums to the new max: sum e^(x-m_old) (x-m_old) -> relative to m_new.
-        w = alpha * (w + s * (m - m_new)) + tl.sum(e * xm, axis=0)
+        if ENTROPY:
+            xm = tl.where(mask, x - m_new, 0.0)    # avoid 0 * -inf on masked lanes
+            # Rescale the old sums to the new max: sum e^(x-m_old) (x-m_old) -> relative to m_new.
+            w = alpha * (w + s * (m - m_new)) + tl.sum(e * xm, axis=0)
         s = alpha * s + tl.sum(e, axis=0)
         m = m_new
     log_s = tl.log(s)
@@ -82,7 +86,8 @@ def _row_stats_kernel(
     x_t = tl.load(z_row_ptr + t).to(tl.float32) * inv_t
     tl.store(lse_ptr + row, lse)
     tl.store(logp_ptr + row, x_t - lse)
-    tl.store(ent_ptr + row, log_s - w / s)
+    if ENTROPY:
+        tl.store(ent_ptr + row, log_s - w / s)
 
 
 @triton.jit
@@ -208,6 +213,19 @@ def row_stats(z: torch.Tensor, targets: torch.Tensor, inv_t: float, *, config: O
     return out[0], out[1], out[2]
 
 
+def row_logprobs(z: torch.Tensor, targets: torch.Tensor, inv_t: float, *, config: Optional[dict] = None):
+    """`(lse, logp)`, each `(C,)` fp32: `row_stats` without the entropy sums (`ENTROPY=False`)."""
+    _check_rows(z)
+    c, v = z.shape
+    cfg = config or launch_config("row_stats", vocab=v, dtype=z.dtype)
+    meta, warps, stages = _split(cfg)
+    out = torch.empty(2, c, dtype=torch.float32, device=z.device)
+    if c:
+        _row_stats_kernel[(c,)](z, z.stride(0), targets.contiguous(), out[0], out[1], out[1], v, float(inv_t),
+                                ENTROPY=False, num_warps=warps, num_stages=stages, **meta)
+    return out[0], out[1]
+
+
 def dlogits(z: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor, inv_t: float,
             dtype: torch.dtype, *, config: Optional[dict] = None) -> torch.Tensor:
     """`coef * inv_t * (onehot(t) - softmax(z * inv_t))` in `dtype`, over `z` when it has that dtype."""
@@ -277,6 +295,10 @@ class TritonOps(TorchOps):
     def row_stats(z: torch.Tensor, targets: torch.Tensor, inv_t: float):
         lse, logp, entropy = row_stats(z, targets, inv_t)
         return lse, logp, entropy, z
+
+    @staticmethod
+    def row_logprobs(z: torch.Tensor, targets: torch.Tensor, inv_t: float):
+        return row_logprobs(z, targets, inv_t)
 
     @staticmethod
     def dlogits(buf: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor, inv_t: float,

@@ -214,6 +214,57 @@ def test_gspo_runs_two_passes(monkeypatch):
     assert calls == [False, True]
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).split(".")[-1])
+def test_gspo_token_advantages_varied_lengths(dtype, monkeypatch):
+    """GSPO with advantages that differ within a sequence, sequences of 1 to 14 tokens (one spanning
+    several chunks, some fully masked), chunk 5; and pass 1 is the logprob-only row pass (row_stats,
+    the entropy pass, runs only in pass 2)."""
+    case = _offpolicy_case(dtype, seed=9)
+    gen = torch.Generator().manual_seed(309)
+    lens = [1, 14, 3, 2, 7, 1, 5, 4]
+    ids = torch.cat([torch.full((k,), 10 * i + 3) for i, k in enumerate(lens)])
+    case["sequence_ids"] = torch.cat([ids, torch.full((N - ids.numel(),), 999)])
+    case["loss_mask"][:1] = 0.0                               # the first 1-token sequence is fully masked
+    m = case["loss_mask"] != 0
+    seq, adv = case["sequence_ids"], case["advantages"]
+    varied = [s for s in seq.unique() if adv[(seq == s) & m].unique().numel() > 1]
+    assert len(varied) >= 4 and not m.all() and (~m[1:]).any()
+    _, inv = torch.unique(seq, return_inverse=True)
+    gold_logp, _ = linear_logprobs_ref(case["hidden"].double(), case["weight"].double(), case["targets"])
+    lr = gold_logp - case["old_logprobs"].double()
+    S = torch.zeros(int(inv.max()) + 1, dtype=torch.float64).index_add_(0, inv[m], lr[m])
+    cnt = torch.zeros_like(S).index_add_(0, inv[m], torch.ones(int(m.sum()), dtype=torch.float64))
+    mean = (S / cnt.clamp(min=1))[cnt > 0]
+    clip = dict(clip_high=math.exp(_split(mean, True)) - 1, clip_low=1 - math.exp(_split(mean, False)))
+    calls = []
+    real = kernels.chunked.TorchOps.row_stats
+    monkeypatch.setattr(kernels.chunked.TorchOps, "row_stats", staticmethod(lambda *a: calls.append(1) or real(*a)))
+    st_k, st_g = _check(case, dtype, dict(loss_type="gspo", **clip, _use=("old_logprobs", "sequence_ids")), chunk=5)
+    assert len(calls) == -(-int(m.sum()) // 5)                # pass 2's chunks only
+    assert st_k["clip_frac"].item() == pytest.approx(st_g["clip_frac"].item(), abs=1e-6)
+    assert 0 < st_g["clip_frac"].item() < 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).split(".")[-1])
+def test_logprobs_only_pass_equals_full_pass(dtype):
+    """The logprob-only loop (reused chunk buffer, tail chunk, per-row temperature) gives the full
+    loop's logprobs, and matches the fp64 reference by the 2*torch_err rule."""
+    case = make_case(dtype, seed=4)
+    h, w, t = case["hidden"], case["weight"], case["targets"]
+    temps = 0.6 + torch.rand(N, generator=torch.Generator().manual_seed(4))
+    for temp in (0.8, temps):
+        full, ent, _, _ = kernels.chunked_loss_and_grads(h, w, t, lambda r, lp: None, temperature=temp,
+                                                         need_grad_hidden=False, need_grad_weight=False, chunk_size=8)
+        only, ent2, _, _ = kernels.chunked_loss_and_grads(h, w, t, lambda r, lp: None, temperature=temp,
+                                                          need_grad_hidden=False, need_grad_weight=False, chunk_size=8,
+                                                          logprobs_only=True)
+        assert ent2 is None and ent is not None
+        torch.testing.assert_close(only, full, rtol=0, atol=0)
+        gold, _ = linear_logprobs_ref(h.double(), w.double(), t, temp.double() if torch.is_tensor(temp) else temp)
+        same, _ = linear_logprobs_ref(h, w, t, temp)
+        assert_rule("logprobs", only, same, gold, dtype)
+
+
 def _distill_case(dtype, seed, k=5, temperature=1.0):
     case = make_case(dtype, seed=seed, temperature=temperature)
     gen = torch.Generator().manual_seed(300 + seed)

@@ -69,6 +69,10 @@ POLICY_CASES = {
     "grpo_distill_ce_bf16_temps": dict(dtype="bf16", loss_type="grpo", old=True, distill=4, distill_mode="ce",
                                        temps=True, N=29, V=300),
     "distill_only_kl_fp32": dict(dtype="fp32", loss_type="distill", distill=3, distill_mode="kl", N=21, V=257),
+    # GSPO with per-token advantages (they differ within a sequence), sequences of 1-9 tokens (the
+    # first fully masked), chunks of 16 that split sequences: pass 1 is the logprob-only row pass.
+    "gspo_token_adv_varlen_fp32": dict(dtype="fp32", loss_type="gspo", old=True, seq_lens=[1, 9, 3, 2, 6, 1, 4, 3],
+                                       mask_first=True, chunk_size=16, N=29, V=300),
 }
 LOGPROB_CASES = {
     "logprobs_fp32_t07": dict(dtype="fp32", temperature=0.7),
@@ -102,8 +106,13 @@ def _policy_inputs(name, spec):
         kw["ref_logprobs"] = (logp_gold + 0.5 * torch.randn(n, generator=g, dtype=torch.float64)).float()
     if spec.get("temps"):
         kw["temperature"] = 0.6 + torch.rand(n, generator=g)
-    if spec.get("seq") or spec["loss_type"] == "gspo":
+    if spec.get("seq_lens"):
+        kw["sequence_ids"] = torch.cat([torch.full((k,), i) for i, k in enumerate(spec["seq_lens"])])
+        assert kw["sequence_ids"].numel() == n
+    elif spec.get("seq") or spec["loss_type"] == "gspo":
         kw["sequence_ids"] = torch.arange(n) // 4
+    if spec.get("mask_first"):
+        mask[0] = 0.0
     if spec.get("beh"):
         kw["behaviour_logprobs"] = (logp_gold + 0.4 * torch.randn(n, generator=g, dtype=torch.float64)).float()
         kw["behaviour_mask"] = torch.rand(n, generator=g) > 0.2
@@ -188,14 +197,18 @@ def _worker(in_path: str, out_path: str) -> None:
 
     data = torch.load(in_path, weights_only=True)
     out = {}
+    real_row_stats, calls = tll.TritonOps.row_stats, []
+    tll.TritonOps.row_stats = staticmethod(lambda *a: calls.append(1) or real_row_stats(*a))
     for name, x in data["policy"].items():
+        calls.clear()
         h = x["hidden"].clone().requires_grad_(True)
         w = x["weight"].clone().requires_grad_(True)
         loss, stats = kernels.fused_linear_policy_loss(h, w, x["targets"], x["advantages"], x["loss_mask"],
                                                        backend="triton", chunk_size=x["chunk_size"], **x["kw"])
         loss.backward()
         out[name] = dict(loss=loss.detach(), grad_h=h.grad, grad_w=w.grad, logprobs=stats["logprobs"],
-                         entropy=stats["entropy"], clip_frac=stats["clip_frac"])
+                         entropy=stats["entropy"], clip_frac=stats["clip_frac"], row_stats_calls=torch.tensor(len(calls)))
+    tll.TritonOps.row_stats = real_row_stats
     for name, x in data["logprobs"].items():
         h = x["hidden"].clone().requires_grad_(True)
         w = x["weight"].clone().requires_grad_(True)
@@ -213,7 +226,8 @@ def _worker(in_path: str, out_path: str) -> None:
             ref_dz = _torch_ops_chain(x, torch.float64)[3].to(z.dtype)
             dw_ref_in = x["dw0"].clone()
             tll.accumulate_dw(dw_ref_in, ref_dz, x["h"], config=dw_cfg)
-            out[f"ops_{dname}_{label}"] = dict(lse=lse, logp=logp, entropy=ent, dz=dz, dw=dw, dw_from_ref_dz=dw_ref_in,
+            lse_only, logp_only = tll.row_logprobs(x["z"].clone(), x["targets"], x["inv_t"], config=row_cfg)
+            out[f"ops_{dname}_{label}"] = dict(lse=lse, logp=logp, entropy=ent, lse_only=lse_only, logp_only=logp_only, dz=dz, dw=dw, dw_from_ref_dz=dw_ref_in,
                                                in_place=torch.tensor(dz.data_ptr() == z.data_ptr()),
                                                logits=tll.TritonOps.logits(x["h"], x["w"]))
     vocabs = [33, 1000, 4500, 32768, 151936]
@@ -390,6 +404,31 @@ def test_ops_match_torch_ops(interpreted, dname, label):
     _check(name, "dw_gemm", got["dw_from_ref_dz"], torch_dw, exact, dname)
     # fp32 accumulation: within a few fp32 ulps of the exact sum whatever the input dtype.
     assert _err(got["dw_from_ref_dz"], exact) <= 1e-5 * max(1.0, exact.abs().max().item())
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("label", ["default", "small"])
+@pytest.mark.parametrize("dname", OPS_DTYPES)
+def test_row_logprobs_matches_reference(interpreted, dname, label):
+    """The logprob-only row pass (ENTROPY=False) against TorchOps and fp64, and equal to row_stats'."""
+    data, out = interpreted
+    x, got = data["ops"][dname], out[f"ops_{dname}_{label}"]
+    gold, same = _torch_ops_chain(x, torch.float64), _torch_ops_chain(x, DTYPES[dname])
+    for i, what in enumerate(("lse", "logp")):
+        _check(f"row_logprobs_{dname}_{label}", what, got[f"{what}_only"], same[i], gold[i], dname)
+        torch.testing.assert_close(got[f"{what}_only"], got[what], rtol=0, atol=0)
+
+
+@pytest.mark.interpret
+def test_gspo_first_pass_is_logprob_only(interpreted):
+    """GSPO's first pass never runs row_stats (the entropy pass): only pass 2's chunks do."""
+    data, out = interpreted
+    name = "gspo_token_adv_varlen_fp32"
+    x = data["policy"][name]
+    seq, adv, m = x["kw"]["sequence_ids"], x["advantages"], x["loss_mask"] != 0
+    assert sum(adv[(seq == s) & m].unique().numel() > 1 for s in seq.unique()) >= 3 and not m[0]
+    assert int(out[name]["row_stats_calls"]) == -(-int(m.sum()) // POLICY_CASES[name]["chunk_size"])
+    assert 0 < _grads_of_ref(x, upcast=True)[3]["clip_frac"].item() < 1
 
 
 @pytest.mark.interpret
