@@ -23,6 +23,13 @@ mean reward >= 0.6 no more than TRL's.
     python bench/bench_e2e.py --run-dir runs/default
     python bench/bench_e2e.py --steps 120                       # the no-argument demo, 120 steps
     python bench/bench_e2e.py --task echo [--steps 300] [--seeds 0,1]
+
+**Off-policy correction on and off** (`--offpolicy N --is-modes token_tis,none --seeds 0,1`): the
+default run with the built-in environment allowed N batches ahead of the trainer
+(`--env.max_batches_offpolicy N`), once per `loss.is_mode` and seed; the rows add the run's mean
+staleness, `offpolicy/mismatch_kl` and `offpolicy/is_weight_mean` (docs/offpolicy.md).
+
+    python bench/bench_e2e.py --steps 120 --offpolicy 4 --is-modes token_tis,none --seeds 0,1
 """
 from __future__ import annotations
 
@@ -41,7 +48,8 @@ from bench.common import append_rows, run_meta  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = ["device", "commit", "date", "run", "steps", "wait_data_s", "train_s", "sync_ms", "step_s", "tokens_per_s",
           "reward_first10", "reward_last10", "task", "system", "seed", "loop_s", "sync_s", "log_s", "other_s",
-          "steps_to_0.6", "staleness_mean", "staleness_max"]
+          "steps_to_0.6", "staleness_mean", "staleness_max", "is_mode", "mismatch_kl", "is_weight_mean",
+          "is_weight_max", "truncated_frac"]
 ECHO = {"vocab_size": 300, "hidden_size": 128, "num_layers": 2, "prompts": 4, "group": 4, "new_tokens": 6,
         "lr": 3e-3}
 TARGET_REWARD, WINDOW = 0.6, 10
@@ -64,6 +72,9 @@ def summarize(run_dir: Path) -> dict:
     timed = rows[1:] if len(rows) > 3 else rows  # step 1 includes the environment's first rollouts
     med = lambda k: statistics.median(r[k] for r in timed if k in r) if any(k in r for r in timed) else None  # noqa: E731
     stale = [r["data/staleness_mean"] for r in rows if "data/staleness_mean" in r]
+    mean_of = lambda k: statistics.mean(r[k] for r in rows if k in r) if any(k in r for r in rows) else None  # noqa: E731
+    cfg_path = run_dir / "config.json"
+    is_mode = json.loads(cfg_path.read_text()).get("loss", {}).get("is_mode") if cfg_path.exists() else None
     return {"run": str(run_dir), "steps": len(rows), "wait_data_s": med("perf/wait_data_s"),
             "train_s": med("perf/train_step_s"), "sync_ms": med("sync/ms"), "step_s": med("perf/step_s"),
             "sync_s": med("perf/sync_s"), "log_s": med("perf/log_s"), "other_s": med("perf/other_s"),
@@ -71,7 +82,12 @@ def summarize(run_dir: Path) -> dict:
             "reward_first10": statistics.mean(rewards[:10]), "reward_last10": statistics.mean(rewards[-10:]),
             "steps_to_0.6": steps_to(rewards),
             "staleness_mean": statistics.mean(stale) if stale else None,
-            "staleness_max": max((r["data/staleness_max"] for r in rows if "data/staleness_max" in r), default=None)}
+            "staleness_max": max((r["data/staleness_max"] for r in rows if "data/staleness_max" in r), default=None),
+            "is_mode": is_mode, "mismatch_kl": mean_of("offpolicy/mismatch_kl"),
+            "is_weight_mean": mean_of("offpolicy/is_weight_mean"),
+            "is_weight_max": max((r["offpolicy/is_weight_max"] for r in rows if "offpolicy/is_weight_max" in r),
+                                 default=None),
+            "truncated_frac": mean_of("offpolicy/truncated_frac")}
 
 
 def run_driver(run_dir: Path, steps: int, args: list[str]) -> None:
@@ -152,25 +168,56 @@ def main(argv=None) -> int:
     p.add_argument("--task", choices=("run", "echo"), default="run")
     p.add_argument("--run-dir", type=Path, help="summarize this finished run instead of starting one")
     p.add_argument("--steps", type=int, default=None, help="steps (default: 20 for a run, 300 for echo)")
-    p.add_argument("--seeds", default="0,1", help="echo task seeds")
+    p.add_argument("--seeds", default=None, help="seeds (echo: default 0,1; run: one run per seed, --seed S)")
     p.add_argument("--offpolicy", type=int, default=1,
-                   help="echo: batches the environment may run ahead (its max_batches_offpolicy)")
+                   help="batches the environment may run ahead (its max_batches_offpolicy; the built-in env's is 1)")
+    p.add_argument("--is-modes", default=None,
+                   help="run: one run per loss.is_mode (comma-separated, e.g. token_tis,none) and seed")
     p.add_argument("--systems", default="ours,trl", help="echo: rows to measure")
     p.add_argument("driver_args", nargs="*", help="extra drivers/train.py arguments (after --)")
     args = p.parse_args(argv)
     if args.task == "echo":
-        return main_echo(args.steps or 300, [int(s) for s in args.seeds.split(",")], args.offpolicy,
+        return main_echo(args.steps or 300, [int(s) for s in (args.seeds or "0,1").split(",")], args.offpolicy,
                          tuple(args.systems.split(",")))
-    run_dir = args.run_dir
-    if run_dir is None:
-        run_dir = Path(tempfile.mkdtemp(prefix="bench_e2e_")) / "run"
-        run_driver(run_dir, args.steps or 20, args.driver_args)
-    row = {**run_meta(), **summarize(run_dir), "task": "default", "system": "ours"}
-    append_rows(ROOT / "bench" / "results" / "e2e.csv", FIELDS, [row])
+    if args.run_dir is not None:
+        row = {**run_meta(), **summarize(args.run_dir), "task": "default", "system": "ours"}
+        append_rows(ROOT / "bench" / "results" / "e2e.csv", FIELDS, [row])
+        _print_row(row)
+        return 0
+    extra = list(args.driver_args)
+    task = "default"
+    if args.offpolicy != 1:
+        if any(a.startswith("--env.extra_args") for a in extra):
+            raise SystemExit("--offpolicy sets --env.extra_args: put the other environment arguments there instead")
+        extra += ["--env.extra_args", f"--env.max_batches_offpolicy {args.offpolicy}"]
+        task = f"default offpolicy={args.offpolicy}"
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [None]
+    modes = args.is_modes.split(",") if args.is_modes else [None]
+    work = Path(tempfile.mkdtemp(prefix="bench_e2e_"))
+    rows = []
+    for mode in modes:
+        for seed in seeds:
+            run_dir = work / f"run_{mode or 'default'}_s{seed if seed is not None else 'default'}"
+            own = (["--seed", str(seed)] if seed is not None else []) + (["--loss.is_mode", mode] if mode else [])
+            run_driver(run_dir, args.steps or 20, extra + own)
+            row = {**run_meta(), **summarize(run_dir), "task": task, "system": "ours", "seed": seed}
+            append_rows(ROOT / "bench" / "results" / "e2e.csv", FIELDS, [row])
+            rows.append(row)
+            _print_row(row)
+    if len(rows) > 1:
+        print(f"\n{task}, {args.steps or 20} steps ({rows[0]['device']}, {rows[0]['commit']})")
+        print("is_mode    seed  reward first10  last10  steps to 0.6  staleness  mismatch_kl  is_weight_mean")
+        for r in rows:
+            print(f"{str(r['is_mode']):10} {str(r['seed']):>4}  {r['reward_first10']:14.3f}  {r['reward_last10']:6.3f}  "
+                  f"{str(r['steps_to_0.6'] or 'never'):>12}  {_fmt(r['staleness_mean'], '9.2f')}  "
+                  f"{_fmt(r['mismatch_kl'], '11.2e')}  {_fmt(r['is_weight_mean'], '14.4f')}")
+    return 0
+
+
+def _print_row(row: dict) -> None:
     for k in FIELDS[3:]:
         v = row.get(k)
         print(f"{k:>16}: {v:.3f}" if isinstance(v, float) else f"{k:>16}: {v}")
-    return 0
 
 
 if __name__ == "__main__":
