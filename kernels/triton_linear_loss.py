@@ -200,29 +200,29 @@ def _check_rows(z: torch.Tensor) -> None:
                          f"strides {z.stride()}")
 
 
-def row_stats(z: torch.Tensor, targets: torch.Tensor, inv_t: float, *, config: Optional[dict] = None):
-    """`(lse, logp, entropy)`, each `(C,)` fp32, of `softmax(z * inv_t)` for `z` `(C, V)`."""
+def _launch_row_stats(z: torch.Tensor, targets: torch.Tensor, inv_t: float, config: Optional[dict],
+                      entropy: bool) -> torch.Tensor:
+    """`(3, C)` fp32 `[lse, logp, entropy]` (`(2, C)` without the entropy sums) of `z` `(C, V)`."""
     _check_rows(z)
     c, v = z.shape
     cfg = config or launch_config("row_stats", vocab=v, dtype=z.dtype)
     meta, warps, stages = _split(cfg)
-    out = torch.empty(3, c, dtype=torch.float32, device=z.device)
+    out = torch.empty(3 if entropy else 2, c, dtype=torch.float32, device=z.device)
     if c:
-        _row_stats_kernel[(c,)](z, z.stride(0), targets.contiguous(), out[0], out[1], out[2], v, float(inv_t),
-                                num_warps=warps, num_stages=stages, **meta)
+        _row_stats_kernel[(c,)](z, z.stride(0), targets.contiguous(), out[0], out[1], out[-1], v, float(inv_t),
+                                ENTROPY=entropy, num_warps=warps, num_stages=stages, **meta)
+    return out
+
+
+def row_stats(z: torch.Tensor, targets: torch.Tensor, inv_t: float, *, config: Optional[dict] = None):
+    """`(lse, logp, entropy)`, each `(C,)` fp32, of `softmax(z * inv_t)` for `z` `(C, V)`."""
+    out = _launch_row_stats(z, targets, inv_t, config, entropy=True)
     return out[0], out[1], out[2]
 
 
 def row_logprobs(z: torch.Tensor, targets: torch.Tensor, inv_t: float, *, config: Optional[dict] = None):
     """`(lse, logp)`, each `(C,)` fp32: `row_stats` without the entropy sums (`ENTROPY=False`)."""
-    _check_rows(z)
-    c, v = z.shape
-    cfg = config or launch_config("row_stats", vocab=v, dtype=z.dtype)
-    meta, warps, stages = _split(cfg)
-    out = torch.empty(2, c, dtype=torch.float32, device=z.device)
-    if c:
-        _row_stats_kernel[(c,)](z, z.stride(0), targets.contiguous(), out[0], out[1], out[1], v, float(inv_t),
-                                ENTROPY=False, num_warps=warps, num_stages=stages, **meta)
+    out = _launch_row_stats(z, targets, inv_t, config, entropy=False)
     return out[0], out[1]
 
 
