@@ -174,7 +174,6 @@ def stage0(st: Stage, dev, smoke: bool) -> dict:
     gbs = 2 * nbytes / (ms * 1e-3) / 1e9
     st.metric("d2d_copy", "gb_per_s", gbs, "GB/s (read+write)")
     st.check("device-to-device copy runs", gbs > 0, f"{gbs:.0f} GB/s")
-    del a, b, src, dst
     return {"gemm_tflops": tflops, "copy_gbs": gbs}
 
 
