@@ -16,8 +16,9 @@ tensors of the batch (advantages, logprobs) reach the loss through a closure, no
 arguments, so FSDP's mixed-precision input cast never rounds them to bf16.
 
 Packed rows (`layout == "packed"`): the model gets `position_ids` and NO attention mask.
-transformers then derives the sequence boundaries from the position-id resets: flash_attention_2
-runs varlen kernels, sdpa/eager get a block-diagonal causal mask. So packed rows are correct on CPU
+sdpa/eager then get a block-diagonal causal mask that transformers derives from the position-id
+resets; flash_attention_2 runs its varlen kernel on the batch's own `cu_seqlens` (`varlen_kwargs`;
+it would otherwise derive them from the position ids in every layer). So packed rows are correct on CPU
 too (tests/test_loss.py compares a packed row with its sequences run one by one); sdpa just pays
 O(T²) mask memory per row.
 """
@@ -140,13 +141,15 @@ class LossConfig:
         return float(max(total_trained_tokens, 1))
 
 
-def _loss_forward(self, input_ids, attention_mask, position_ids, loss_fn):
+def _loss_forward(self, input_ids, attention_mask, position_ids, loss_fn, **attn_kwargs):
     """Base model → last hidden state `(R, T, D)` → `loss_fn(hidden, lm_head_weight)`.
 
     Bound to the model as `atropos_loss_forward`; under FSDP2 registered as a forward method.
+    `attn_kwargs`: the varlen boundaries of packed rows (`varlen_kwargs`), passed to the attention.
     """
     base = self.get_decoder()
-    out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+               **attn_kwargs)
     result = loss_fn(out.last_hidden_state, self.get_output_embeddings().weight)
     # The fused loss hands back its (detached) input as a view; FSDP2 hooks the outputs of a
     # forward for backward and warns on views, so give it an owned 0-dim tensor (a free copy).
@@ -171,10 +174,24 @@ def register_loss_forward(model: nn.Module) -> None:
 
 
 def hidden_states_and_loss(model: nn.Module, input_ids, attention_mask, position_ids,
-                           loss_fn: Callable[[torch.Tensor, torch.Tensor], object]):
+                           loss_fn: Callable[[torch.Tensor, torch.Tensor], object], **attn_kwargs):
     """Run `loss_fn(last_hidden (R,T,D), output_embedding_weight (V,D))` inside the model's forward."""
     register_loss_forward(model)
-    return getattr(model, _LOSS_METHOD)(input_ids, attention_mask, position_ids, loss_fn)
+    return getattr(model, _LOSS_METHOD)(input_ids, attention_mask, position_ids, loss_fn, **attn_kwargs)
+
+
+def varlen_kwargs(model: nn.Module, mb: MicroBatch) -> dict:
+    """The packed row's sequence boundaries as transformers' flash-attention kwargs
+    (`cu_seq_lens_q/k`, `max_length_q/k`), or {} where the attention would not use them: padded
+    rows, and sdpa/eager, which build their block-diagonal mask from `position_ids`. Without them
+    flash_attention_2 re-derives the same boundaries from `position_ids` in every layer (a
+    `nonzero` and a max: host syncs per layer)."""
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or ""
+    if mb.layout != "packed" or mb.cu_seqlens is None or not impl.startswith("flash_attention"):
+        return {}
+    longest = mb.max_seqlen or int(mb.cu_seqlens.diff().max())
+    cu = mb.cu_seqlens.to(mb.input_ids.device, torch.int32)
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
 def _flat(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -323,7 +340,7 @@ def micro_batch_loss(model: nn.Module, mb: MicroBatch, cfg: LossConfig, normaliz
             validate=h.device.type != "cuda", num_selected=num_selected, **extra, **kw)
 
     attn = mb.attention_mask if mb.layout == "padded" else None
-    loss, st = hidden_states_and_loss(model, mb.input_ids, attn, mb.position_ids, loss_fn)
+    loss, st = hidden_states_and_loss(model, mb.input_ids, attn, mb.position_ids, loss_fn, **varlen_kwargs(model, mb))
     sel = mask != 0
     n = sel.sum().float()
     logp = st["logprobs"]
