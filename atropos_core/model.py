@@ -21,6 +21,8 @@ Design:
 - Attention: "auto" picks flash_attention_2 only where it can run (CUDA, compute capability >= 8.0,
   `flash_attn` importable, a 16-bit compute dtype: the model's own dtype, or bf16 from FSDP mixed
   precision); sdpa otherwise. An explicit flash_attention_2 where it cannot run is a clear error.
+  Packed rows reach either through `atropos_core.loss`: sdpa builds its block-diagonal mask from
+  the position ids, flash_attention_2 gets the batch's `cu_seqlens` (`loss.varlen_kwargs`).
 - Every rank loads the full checkpoint on CPU before sharding: simple, and fine up to a few B
   parameters per node; meta-device init + broadcast from rank 0 is the step up for larger models.
 """
