@@ -272,7 +272,7 @@ def micro_batch_loss(model: nn.Module, mb: MicroBatch, cfg: LossConfig, normaliz
 
     `num_selected`: `mb.num_trained_tokens`, counted by the caller while the batch was still on the
     host. With it, on CUDA, the kernel call has no host sync: the batch was validated by
-    `atropos_core.batch`, so the kernel skips its own re-validation there (on CPU it still checks:
+    `atropos_core.data`, so the kernel skips its own re-validation there (on CPU it still checks:
     free there).
 
     Behaviour policy: `mb.old_logprobs` (the sampler's, where `mb.behaviour_mask`) feed
