@@ -186,8 +186,11 @@ def varlen_kwargs(model: nn.Module, mb: MicroBatch) -> dict:
     rows, and sdpa/eager, which build their block-diagonal mask from `position_ids`. Without them
     flash_attention_2 re-derives the same boundaries from `position_ids` in every layer (a
     `nonzero` and a max: host syncs per layer)."""
-    impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or ""
-    if mb.layout != "packed" or mb.cu_seqlens is None or not impl.startswith("flash_attention"):
+    from transformers.utils.generic import is_flash_attention_requested
+
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if mb.layout != "packed" or mb.cu_seqlens is None \
+            or not is_flash_attention_requested(requested_attention_implementation=impl):
         return {}
     longest = mb.max_seqlen or int(mb.cu_seqlens.diff().max())
     cu = mb.cu_seqlens.to(mb.input_ids.device, torch.int32)
