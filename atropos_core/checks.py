@@ -33,25 +33,15 @@ class Rule:
 @dataclass(frozen=True)
 class Ge(Rule):
     lo: float
-
-    def ok(self, v):
-        return v >= self.lo
-
-    @property
-    def text(self):
-        return f"must be >= {self.lo}"
+    ok = lambda self, v: v >= self.lo  # noqa: E731
+    text = property(lambda self: f"must be >= {self.lo}")
 
 
 @dataclass(frozen=True)
 class Gt(Rule):
     lo: float
-
-    def ok(self, v):
-        return v > self.lo
-
-    @property
-    def text(self):
-        return f"must be > {self.lo}"
+    ok = lambda self, v: v > self.lo  # noqa: E731
+    text = property(lambda self: f"must be > {self.lo}")
 
 
 @dataclass(frozen=True)
@@ -59,33 +49,18 @@ class Between(Rule):
     """lo <= v <= hi."""
     lo: float
     hi: float
-
-    def ok(self, v):
-        return self.lo <= v <= self.hi
-
-    @property
-    def text(self):
-        return f"must be in [{self.lo}, {self.hi}]"
+    ok = lambda self, v: self.lo <= v <= self.hi  # noqa: E731
+    text = property(lambda self: f"must be in [{self.lo}, {self.hi}]")
 
 
-@dataclass(frozen=True)
 class Finite(Rule):
-    def ok(self, v):
-        return math.isfinite(v)
-
-    @property
-    def text(self):
-        return "must be a finite number"
+    ok = staticmethod(lambda v: math.isfinite(v))
+    text = "must be a finite number"
 
 
-@dataclass(frozen=True)
 class NonEmpty(Rule):
-    def ok(self, v):
-        return len(v) > 0
-
-    @property
-    def text(self):
-        return "must not be empty"
+    ok = staticmethod(lambda v: len(v) > 0)
+    text = "must not be empty"
 
 
 class OneOf(Rule):

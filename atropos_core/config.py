@@ -219,22 +219,6 @@ SHORTCUTS = {
     "--preset": ("run", "preset", None),
 }
 
-
-# Short spellings of the fields a user types most: flag -> (section, field, value for a bare flag).
-SHORTCUTS = {
-    "--model": ("model", "path", None),
-    "--steps": ("run", "steps", None),
-    "--out": ("run", "out", None),
-    "--seed": ("run", "seed", None),
-    "--atropos-url": ("atropos", "url", None),
-    "--inference-port": ("inference", "port", None),
-    "--no-env": ("env", "start", "false"),
-    "--resume": ("checkpoint", "resume", "auto"),
-    "--no-inference": ("inference", "start", "false"),
-    "--max-token-len": ("run", "max_token_len", None),
-    "--preset": ("run", "preset", None),
-}
-
 #: Fields the run derives (not settings, not in --help) -> what they follow.
 DERIVED = {
     "data.max_token_len": "run.max_token_len (--max-token-len)",
