@@ -89,9 +89,10 @@ class AtroposConfig:
     batch_size: Annotated[int, Ge(1)] = 64
     """Sequences per training batch (not groups): the server ships exactly this many."""
     max_token_len: Annotated[int, Ge(2)] = 2048
-    """Longest sequence the environments may send; keep it equal to `data.max_token_len`."""
+    """Longest sequence the environments may send (in a run: `run.max_token_len`)."""
     group_size: Optional[Annotated[int, Ge(1)]] = None
-    """Sequences per group the environments send, if known: checked against batch_size at start."""
+    """Sequences per group the environments send, if known: checked against batch_size at start (in a
+    run: `env.group_size`)."""
     request_timeout_s: Annotated[float, Gt(0), Finite()] = 60.0
     """Timeout of one HTTP request (connect and read). Keep it generous: the API pops a batch
     before it sends it, so a `/batch` answer cut off by the read timeout is lost (the API took ~4 s
@@ -120,7 +121,7 @@ class AtroposConfig:
     starting_step: Annotated[int, Ge(0)] = 0
     """Step the run starts at (non-zero when resuming); the server counts steps from it."""
     num_steps: Annotated[int, Ge(1)] = 1
-    """Total steps of the run, told to environments."""
+    """Total steps of the run, told to environments (in a run: `run.steps`)."""
 
     def __post_init__(self):
         parsed = urlparse(self.url)

@@ -333,12 +333,14 @@ def _read_file(path: Path) -> dict[str, Any]:
 
 @functools.cache
 def field_docs(cls) -> dict[str, str]:
-    """The docstring under each field of dataclass `cls` (what --help shows)."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
-    return {a.target.id: inspect.cleandoc(b.value.value) for a, b in zip(body, body[1:])
-            if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr)
-            and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str)}
+    """The docstring under each field of dataclass `cls` and of its dataclass bases (what --help shows)."""
+    docs = {}
+    for c in reversed([c for c in cls.__mro__ if dataclasses.is_dataclass(c)]):
+        body = ast.parse(textwrap.dedent(inspect.getsource(c))).body[0].body
+        docs.update({a.target.id: inspect.cleandoc(b.value.value) for a, b in zip(body, body[1:])
+                     if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr)
+                     and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str)})
+    return docs
 
 
 class _Parser(argparse.ArgumentParser):

@@ -233,7 +233,7 @@ class OptimConfig:
     min_lr_ratio: Annotated[float, Between(0.0, 1.0)] = 0.0
     """Final LR as a fraction of lr for the cosine schedule."""
     total_steps: Annotated[int, Ge(1)] = 1000
-    """Optimizer steps the schedule spans (cosine reaches its floor here and stays)."""
+    """Optimizer steps the schedule spans (cosine reaches its floor here and stays; in a run: `run.steps`)."""
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
