@@ -344,8 +344,10 @@ def field_docs(cls) -> dict[str, str]:
 
 
 class _Parser(argparse.ArgumentParser):
+    """argparse whose mistakes are a ConfigError (the driver prints one line and exits 2)."""
+
     def error(self, message):
-        raise ConfigError(message.split(": ", 1)[1] if ": cannot parse " in message else message)
+        raise ConfigError(message)
 
 
 def _metavar(tp) -> str:
