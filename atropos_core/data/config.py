@@ -3,20 +3,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
+
+from ..checks import Finite, Ge, check_fields
 
 
 @dataclass
 class DataConfig:
     """How Atropos groups become training tensors."""
 
-    max_token_len: int = 2048
+    max_token_len: Annotated[int, Ge(2)] = 2048
     """Longest sequence (tokens, prompt included) kept; longer ones drop their group ("too_long").
-    Keep it equal to `atropos.max_token_len`, which tells the environments the same limit."""
-    vocab_size: Optional[int] = None
+    In a run: `run.max_token_len`, the same limit the environments are told."""
+    vocab_size: Optional[Annotated[int, Ge(1)]] = None
     """Rows of the model's embedding: token ids must be in [0, vocab_size). None checks only >= 0
     (set it: an out-of-range id is an index error deep inside the embedding otherwise)."""
-    pad_token_id: int = 0
+    pad_token_id: Annotated[int, Ge(0)] = 0
     """Token written in padded positions of `input_ids` (never trained, attention_mask 0)."""
     advantage_scale: Literal["group", "batch", "none"] = "group"
     """GRPO advantage from `scores` when a group sends no token `advantages`: score minus group mean,
@@ -26,9 +28,9 @@ class DataConfig:
     builds the same full batch, see `broadcast_groups`, so this is the global whitening too)."""
     advantage_clip: Optional[tuple[float, float]] = None
     """[lo, hi] bounds for the final token advantages, or None."""
-    advantage_eps: float = 1e-6
+    advantage_eps: Annotated[float, Ge(0), Finite()] = 1e-6
     """A std at or below this counts as zero: advantages are centred but not divided by it."""
-    max_tokens_per_micro_batch: int = 8192
+    max_tokens_per_micro_batch: Annotated[int, Ge(1)] = 8192
     """Budget of one micro-batch in tokens: rows × longest row when padded, total when packed."""
     layout: Literal["padded", "packed"] = "padded"
     """"padded": one sequence per row. "packed": all sequences of a micro-batch in one row with
@@ -48,17 +50,9 @@ class DataConfig:
     without them are dropped ("missing_logprobs")."""
 
     def __post_init__(self):
-        if self.max_token_len < 2:
-            raise ValueError(f"data.max_token_len must be >= 2 (one context and one target token), "
-                             f"got {self.max_token_len}")
-        if self.vocab_size is not None and self.vocab_size < 1:
-            raise ValueError(f"data.vocab_size must be >= 1 or None, got {self.vocab_size}")
-        if self.pad_token_id < 0 or (self.vocab_size is not None and self.pad_token_id >= self.vocab_size):
+        check_fields(self, "data")
+        if self.vocab_size is not None and self.pad_token_id >= self.vocab_size:
             raise ValueError(f"data.pad_token_id must be in [0, vocab_size), got {self.pad_token_id}")
-        if self.advantage_scale not in ("group", "batch", "none"):
-            raise ValueError(f"data.advantage_scale must be group, batch or none, got {self.advantage_scale!r}")
-        if self.advantage_norm not in ("none", "batch"):
-            raise ValueError(f"data.advantage_norm must be none or batch, got {self.advantage_norm!r}")
         if self.advantage_clip is not None:
             clip = tuple(self.advantage_clip)
             if len(clip) != 2 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in clip) \
@@ -66,10 +60,3 @@ class DataConfig:
                 raise ValueError("data.advantage_clip must be [lo, hi] with finite lo < hi, "
                                  f"got {self.advantage_clip!r}")
             self.advantage_clip = (float(clip[0]), float(clip[1]))
-        if not (self.advantage_eps >= 0 and math.isfinite(self.advantage_eps)):
-            raise ValueError(f"data.advantage_eps must be finite and >= 0, got {self.advantage_eps}")
-        if self.max_tokens_per_micro_batch < 1:
-            raise ValueError(f"data.max_tokens_per_micro_batch must be >= 1, got {self.max_tokens_per_micro_batch}")
-        if self.layout not in ("padded", "packed"):
-            raise ValueError(f"data.layout must be padded or packed, got {self.layout!r}")
-
