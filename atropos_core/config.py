@@ -328,7 +328,9 @@ def _read_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"--config {path}: {e}") from None
     if not isinstance(data, dict) or not all(isinstance(t, dict) for t in data.values()):
         raise ConfigError(f"--config {path}: the top level must be tables of fields, one per section")
-    return {f"{sec}.{k}": v for sec, table in data.items() for k, v in table.items()}
+    flat = {f"{sec}.{k}": v for sec, table in data.items() for k, v in table.items()}
+    # A run's own config.json (`write_config`) lists the derived fields too: they are derived again.
+    return {k: v for k, v in flat.items() if not (k in DERIVED and k not in _ALIAS_OF)}
 
 
 @functools.cache

@@ -103,3 +103,15 @@ def test_declared_checks_name_section_and_field():
         with pytest.raises(ValueError) as e:
             check_fields(Probe(**kwargs), "probe")
         assert str(e.value) == message
+
+
+@pytest.mark.parametrize("argv", [[], ["--model", "m", "--steps", "7", "--max-token-len", "99", "--optim.lr", "2e-5"],
+                                  ["--no-env", "--atropos-url", "http://127.0.0.1:1", "--env.group_size", "4"]])
+def test_a_runs_config_json_given_back_reproduces_the_config(tmp_path, argv):
+    """`<run>/config.json` lists the derived fields too; given back with --config it yields the same config."""
+    cfg = C.parse_args(argv)
+    C.write_config(cfg, tmp_path / "config.json")
+    again = C.parse_args(["--config", str(tmp_path / "config.json")])
+    assert C.to_dict(again) == C.to_dict(cfg)
+    changed = C.parse_args(["--config", str(tmp_path / "config.json"), "--steps", "11"])
+    assert (changed.run.steps, changed.optim.total_steps, changed.atropos.num_steps) == (11, 11, 11)
