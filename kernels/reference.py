@@ -103,22 +103,13 @@ def is_weights_ref(logp, behaviour, behaviour_mask, trained, seq, n_seg, spec: L
     return keep.to(logp.dtype)[seq], zero, (~keep)[seq] & trained
 
 
-def policy_loss_ref(
-    hidden, weight, targets, advantages, loss_mask, spec: Optional[LossSpec] = None, *,
-    old_logprobs: Optional[torch.Tensor] = None,
-    ref_logprobs: Optional[torch.Tensor] = None,
-    temperature: Optional[torch.Tensor] = None,
-    normalizer: Optional[float] = None,
-    sequence_ids: Optional[torch.Tensor] = None,
-    behaviour_logprobs: Optional[torch.Tensor] = None,
-    behaviour_mask: Optional[torch.Tensor] = None,
-    distill_ids: Optional[torch.Tensor] = None,
-    distill_logprobs: Optional[torch.Tensor] = None,
-    distill_mask: Optional[torch.Tensor] = None,
-    upcast: bool = True,
-):
-    """Reference of `kernels.fused_linear_policy_loss`; same arguments, same `(loss, stats)`
-    (`spec.backend` and `spec.chunk_size` do not apply here)."""
+def policy_loss_ref(hidden, weight, targets, advantages, loss_mask, spec: Optional[LossSpec] = None, *,
+                    old_logprobs=None, ref_logprobs=None, temperature=None, normalizer=None, sequence_ids=None,
+                    behaviour_logprobs=None, behaviour_mask=None, distill_ids=None, distill_logprobs=None,
+                    distill_mask=None, upcast: bool = True):
+    """Reference of `kernels.fused_linear_policy_loss`: its arguments (less `validate` and
+    `num_selected`; tests/test_kernels.py checks that they agree), the same `(loss, stats)`.
+    `spec.backend` and `spec.chunk_size` do not apply here."""
     spec = LossSpec() if spec is None else spec
     loss_type, clip_low, clip_high, kl_coef = spec.loss_type, spec.clip_low, spec.clip_high, spec.kl_coef
     distill_coef, distill_mode = spec.distill_coef, spec.distill_mode

@@ -290,6 +290,16 @@ def test_loss_heads_match_reference_autograd(cfg):
 
 # ------------------------------------------------------------------ validation and dispatch
 
+def test_reference_takes_the_kernels_arguments():
+    """The reference and the kernel take the same arguments, in the same order, with the same
+    defaults (the kernel's `validate`/`num_selected` and the reference's `upcast` aside)."""
+    import inspect
+
+    def params(fn, drop):
+        return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values() if p.name not in drop]
+    assert params(kernels.fused_linear_policy_loss, {"validate", "num_selected"}) == params(policy_loss_ref, {"upcast"})
+
+
 def _valid():
     c = make_case(torch.float32)
     return [c["hidden"], c["weight"], c["targets"], c["advantages"], c["loss_mask"]], {}
