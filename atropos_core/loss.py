@@ -224,7 +224,7 @@ def micro_batch_loss(model: nn.Module, mb: MicroBatch, cfg: LossConfig, normaliz
         bmask = torch.ones_like(mask, dtype=torch.bool)
     seq = _flat(mb.sequence_ids)
     use_ref = cfg.kl_coef > 0
-    spec = cfg
+    spec = cfg  # a LossConfig is the kernel's LossSpec (plus the normaliser choice)
     extra = {}
     if old is not None:  # the behaviour policy: cfg.is_mode applies
         extra.update(behaviour_logprobs=old, behaviour_mask=bmask)

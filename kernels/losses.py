@@ -24,6 +24,9 @@ of a first pass and returns the per-token derivative that the second pass folds 
 The distillation term is token-local but touches k logits per row besides the target:
 `distill_loss_and_grad` returns its value and its derivative with respect to the k tempered logits
 x_K (and a multiple of softmax(x) for "ce"), which the chunk loop adds into dZ (no extra GEMM).
+
+The settings (loss type, clip range, β, IS mode and bounds) come from a `kernels.spec.LossSpec`,
+checked once when it is built; the mode and type tuples live there and are re-exported here.
 """
 from __future__ import annotations
 
@@ -90,6 +93,7 @@ def token_loss_and_grad(
     Args:
         logp: `(n,)` float32/float64 logprobs of the target tokens (no grad needed).
         advantages, mask: `(n,)`; mask is 0/1 (or a weight).
+        spec: `loss_type`, `clip_low`, `clip_high` and `kl_coef` are read from it.
         old_logprobs: `(n,)` PPO old-policy logprobs; None means `old = logp` (ratio 1).
         ref_logprobs: `(n,)` reference-policy logprobs for the KL term.
         is_weight: `(n,)` detached importance weight of the policy term (None = 1).

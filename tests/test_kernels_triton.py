@@ -8,7 +8,7 @@ first. So this module runs every interpreted computation in ONE subprocess (this
 script: `_worker`), with the variable set before triton is imported and the interpreter's bf16
 `tl.dot` and bf16 rounding patched (see `_patch_interpreter_bf16`). The parent builds the inputs, the child
 returns the Triton results through a `torch.save` file, and the parent compares them, for the loss
-and both gradients, with the rule of STYLE.md:
+and both gradients, with the rule of tests/fixtures/kernel_cases.py:
 
     kernel_err <= 2 * torch_err + atol,   errors against the fp64 gold (`upcast=True`),
     torch_err from the same reference in the inputs' dtype (`upcast=False`).
@@ -156,7 +156,7 @@ def _ops_inputs(dname):
 def _patch_interpreter_bf16():
     """Make the 3.9 interpreter's bf16 `tl.dot` and fp32 -> bf16 cast behave as on a GPU.
 
-    - `tl.dot` multiplies bf16's raw uint16 bits (FACTS). bf16 is the top half of an fp32, so
+    - `tl.dot` multiplies bf16's raw uint16 bits (observed in the 3.9 interpreter). bf16 is the top half of an fp32, so
       widening the bits (`<< 16`, viewed as float32) is exact; the GPU's bf16 dot multiplies
       exactly these values with an fp32 accumulator.
     - `x.to(tl.bfloat16)` truncates the mantissa in the interpreter (`cast_impl` passes no
