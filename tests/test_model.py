@@ -81,7 +81,7 @@ def test_model_config_validation():
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir):
-    from atropos_core.loss import advantage_weighted_sft_loss
+    from atropos_core.loss import LossSpec, advantage_weighted_sft_loss
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 500, (2, 10), generator=g)
@@ -90,7 +90,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir):
     for ckpt in (False, True):
         m, _ = load_model_and_tokenizer(ModelConfig(path=str(tiny_model_dir), gradient_checkpointing=ckpt), CPU)
         assert m.is_gradient_checkpointing == ckpt
-        loss, _ = advantage_weighted_sft_loss(m, ids, adv, mask, backend="torch")
+        loss, _ = advantage_weighted_sft_loss(m, ids, adv, mask, LossSpec(loss_type="awsft", backend="torch"))
         loss.backward()
         grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
     for n in grads[0]:
