@@ -139,8 +139,8 @@ def test_every_server_default_is_loopback():
     import inspect
 
     from atropos_core.config import InferenceConfig
-    from atropos_core.inference.launch import start_vllm_server, vllm_server_command
-    from atropos_core.services import RunServices, start_atropos_api
+    from atropos_core.inference.vllm_command import vllm_server_command
+    from atropos_core.services import RunServices, start_atropos_api, start_vllm_server
     from atropos_core.weight_sync import WeightSyncConfig
 
     assert InferenceConfig().host == "127.0.0.1"
