@@ -41,9 +41,10 @@ import requests
 import torch
 
 from atropos_core.checkpoint import find_latest
-from atropos_core.services import ManagedProcess, free_port
+from atropos_core.procs import ManagedProcess, free_port
 from tests.fixtures.atropos_api import ApiServer, make_group, post_groups
-from tests.test_e2e import TRAIN, assert_nothing_left, processes_mentioning, read_metrics
+from tests.fixtures.processes import (TRAIN, assert_nothing_left, assert_tree_listens_on_loopback_only,
+                                      processes_mentioning, read_metrics)
 
 VOCAB = 50          # token ids the test groups use (the tiny model's vocabulary is larger)
 BATCH, GROUP = 8, 4  # sequences per batch, per group: two groups make one step
@@ -150,7 +151,6 @@ def same_weights(a: Path, b: Path) -> bool:
 @pytest.mark.vllm
 @pytest.mark.timeout(1800)
 def test_driver_survives_faults(tmp_path, tiny_model_dir):
-    from tests.test_security import assert_tree_listens_on_loopback_only
 
     api = ApiServer(tmp_path / "api_logs").start()
     drivers: list[ManagedProcess] = []
