@@ -4,8 +4,9 @@ A run is up to five kinds of process on one machine: the trainer (one per rank),
 (an API process, its EngineCore and one worker per tensor-parallel rank), the built-in or user
 environment, and Atropos's trajectory API. Left alone, every one of them sizes its OpenMP / torch
 pool to the whole machine and vLLM's queue readers spin on `sched_yield` for 1 s after every
-message, so on a small box they fight over the cores: the trainer's 14 ms step took 820 ms inside
-the loop on 2 cores (docs/loop-speed.md). `plan_cpu_budget` is the one place that decides:
+message, so on a small box they fight over the cores and the trainer's step inside the loop is many
+times what it is alone (numbers: docs/loop-speed-2026-12-01.md). `plan_cpu_budget` is the one place
+that decides:
 
 * **Compute processes** get threads in proportion: the trainer (on CPU) and each vLLM worker share
   the cores left after one core is set aside for the light processes (only on machines with >= 4
@@ -44,10 +45,9 @@ logger = logging.getLogger(__name__)
 BUDGET_ENV = "ATROPOS_CPU_BUDGET"
 SPIN_ENV = "ATROPOS_VLLM_SPIN_S"
 #: How long vLLM's queue readers spin after a message before they sleep on their socket. vLLM 0.32
-#: spins 1 s; 0 stalls generation (a reader that sleeps after every message misses wake-ups: 0.2
-#: tok/s measured); 50 ms keeps a busy engine spinning between steps and frees the core soon after
-#: (tiny model, 2 cores: idle CPU in the 3 s after a request 1.03 -> 0.10 s, n=16 generation
-#: 3454 -> 3877 tok/s).
+#: spins 1 s; 0 stalls generation (a reader that sleeps after every message misses wake-ups); 50 ms
+#: keeps a busy engine spinning between steps and frees the core soon after it goes idle
+#: (measurements: docs/loop-speed-2026-12-01.md, "vLLM queue readers").
 SPIN_S = 0.05
 #: Thread-count variables of the usual runtimes (OpenMP, MKL, OpenBLAS, numexpr).
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
