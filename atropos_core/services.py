@@ -39,8 +39,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ManagedProcess", "ServiceError", "free_port", "port_in_use", "venv_bin"]  # re-exported from procs
-
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "runs" / "_models" / "repeat_tiny"
 BUILTIN_ENV = "atropos_core.envs.repeat_env"
 
