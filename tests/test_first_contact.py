@@ -179,7 +179,7 @@ def test_model_changes_nothing_else_and_the_demo_preset_is_announced_once(tmp_pa
     model = _config_only(tmp_path / "m", max_position_embeddings=128)
     cfg = C.parse_args(["--preset", "demo", "--model", str(model), "--steps", "7"])
     assert cfg.run.steps == 7 and cfg.optim.lr == C.DEMO_PRESET["optim.lr"]
-    with caplog.at_level(logging.INFO, logger="atropos_core.launch"):
+    with caplog.at_level(logging.INFO, logger="atropos_core.services"):
         resolve_model_dir(cfg)
     notes = [r.getMessage() for r in caplog.records if "demo preset" in r.getMessage()]
     assert len(notes) == 1 and "run.steps=7" in notes[0] and "optim.lr=0.003" in notes[0], notes
