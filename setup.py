@@ -50,6 +50,7 @@ setup(
             "ruff==0.17.6",  # make test: `ruff check .` (ruff.toml)
             "pytest-timeout",
             "hypothesis",
+            "psutil",  # tests: process trees and their listening sockets
             "liger-kernel==0.8.5",
         ],
     },

@@ -36,7 +36,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Callable, Optional
 from urllib.parse import urlparse
 
 from .checks import Finite, Ge, Gt, check_fields
@@ -326,9 +326,12 @@ class AtroposClient:
         self.last_raw = resp.content
         return batch
 
-    def wait_for_batch(self) -> list[dict]:
+    def wait_for_batch(self, abort_check: Optional[Callable[[], None]] = None) -> list[dict]:
         """Poll `/batch` (exponential backoff with jitter) until a batch comes or `max_wait_s` passes.
 
+        `abort_check`, when given, runs before every poll: an exception it raises ends the wait at
+        once and propagates as it is (the driver passes `RunServices.check`, so a dead child that
+        starves the environments is named within a poll instead of after `max_wait_s`).
         Raises `AtroposUnavailable` if the server cannot be reached all that time, `TimeoutError` if
         it answers but has no batch for us, `AtroposAPIError` on an unusable answer."""
         started = time.monotonic()
@@ -351,6 +354,8 @@ class AtroposClient:
         try:
             for attempt in self._retrying((_NoBatchYet, *_NETWORK_ERRORS), before_sleep=note):
                 with attempt:
+                    if abort_check is not None:
+                        abort_check()  # not a retried error type: tenacity re-raises it as it is
                     batch = self.get_batch()
                     if batch is None:
                         raise _NoBatchYet()

@@ -47,11 +47,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
-from .batch import DataConfig
+from .data import DataConfig
 from .checks import Between, Ge, OneOf, check_fields, choices_of
 from .checkpoint import CheckpointConfig
 from .client import AtroposConfig
-from .inference.launch import CPU_WEIGHT_LAYOUTS, check_user_vllm_args
+from .inference.vllm_command import CPU_WEIGHT_LAYOUTS, check_user_vllm_args
 from .loss import LossConfig
 from .metrics import LoggingConfig
 from .model import ModelConfig, OptimConfig

@@ -4,8 +4,9 @@ A run is up to five kinds of process on one machine: the trainer (one per rank),
 (an API process, its EngineCore and one worker per tensor-parallel rank), the built-in or user
 environment, and Atropos's trajectory API. Left alone, every one of them sizes its OpenMP / torch
 pool to the whole machine and vLLM's queue readers spin on `sched_yield` for 1 s after every
-message, so on a small box they fight over the cores: the trainer's 14 ms step took 820 ms inside
-the loop on 2 cores (docs/loop-speed.md). `plan_cpu_budget` is the one place that decides:
+message, so on a small box they fight over the cores and the trainer's step inside the loop is many
+times what it is alone (numbers: docs/loop-speed-2026-12-01.md). `plan_cpu_budget` is the one place
+that decides:
 
 * **Compute processes** get threads in proportion: the trainer (on CPU) and each vLLM worker share
   the cores left after one core is set aside for the light processes (only on machines with >= 4
@@ -29,7 +30,7 @@ the loop on 2 cores (docs/loop-speed.md). `plan_cpu_budget` is the one place tha
   `ATROPOS_CPU_BUDGET=off` turns the whole plan off.
 
 `plan_cpu_budget` is pure (cores, what is started, the user's environment → settings); the caller
-applies it: `apply_to_trainer` in the driver, `RunServices` for the children it starts.
+applies it: `apply_to_trainer` in the driver, `services.RunServices` for the children it starts.
 """
 from __future__ import annotations
 
@@ -44,10 +45,9 @@ logger = logging.getLogger(__name__)
 BUDGET_ENV = "ATROPOS_CPU_BUDGET"
 SPIN_ENV = "ATROPOS_VLLM_SPIN_S"
 #: How long vLLM's queue readers spin after a message before they sleep on their socket. vLLM 0.32
-#: spins 1 s; 0 stalls generation (a reader that sleeps after every message misses wake-ups: 0.2
-#: tok/s measured); 50 ms keeps a busy engine spinning between steps and frees the core soon after
-#: (tiny model, 2 cores: idle CPU in the 3 s after a request 1.03 -> 0.10 s, n=16 generation
-#: 3454 -> 3877 tok/s).
+#: spins 1 s; 0 stalls generation (a reader that sleeps after every message misses wake-ups); 50 ms
+#: keeps a busy engine spinning between steps and frees the core soon after it goes idle
+#: (measurements: docs/loop-speed-2026-12-01.md, "vLLM queue readers").
 SPIN_S = 0.05
 #: Thread-count variables of the usual runtimes (OpenMP, MKL, OpenBLAS, numexpr).
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
@@ -79,18 +79,24 @@ class CpuBudget:
     cpus: tuple[int, ...]
     trainer: ProcessPlan
     servers: tuple[ProcessPlan, ...]
-    environment: ProcessPlan
+    environments: tuple[ProcessPlan, ...]
+    """One plan per environment process, each under the name it is started with (`env_names`)."""
     api: ProcessPlan
     user_kept: tuple[str, ...] = ()
     """Variables the user set, which the plan leaves alone everywhere."""
     enabled: bool = True
     oversubscribed: bool = False
 
+    @property
+    def environment(self) -> ProcessPlan:
+        """The first environment's plan (the only one in a single-environment run)."""
+        return self.environments[0]
+
     def describe(self) -> str:
         if not self.enabled:
             return f"CPU budget off ({BUDGET_ENV}=off): every process keeps its runtime's defaults"
         parts = [self.trainer.describe(), *(s.describe() for s in self.servers),
-                 self.environment.describe(), self.api.describe()]
+                 *(e.describe() for e in self.environments), self.api.describe()]
         out = f"CPU budget for {len(self.cpus)} core(s) {_ranges(self.cpus)}: " + "; ".join(parts)
         if self.user_kept:
             out += f"; kept from your environment: {', '.join(self.user_kept)}"
@@ -99,13 +105,19 @@ class CpuBudget:
         return out
 
     def child(self, name: str) -> ProcessPlan | None:
-        """The plan of child `name` ("api", "env", "vllm0", "vllm1", ...), or None (not planned)."""
+        """The plan of child `name` ("api", "env" or "env0", "env1", ..., "vllm0", "vllm1", ...), or
+        None (not planned)."""
         if not self.enabled:
             return None
-        for p in (*self.servers, self.environment, self.api):
+        for p in (*self.servers, *self.environments, self.api):
             if p.name == name:
                 return p
         return None
+
+
+def env_names(count: int) -> list[str]:
+    """The names of a run's `count` environment processes: "env" alone, else "env0", "env1", ..."""
+    return ["env"] if count == 1 else [f"env{i}" for i in range(count)]
 
 
 def _ranges(cpus: Sequence[int] | None) -> str:
@@ -141,7 +153,7 @@ def _split(pool: Sequence[int], shares: Sequence[int]) -> list[tuple[int, ...]]:
 
 def plan_cpu_budget(cpus: Sequence[int], *, num_servers: int = 1, trainer_ranks: int = 1,
                     trainer_on_gpu: bool = False, servers_on_gpu: bool = False,
-                    start_env: bool = True, start_api: bool = True,
+                    start_env: bool = True, start_api: bool = True, num_envs: int = 1,
                     user_env: Mapping[str, str] = {}) -> CpuBudget:  # noqa: B006 - read only
     """The thread counts and bindings of every process of a run.
 
@@ -151,6 +163,7 @@ def plan_cpu_budget(cpus: Sequence[int], *, num_servers: int = 1, trainer_ranks:
         trainer_ranks: trainer processes on this machine (torchrun's local world size).
         trainer_on_gpu / servers_on_gpu: where the trainer / the vLLM workers compute.
         start_env / start_api: whether those children are started (their plans exist either way).
+        num_envs: environment processes (one plan each, named by `env_names`).
         user_env: the environment the run was started with; variables set there are never changed.
     """
     cpus = tuple(sorted(set(int(c) for c in cpus)))
@@ -162,7 +175,7 @@ def plan_cpu_budget(cpus: Sequence[int], *, num_servers: int = 1, trainer_ranks:
                                      SPIN_ENV) if k in user_env))
     if str(user_env.get(BUDGET_ENV, "")).lower() in ("0", "off", "false", "no"):
         none = ProcessPlan("-", 0)
-        return CpuBudget(cpus, none, (), none, none, kept, enabled=False)
+        return CpuBudget(cpus, none, (), (none,), none, kept, enabled=False)
     n = len(cpus)
     light = _light_env(user_env)
     spin = {} if SPIN_ENV in user_env else {SPIN_ENV: str(SPIN_S)}
@@ -189,7 +202,7 @@ def plan_cpu_budget(cpus: Sequence[int], *, num_servers: int = 1, trainer_ranks:
             if not servers_on_gpu and "VLLM_CPU_OMP_THREADS_BIND" not in user_env:
                 env["VLLM_CPU_OMP_THREADS_BIND"] = _ranges(sc)
             servers.append(ProcessPlan(f"vllm{i}", len(sc) if not servers_on_gpu else 1, tuple(sc), env))
-        return CpuBudget(cpus, trainer, tuple(servers), ProcessPlan("env", 1, tuple(rest), light),
+        return CpuBudget(cpus, trainer, tuple(servers), _env_plans(num_envs, tuple(rest), light),
                          ProcessPlan("api", 1, tuple(rest), light), kept, oversubscribed=oversubscribed)
 
     # CPU trainer. One core for the light processes only where it is a small share of the machine.
@@ -220,8 +233,13 @@ def plan_cpu_budget(cpus: Sequence[int], *, num_servers: int = 1, trainer_ranks:
             servers.append(ProcessPlan(f"vllm{i}", len(sc), None, env))
         else:
             servers.append(ProcessPlan(f"vllm{i}", 1, None, env))
-    return CpuBudget(cpus, trainer, tuple(servers), ProcessPlan("env", 1, light_cpus, light),
+    return CpuBudget(cpus, trainer, tuple(servers), _env_plans(num_envs, light_cpus, light),
                      ProcessPlan("api", 1, light_cpus, light), kept, oversubscribed=oversubscribed)
+
+
+def _env_plans(count: int, cpus, env: dict[str, str]) -> tuple[ProcessPlan, ...]:
+    """Environments are light processes: each gets the light share, under its own name."""
+    return tuple(ProcessPlan(name, 1, cpus, env) for name in env_names(max(count, 1)))
 
 
 def available_cpus() -> tuple[int, ...]:
@@ -240,7 +258,8 @@ def plan_for_run(cfg, device, local_world: int | None = None) -> CpuBudget:
         available_cpus(), num_servers=cfg.inference.num_servers if cfg.inference.start else 0,
         trainer_ranks=local_world, trainer_on_gpu=getattr(device, "type", str(device)) == "cuda",
         servers_on_gpu=getattr(device, "type", str(device)) == "cuda",
-        start_env=cfg.env.start, start_api=cfg.run.start_api, user_env=dict(os.environ))
+        start_env=cfg.env.start, start_api=cfg.run.start_api, num_envs=len(cfg.env.module_specs),
+        user_env=dict(os.environ))
 
 
 def trainer_cpus(budget: CpuBudget, local_rank: int = 0) -> tuple[int, ...] | None:

@@ -5,7 +5,7 @@ MASTER_ADDR / MASTER_PORT set) we join a default process group whose backend fol
 never a flag (`process_group_backend`): gloo on CPU; on CUDA `"cpu:gloo,cuda:nccl"`, so that every
 collective runs on the backend of its tensor's device. A CPU tensor on an NCCL-only group fails
 ("No backend type associated with device type cpu"), and several CPU-side collectives exist on
-purpose (the launch info and the batch as JSON bytes, python numbers in `all_reduce_*`, DCP's
+purpose (the control messages and the batch as JSON bytes, python numbers in `all_reduce_*`, DCP's
 metadata, the weight sync's failure flag): with the mixed group none of them needs a device.
 
 As ONE plain process (no RANK in the environment): on CPU no process group is created (world 1,

@@ -1,174 +1,107 @@
-"""Start and stop the child processes of a run (Atropos API, vLLM, environments) on loopback.
+"""The run's services: which child processes a run starts (Atropos API, vLLM server(s),
+environments), in which order, with which share of the CPU, and how the other ranks learn where
+they are.
 
-Only this module and `drivers/` start processes. Every child runs in its own session
-(`start_new_session=True`) so that stopping it by PID takes its whole process tree with it
-(vLLM's API server → EngineCore → Worker), and nothing is left holding a port.
+`launch_services` (rank 0) turns the config into running children: it first fixes the model
+directory (the built-in tiny model by default, built once into `runs/_models/`; a hub id resolved to
+its local snapshot) and the run's one sequence length, and checks that the launch can work, so that
+a config mistake is reported before anything starts. Then API → vLLM server(s) → environments, each
+with its plan from `cpu_budget` (threads, binding, variables) and, on CUDA, its GPUs from
+`placement`; `RunServices` holds them, checks them every step (a dead child is named, not a hang)
+and stops them in reverse order. `share_launch_info` sends rank 0's URLs, update token, model
+directory and length to every rank as a control message (`control`, JSON, not pickle).
+
+How a process is started, waited for and stopped is `procs`; the vLLM command line is
+`inference.vllm_command`. The update token goes to vLLM in its environment, never on the command line.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shlex
-import signal
-import socket
 import subprocess
 import sys
-import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Sequence
+
+from . import control
+from .config import ConfigError, TrainConfig, preset_note
+from .cpu_budget import env_names
+from .inference.vllm_command import (CPU_WEIGHT_LAYOUT_ENV, CPU_WEIGHT_LAYOUTS, new_update_token, served_name_from,
+                                     vllm_server_command)
+from .model_source import ModelSourceError, resolve_max_token_len, resolve_model_path
+from .procs import ManagedProcess, ServiceError, free_port, port_in_use, venv_bin
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: ask Linux to SIGTERM it when the process that started it dies,
-    so a trainer killed with SIGKILL (no clean-up code runs) leaves no orphaned servers behind."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    except Exception:  # noqa: BLE001 - not Linux: clean shutdown still stops children
-        pass
-
-
-def _child_setup(die_with_parent: bool, cpus) -> Callable[[], None] | None:
-    """What runs in a child before exec: PDEATHSIG (see `_die_with_parent`) and its CPU affinity."""
-    if not die_with_parent and not cpus:
-        return None
-
-    def setup() -> None:
-        if die_with_parent:
-            _die_with_parent()
-        if cpus:
-            try:
-                os.sched_setaffinity(0, cpus)
-            except (OSError, AttributeError):  # a cpuset that forbids it: run unpinned
-                pass
-    return setup
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on `host` right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return True
-        return False
-
-
-class ServiceError(RuntimeError):
-    """A child process failed to start, died, or did not become healthy in time."""
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "runs" / "_models" / "repeat_tiny"
+BUILTIN_ENV = "atropos_core.envs.repeat_env"
 
 
 @dataclass
-class ManagedProcess:
-    """A child process in its own session, with its output in a log file."""
+class VLLMServerHandle:
+    """A running server: its base URL, update token and process."""
 
-    name: str
-    cmd: Sequence[str]
-    log_path: Path
-    env: dict | None = None
-    cwd: str | None = None
-    cpus: tuple[int, ...] | None = None
-    """CPU affinity of the child (from `cpu_budget`); None leaves it unpinned."""
-    proc: subprocess.Popen | None = field(default=None, init=False)
+    url: str
+    token: str
+    process: ManagedProcess
+    model_dir: Path
+    command: tuple = ()
 
-    def start(self) -> "ManagedProcess":
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "ab")
-        env = dict(os.environ)
-        env.update(self.env or {})
-        logger.info("starting %s: %s (log: %s)", self.name, " ".join(map(str, self.cmd)), self.log_path)
-        self.proc = subprocess.Popen(
-            list(map(str, self.cmd)), stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=env, cwd=self.cwd, start_new_session=True,
-            # PDEATHSIG fires when the starting *thread* exits: only tie children to the main thread.
-            preexec_fn=_child_setup(threading.current_thread() is threading.main_thread(), self.cpus),
-        )
-        return self
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc else None
+    def stop(self) -> None:
+        self.process.stop()
 
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        return self.process.alive()
 
-    def log_tail(self, n: int = 30) -> str:
-        try:
-            lines = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return ""
-        return "\n".join(lines[-n:])
+    def weight_version(self) -> int | None:
+        import requests  # here, not at the top: a run without inference servers needs no requests
 
-    def wait_healthy(self, check: Callable[[], bool], timeout: float, what: str = "") -> None:
-        """Poll `check()` until it is true; fail fast if the process dies, with its log tail."""
-        deadline = time.monotonic() + timeout
-        last_note = time.monotonic()
-        while time.monotonic() < deadline:
-            if not self.alive():
-                raise ServiceError(
-                    f"{self.name} exited with code {self.proc.returncode if self.proc else '?'} before it was "
-                    f"ready{(' (' + what + ')') if what else ''}; last log lines:\n{self.log_tail()}")
-            try:
-                if check():
-                    return
-            except Exception:  # noqa: BLE001 - not up yet
-                pass
-            if time.monotonic() - last_note > 10:
-                logger.info("waiting for %s to become ready (%.0f s left)", self.name, deadline - time.monotonic())
-                last_note = time.monotonic()
-            time.sleep(0.25)
-        raise ServiceError(f"{self.name} was not ready within {timeout:.0f} s{(' (' + what + ')') if what else ''};"
-                           f" last log lines:\n{self.log_tail()}")
-
-    def wait_http(self, url: str, timeout: float) -> None:
-        import requests  # here, not at the top: a run without child processes needs no requests
-
-        self.wait_healthy(lambda: requests.get(url, timeout=2).status_code == 200, timeout, what=f"GET {url}")
-
-    def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM the whole process group, then SIGKILL what is left after `timeout`."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            logger.info("stopping %s (pid %d)", self.name, self.proc.pid)
-            _signal_group(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                logger.warning("%s did not stop in %.0f s; killing it", self.name, timeout)
-                _signal_group(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=5)
-        # Children that outlived the leader still belong to its process group.
-        _signal_group(self.proc.pid, signal.SIGKILL)
-        if getattr(self, "_log", None):
-            self._log.close()
+        return requests.get(f"{self.url}/weight_version", timeout=10).json()["weight_version"]
 
 
-def _signal_group(pid: int, sig: int) -> None:
+def start_vllm_server(model_dir: str | Path, *, port: int, log_dir: str | Path, host: str = "127.0.0.1",
+                      update_token: str, extra_args: Sequence[str] = (), timeout: float = 300.0,
+                      dtype: str = "float32", max_model_len: int = 512, kv_cache_gib: int = 1,
+                      enforce_eager: bool = True, env: dict[str, str] | None = None,
+                      name: str = "vllm", cpu_weight_layout: str = "packed",
+                      served_model_name: str | None = None,
+                      cpus: tuple[int, ...] | None = None) -> VLLMServerHandle:
+    """Start our vLLM server on `host:port` and wait until `/health` answers 200.
+
+    Fails fast with the log tail (`procs.ServiceError`) if the process dies while starting.
+    `update_token` is the secret the trainer's `WeightSync` sends; generate it with
+    `new_update_token()`. `kv_cache_gib` sets `VLLM_CPU_KVCACHE_SPACE` and `cpu_weight_layout`
+    ("plain" or "packed") how linear weights are held (CPU only; see `worker_ext`). `env` and
+    `cpus` (the process tree's affinity) come from `cpu_budget` when a run starts the server.
+    """
+    if cpu_weight_layout not in CPU_WEIGHT_LAYOUTS:
+        raise ValueError(f"start_vllm_server: cpu_weight_layout must be one of {CPU_WEIGHT_LAYOUTS}, "
+                         f"got {cpu_weight_layout!r}")
+    if len(update_token) < 16:
+        raise ValueError("start_vllm_server: update_token must be at least 16 characters")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("vLLM server %s binds %s: the generation routes are reachable from the network", name, host)
+    child_env = {"VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), "ATROPOS_UPDATE_TOKEN": update_token,
+                 "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "VLLM_NO_USAGE_STATS": "1",
+                 "DO_NOT_TRACK": "1", CPU_WEIGHT_LAYOUT_ENV: cpu_weight_layout}
+    child_env.update(env or {})
+    cmd = vllm_server_command(model_dir, port=port, host=host, dtype=dtype, max_model_len=max_model_len,
+                              enforce_eager=enforce_eager, extra_args=extra_args, served_model_name=served_model_name)
+    proc = ManagedProcess(name, cmd, Path(log_dir) / f"{name}_{port}.log", env=child_env, cpus=cpus).start()
+    url = f"http://{host}:{port}"
     try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def venv_bin(name: str) -> str:
-    """Path of a console script installed beside the running interpreter (e.g. `run-api`)."""
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else name
+        proc.wait_http(f"{url}/health", timeout)
+    except BaseException:
+        proc.stop()
+        raise
+    logger.info("%s ready at %s (pid %d)", name, url, proc.pid)
+    return VLLMServerHandle(url=url, token=update_token, process=proc, model_dir=Path(model_dir), command=tuple(cmd))
 
 
 def start_atropos_api(port: int, log_dir: Path, host: str = "127.0.0.1", timeout: float = 60.0,
@@ -300,7 +233,7 @@ class RunServices:
         self.host = host
         self.budget = budget  # cpu_budget.CpuBudget: each child's threads, binding and variables
         self.api: ManagedProcess | None = None
-        self.vllm: list = []           # inference.launch.VLLMServerHandle
+        self.vllm: list[VLLMServerHandle] = []
         self.envs: list[ManagedProcess] = []
         self.token: str = ""
 
@@ -323,8 +256,6 @@ class RunServices:
         one a line, to `<run dir>/vllm_commands.txt`. `server_envs[i]` / `server_extra_args[i]`: what
         server i adds to its environment (e.g. its own CUDA_VISIBLE_DEVICES, `atropos_core.placement`)
         and to `extra_args`."""
-        from .inference.launch import new_update_token, start_vllm_server
-
         self.token = new_update_token()
         urls = []
         for i in range(num_servers):
@@ -351,19 +282,16 @@ class RunServices:
         return self.envs[0] if self.envs else None
 
     def start_env(self, module: str, **kwargs) -> ManagedProcess:
-        share = self._share(kwargs.get("env_name", "env"))
+        share = self._share(kwargs.get("env_name", "env"))  # each environment has its own plan, by name
         proc = start_environment(module, log_dir=self.log_dir, child_env=share["env"], cpus=share["cpus"],
                                  **kwargs)
         self.envs.append(proc)
         return proc
 
     def _share(self, name: str, extra_env: dict | None = None) -> dict:
-        """The budget's environment variables and affinity for child `name` (none without a budget;
-        every environment process shares the "env" plan), plus `extra_env` (e.g. the placement's
-        CUDA_VISIBLE_DEVICES)."""
+        """The budget's environment variables and affinity for child `name` (none without a budget),
+        plus `extra_env` (e.g. the placement's CUDA_VISIBLE_DEVICES)."""
         plan = self.budget.child(name) if self.budget is not None else None
-        if plan is None and self.budget is not None and name.startswith("env"):
-            plan = self.budget.child("env")
         env = {**(dict(plan.env) if plan else {}), **(extra_env or {})}
         return {"env": env or None, "cpus": plan.cpus if plan else None}
 
@@ -383,15 +311,18 @@ class RunServices:
         Called when any call of the run fails: a server killed mid-request fails the request at
         once (connection refused), while its process may need a moment to be reaped or, when only
         an engine process died, to exit; the dead child is the real reason and is reported."""
-        deadline = time.monotonic() + grace_s
-        while True:
+        def error() -> ServiceError | None:
             try:
                 self.check()
             except ServiceError as e:
                 return e
-            if time.monotonic() >= deadline:
-                return None
-            time.sleep(0.2)
+            return None
+
+        from tenacity import Retrying, retry_if_result, stop_after_delay, wait_fixed  # a synthetic run needs none
+
+        poll = Retrying(stop=stop_after_delay(grace_s), wait=wait_fixed(0.2), retry=retry_if_result(lambda e: e is None),
+                        retry_error_callback=lambda _state: None)
+        return poll(error)
 
     def served_versions(self) -> list:
         """The weight version each inference server reports serving (None if it cannot say)."""
@@ -410,3 +341,128 @@ class RunServices:
                     proc.stop()
                 except Exception as e:  # noqa: BLE001 - keep stopping the others
                     logger.warning("could not stop %s: %s", proc.name, e)
+
+
+# ---- from the config to running children (rank 0), and to every rank -------------------------------
+
+def resolve_model_dir(cfg: TrainConfig) -> TrainConfig:
+    """model.path becomes a local model directory (built-in model, a directory, or a hub snapshot)."""
+    note = preset_note(cfg)
+    if note:
+        logger.info(note)
+    if not cfg.model.path:
+        from .envs.repeat_env import build_default_model
+
+        logger.info("no --model given: using the built-in tiny model (built once into %s)", DEFAULT_MODEL_DIR)
+        path = build_default_model(DEFAULT_MODEL_DIR, seed=cfg.run.seed)
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(path)))
+    try:
+        path = resolve_model_path(cfg.model.path)
+    except ModelSourceError as e:
+        raise ConfigError(str(e)) from None
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(path)))
+
+
+def resolve_lengths(cfg: TrainConfig) -> TrainConfig:
+    """Fix the run's one sequence length against the model (model.path must be a local directory):
+    run/data/atropos.max_token_len all get it; vLLM's --max-model-len is `cfg.run.max_token_len`."""
+    try:
+        n = resolve_max_token_len(cfg.run.max_token_len, cfg.model.path)
+    except ModelSourceError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.run.max_token_len is None:
+        logger.info("sequence length %d (model limit, capped at 2048; set --max-token-len to change it)", n)
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, max_token_len=n),
+                               data=dataclasses.replace(cfg.data, max_token_len=n),
+                               atropos=dataclasses.replace(cfg.atropos, max_token_len=n))
+
+
+def check_launchable(cfg: TrainConfig) -> None:
+    """Raise ConfigError for a launch that cannot work (no inference server for the environment, a
+    fixed inference port already taken), before any child process starts."""
+    if cfg.env.start and not cfg.inference.start:
+        raise ConfigError("env.start needs an inference server: drop --no-inference or pass --no-env")
+    if not (cfg.inference.start and cfg.inference.port):
+        return
+    for p in range(cfg.inference.port, cfg.inference.port + cfg.inference.num_servers):
+        if port_in_use(p, cfg.inference.host):
+            raise ConfigError(f"inference.port {p} is already in use on {cfg.inference.host}: pick another, "
+                              f"or 0 for a free one")
+
+
+def launch_services(cfg: TrainConfig, device: torch.device, budget=None) -> tuple[TrainConfig, RunServices]:
+    """Start the run's child processes as configured; return the config with their URLs filled in.
+    `budget` (`cpu_budget.CpuBudget`) gives each child its threads, binding and variables."""
+    model_spec = cfg.model.path or "default"   # the name our OpenAI routes answer to
+    cfg = resolve_lengths(resolve_model_dir(cfg))
+    check_launchable(cfg)  # config mistakes found here are reported before anything has started
+    services = RunServices(Path(cfg.run.out), budget=budget)
+    try:
+        if cfg.run.start_api:
+            url = services.start_api()
+            cfg = dataclasses.replace(cfg, atropos=dataclasses.replace(cfg.atropos, url=url))
+        urls: list[str] = []
+        if cfg.inference.start:
+            extra = shlex.split(cfg.inference.extra_args)
+            cuda = device.type == "cuda"
+            envs = per_server = None
+            if cuda:  # each server on its own GPUs where there are free ones (atropos_core.placement)
+                envs, per_server = _place_servers(cfg, extra)
+            # CPU: fp32 and eager (the CPU backend's tested path). GPU: bf16 with CUDA graphs, and bf16
+            # on the wire when the trainer keeps fp32 master weights (half the bytes per sync).
+            urls = services.start_inference(cfg.model.path, num_servers=cfg.inference.num_servers,
+                                            port=cfg.inference.port, host=cfg.inference.host,
+                                            timeout=cfg.inference.startup_timeout_s, extra_args=extra,
+                                            dtype="bfloat16" if cuda else "float32", enforce_eager=not cuda,
+                                            cpu_weight_layout=cfg.inference.cpu_weight_layout,
+                                            server_envs=envs, server_extra_args=per_server,
+                                            max_model_len=cfg.run.max_token_len, served_model_name=model_spec)
+            if cuda and cfg.sync.wire_dtype is None:
+                cfg = dataclasses.replace(cfg, sync=dataclasses.replace(cfg.sync, wire_dtype="bfloat16"))
+        if cfg.env.start:
+            model_name = served_name_from(shlex.split(cfg.inference.extra_args)) or model_spec
+            specs = cfg.env.module_specs
+            for spec, env_name in zip(specs, env_names(len(specs))):
+                module, *own = shlex.split(spec)
+                extra = shlex.split(cfg.env.extra_args) + own
+                if module == BUILTIN_ENV:
+                    extra = ["--env.max_new_tokens", str(cfg.env.max_new_tokens), "--env.seed", str(cfg.run.seed),
+                             *extra]
+                services.start_env(module, api_url=cfg.atropos.url, inference_urls=urls,
+                                   tokenizer_dir=cfg.model.path, group_size=cfg.env.group_size,
+                                   max_token_len=cfg.atropos.max_token_len, model_name=model_name,
+                                   extra_args=extra, env_name=env_name)
+    except BaseException:
+        services.stop_all()
+        raise
+    return cfg, services
+
+
+def _place_servers(cfg: TrainConfig, extra: list[str]):
+    """Per-server environments (CUDA_VISIBLE_DEVICES) and extra vLLM arguments, logged."""
+    from .placement import PlacementError, log_placement, plan_placement, tensor_parallel_size, visible_gpus
+
+    try:
+        plan = plan_placement(visible_gpus(), int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+                              cfg.inference.num_servers, tensor_parallel_size(extra), cfg.inference.gpus)
+    except PlacementError as e:
+        raise ConfigError(str(e)) from None
+    log_placement(plan)
+    n = cfg.inference.num_servers
+    return [plan.env(i) for i in range(n)], [plan.extra_args(i, extra) for i in range(n)]
+
+
+def share_launch_info(cfg: TrainConfig, services, world: int) -> tuple[TrainConfig, str, list[str]]:
+    """Every rank gets rank 0's model dir, API URL, inference URLs and update token."""
+    info = None
+    if services is not None:
+        info = {"model": cfg.model.path, "atropos": cfg.atropos.url, "token": services.token,
+                "urls": services.inference_urls, "max_token_len": cfg.run.max_token_len}
+    if world > 1:
+        info = control.broadcast_control(control.message("launch", **info) if info else None)
+    n = info["max_token_len"]
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=info["model"]),
+                              atropos=dataclasses.replace(cfg.atropos, url=info["atropos"], max_token_len=n),
+                              run=dataclasses.replace(cfg.run, max_token_len=n),
+                              data=dataclasses.replace(cfg.data, max_token_len=n))
+    return cfg, info["token"], list(info["urls"])

@@ -66,7 +66,8 @@ class SyntheticBatches:
             g["inference_logprobs"].append([1.0] * len(prompt) + [base + rng.gauss(0.0, 0.1) for _ in comp])
         return g
 
-    def wait_for_batch(self) -> list[dict]:
+    def wait_for_batch(self, abort_check=None) -> list[dict]:
+        """The next batch at once (`abort_check`, the client's, has nothing to interrupt here)."""
         started = time.monotonic()
         step = self.cfg.starting_step + self.batches_received
         rng = random.Random(f"synthetic:{self.seed}:{step}")

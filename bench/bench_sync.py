@@ -48,8 +48,9 @@ sys.path.insert(0, str(ROOT))
 
 from atropos_core.cpu_budget import apply_to_trainer, available_cpus, plan_cpu_budget  # noqa: E402
 from atropos_core.envs.tiny_model import build_tiny_model  # noqa: E402
-from atropos_core.inference import new_update_token, start_vllm_server  # noqa: E402
-from atropos_core.services import free_port  # noqa: E402
+from atropos_core.inference.vllm_command import new_update_token  # noqa: E402
+from atropos_core.services import start_vllm_server  # noqa: E402
+from atropos_core.procs import free_port  # noqa: E402
 from atropos_core.weight_sync import (  # noqa: E402
     WIRE_DTYPES,
     WeightSync,

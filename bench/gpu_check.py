@@ -721,7 +721,7 @@ def stage4(st: Stage, dev, smoke: bool) -> None:
     import copy
 
     from atropos_core import dist as adist
-    from atropos_core.batch import DataConfig, build_train_batch, split_for_ranks
+    from atropos_core.data import DataConfig, build_train_batch, split_for_ranks
     from atropos_core.checkpoint import save_checkpoint
     from atropos_core.loss import LossConfig
     from atropos_core.model import OptimConfig, apply_fsdp, build_optimizer

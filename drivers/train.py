@@ -17,21 +17,19 @@ import dataclasses
 import logging
 import signal
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 import torch  # noqa: E402
 
-from atropos_core import cpu_budget, dist as adist  # noqa: E402
-from atropos_core.batch import broadcast_groups, build_train_batch, split_for_ranks  # noqa: E402
+from atropos_core import control, cpu_budget, dist as adist  # noqa: E402
+from atropos_core.data import broadcast_groups, build_train_batch, split_for_ranks  # noqa: E402
 from atropos_core.checkpoint import load_checkpoint, resolve_resume, save_checkpoint  # noqa: E402
-from atropos_core.client import SYNTHETIC_URL, AtroposClient, AtroposUnavailable, env_metrics  # noqa: E402
+from atropos_core.client import SYNTHETIC_URL, AtroposClient, env_metrics  # noqa: E402
 from atropos_core.config import ConfigError, parse_args, to_dict, write_config  # noqa: E402
-from atropos_core.launch import launch_services, share_launch_info  # noqa: E402
 from atropos_core.metrics import MetricsLogger  # noqa: E402
-from atropos_core.services import ServiceError  # noqa: E402
+from atropos_core.services import ServiceError, launch_services, share_launch_info  # noqa: E402
 from atropos_core.model import apply_fsdp, build_optimizer, load_model_and_tokenizer  # noqa: E402
 from atropos_core.steptime import StepClock  # noqa: E402
 from atropos_core.served_check import served_tolerance, verify_served_policy  # noqa: E402
@@ -54,32 +52,6 @@ def batch_metrics(batch) -> dict:
             "data/groups": batch.num_groups, "data/sequences": batch.num_sequences, **batch.metrics}
 
 
-def fetch_groups(client: AtroposClient, services, watch_every_s: float = 5.0) -> list:
-    """Wait for the next batch (up to atropos.max_wait_s) and, when we started child processes,
-    check them every `watch_every_s` meanwhile: a dead vLLM server starves the environments, and
-    waiting out max_wait_s (15 min by default) would hide it behind a timeout."""
-    if services is None:
-        return client.wait_for_batch()
-    cfg = client.cfg
-    started = last_note = time.monotonic()
-    client.cfg = dataclasses.replace(cfg, max_wait_s=min(watch_every_s, cfg.max_wait_s))
-    try:
-        while True:
-            services.check()
-            try:
-                return client.wait_for_batch()
-            except (TimeoutError, AtroposUnavailable) as e:
-                now = time.monotonic()
-                if now - started >= cfg.max_wait_s:
-                    raise type(e)(f"{e} [waited {now - started:.0f} s in all, atropos.max_wait_s={cfg.max_wait_s}, "
-                                  f"checking child processes every {watch_every_s:.0f} s]") from None
-                if now - last_note >= cfg.log_every_s:  # the client's own note never fires in 5 s slices
-                    logger.info("waited %.0f s for a batch from %s (%s)", now - started, cfg.url, type(e).__name__)
-                    last_note = now
-    finally:
-        client.cfg = cfg
-
-
 def open_batch_source(cfg, step: int):
     """Rank 0's source of groups: the Atropos API, or seeded synthetic groups (`--atropos-url synthetic`)."""
     acfg = dataclasses.replace(cfg.atropos, starting_step=step)
@@ -90,26 +62,26 @@ def open_batch_source(cfg, step: int):
     return AtroposClient(acfg)
 
 
-STOP_KEY = "__atropos_trainer_stop__"
-
-
 def fetch_groups_or_stop(client: AtroposClient, services, world: int, device) -> list:
-    """Rank 0's fetch. If it fails (a dead child, the API gone), the other ranks are told before
-    the error propagates: they would otherwise wait in the batch broadcast until the collective
-    timeout. Every rank then leaves the loop together and saves the (collective) checkpoint."""
+    """Rank 0's fetch, checking the child processes at every poll (a dead vLLM server starves the
+    environments: the wait ends naming it instead of after atropos.max_wait_s). The other ranks get
+    a control message first: "batch" (the batch follows) or, when the fetch fails, "stop" with the
+    reason, so every rank leaves the loop together and saves the (collective) checkpoint."""
     try:
-        return fetch_groups(client, services)
+        groups = client.wait_for_batch(abort_check=services.check if services else None)
     except Exception as e:
         if world > 1:
-            broadcast_groups([{STOP_KEY: f"{type(e).__name__}: {e}"}], device=device)
+            control.send_stop(f"{type(e).__name__}: {e}")
         raise
+    if world > 1:
+        control.send_batch_follows()
+        broadcast_groups(groups, device=device, raw=client.last_raw)
+    return groups
 
 
 def receive_groups_or_stop(device) -> list:
-    groups = broadcast_groups(device=device)
-    if groups and isinstance(groups[0], dict) and STOP_KEY in groups[0]:
-        raise RuntimeError(f"rank 0 stopped the run: {groups[0][STOP_KEY]}")
-    return groups
+    control.expect_batch()  # raises control.StopRequested when rank 0 stops the run
+    return broadcast_groups(device=device)
 
 
 def main(argv=None) -> int:
@@ -157,11 +129,7 @@ def main(argv=None) -> int:
         clock = StepClock()  # perf/*_s: where each step's wall time went; they add up to perf/step_s
         while step < cfg.run.steps:
             clock.lap("other")
-            groups = fetch_groups_or_stop(client, services, world, device) if client else None
-            if world > 1 and not client:
-                groups = receive_groups_or_stop(device)
-            elif world > 1:
-                broadcast_groups(groups, device=device, raw=client.last_raw)
+            groups = fetch_groups_or_stop(client, services, world, device) if client else receive_groups_or_stop(device)
             clock.lap("wait_data")
             batch = build_train_batch(groups, cfg.data, log_drops=rank == 0)
             if batch.total_trained_tokens == 0:

@@ -210,7 +210,7 @@ def fused_linear_policy_loss(
     run the chunk loop twice (logprobs, then the gradient pass: 8·N·D·V FLOPs instead of 6).
         validate: check target ids and the finiteness of the per-token inputs at trained positions
             (a clear ValueError; costs host syncs). False where the caller already validated the
-            batch (the trainer: `atropos_core.batch`), which leaves the call free of host syncs
+            batch (the trainer: `atropos_core.data`), which leaves the call free of host syncs
             when `num_selected` and `normalizer` are given too.
         num_selected: the number of nonzero `loss_mask` entries when the caller knows it (counted
             on the host before the batch moved to the device): the selection then needs no sync

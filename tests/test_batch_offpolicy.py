@@ -1,4 +1,4 @@
-"""batch.py for off-policy training and distillation: behaviour policy in "auto" mode, per-sequence
+"""atropos_core.data for off-policy training and distillation: behaviour policy in "auto" mode, per-sequence
 temperature in Atropos's order, the teacher's top-k fields (alignment, truncation, validation).
 The round trip through the real `run-api` (marker `api`) checks that these fields reach us as sent."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from atropos_core.batch import DataConfig, build_train_batch, reason_key, validate_group
+from atropos_core.data import DataConfig, build_train_batch, reason_key, validate_group
 from tests.fixtures.atropos_api import make_group
 from tests.fixtures.batches import VOCAB, post_and_fetch
 

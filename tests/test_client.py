@@ -17,7 +17,7 @@ import time
 import pytest
 import requests
 
-from atropos_core.batch import DataConfig, build_train_batch, groups_from_json_bytes
+from atropos_core.data import DataConfig, build_train_batch, groups_from_json_bytes
 from atropos_core.client import (AtroposAPIError, AtroposClient, AtroposConfig, AtroposConfigMismatch,
                                  AtroposUnavailable)
 from atropos_core.services import free_port
@@ -254,3 +254,28 @@ def test_non_api_answer_is_a_clear_error(atropos_api):
     client = client_for(atropos_api.url + "/nothing-here")
     with pytest.raises(AtroposAPIError, match="POST /register.*HTTP 404"):
         client.register()
+
+
+@pytest.mark.api
+def test_wait_ends_when_the_abort_check_raises(atropos_api):
+    """The caller's abort check (the driver passes `RunServices.check`) runs before every poll: the
+    error it raises ends the wait at once, as it is, long before max_wait_s; without it the same
+    wait runs until its timeout."""
+    client = client_for(atropos_api.url, max_wait_s=30.0)
+    client.register()
+    calls = []
+
+    def child_died():
+        calls.append(time.monotonic())
+        if len(calls) == 3:
+            raise RuntimeError("vLLM server http://127.0.0.1:1 (pid 1) exited with code -9")
+
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="exited with code -9"):
+        client.wait_for_batch(abort_check=child_died)
+    assert len(calls) == 3 and time.monotonic() - t0 < 5.0
+    assert client.metrics()["data/polls"] == 2  # checked before each poll, the third check stopped it
+    client.cfg = AtroposConfig(url=atropos_api.url, batch_size=8, max_token_len=64, max_wait_s=0.5,
+                               backoff_max_s=0.2)
+    with pytest.raises(TimeoutError):
+        client.wait_for_batch(abort_check=lambda: None)

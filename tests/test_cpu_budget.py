@@ -138,3 +138,16 @@ def test_step_clock_phases_add_up():
         assert set(rec) == {f"perf/{p}_s" for p in PHASES} | {"perf/step_s"}
         assert sum(rec[f"perf/{p}_s"] for p in PHASES) == pytest.approx(rec["perf/step_s"])
     assert second["perf/log_s"] == pytest.approx(0.55) and second["perf/step_s"] == pytest.approx(3.3 - 1.45)
+
+
+def test_each_environment_has_its_own_plan_by_name():
+    from atropos_core.cpu_budget import env_names
+
+    one = plan_cpu_budget([0, 1, 2, 3], num_servers=1, user_env={})
+    assert [p.name for p in one.environments] == env_names(1) == ["env"] and one.child("env") is one.environment
+    three = plan_cpu_budget([0, 1, 2, 3], num_servers=1, num_envs=3, user_env={})
+    assert [p.name for p in three.environments] == env_names(3) == ["env0", "env1", "env2"]
+    for name in env_names(3):
+        plan = three.child(name)
+        assert plan is not None and plan.env["OMP_NUM_THREADS"] == "1" and plan.cpus == three.api.cpus
+    assert three.child("env") is None and three.child("env3") is None  # planned by name, not by prefix

@@ -20,49 +20,16 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from atropos_core.services import ManagedProcess, free_port, port_in_use
+from atropos_core.procs import ManagedProcess, free_port
+from tests.fixtures.processes import REPO, TRAIN, assert_nothing_left, cmdline, processes_mentioning, read_metrics
 
-REPO = Path(__file__).resolve().parents[1]
-TRAIN = [sys.executable, str(REPO / "drivers" / "train.py")]
 REQUIRED_KEYS = ["step", "loss/total", "reward/mean", "advantage/mean", "entropy/mean", "clip/frac", "grad/norm",
                  "perf/tokens_per_s", "perf/step_s", "sync/ms", "sync/version", "data/groups", "data/dropped"]
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
-def processes_mentioning(text: str) -> list[str]:
-    """Command lines of live processes that contain `text` (zombies excluded)."""
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0]
-        except OSError:
-            continue
-        if text in cmd and state != "Z":
-            found.append(f"{pid}: {cmd[:200]}")
-    return found
-
-
-def assert_nothing_left(run_dir: Path, ports: list[int]) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        left = processes_mentioning(str(run_dir)) + [p for port in ports for p in processes_mentioning(f"--port {port}")]
-        busy = [p for p in ports if port_in_use(p)]
-        if not left and not busy:
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"left running: {left}; ports still bound: {busy}")
 
 
 def test_default_run_short(tmp_path):
@@ -257,7 +224,7 @@ def test_torchrun_rank0_failure_stops_every_rank(tmp_path):
             assert driver.alive() and time.monotonic() < deadline, driver.log_tail(40)
             time.sleep(0.5)
         env_pid = next(pid for pid in (int(p.split(":", 1)[0]) for p in processes_mentioning("repeat_env serve"))
-                       if f":{inf_port}/v1" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"))
+                       if f":{inf_port}/v1" in cmdline(pid))
         os.killpg(env_pid, signal.SIGKILL)
         t_kill = time.monotonic()
         rc = driver.proc.wait(timeout=180)

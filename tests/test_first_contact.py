@@ -24,9 +24,10 @@ import requests
 
 from atropos_core import config as C
 from atropos_core.client import env_metrics
-from atropos_core.inference.launch import merge_vllm_flags, vllm_server_command
+from atropos_core.inference.vllm_command import merge_vllm_flags, vllm_server_command
 from atropos_core.model_source import ModelSourceError, model_max_len, resolve_max_token_len, resolve_model_path
-from atropos_core.services import (ManagedProcess, RunServices, ServiceError, environment_command, free_port)
+from atropos_core.procs import ManagedProcess, ServiceError, free_port
+from atropos_core.services import RunServices, environment_command
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = [sys.executable, str(REPO / "drivers" / "train.py")]
@@ -164,7 +165,7 @@ def _flat(cfg) -> dict:
 
 
 def test_model_changes_nothing_else_and_the_demo_preset_is_announced_once(tmp_path, caplog):
-    from atropos_core.launch import resolve_model_dir
+    from atropos_core.services import resolve_model_dir
 
     defaults, mine = _flat(C.TrainConfig()), _flat(C.parse_args(["--model", str(tmp_path)]))
     changed = {k for k in defaults if defaults[k] != mine[k]} - DERIVED
@@ -178,7 +179,7 @@ def test_model_changes_nothing_else_and_the_demo_preset_is_announced_once(tmp_pa
     model = _config_only(tmp_path / "m", max_position_embeddings=128)
     cfg = C.parse_args(["--preset", "demo", "--model", str(model), "--steps", "7"])
     assert cfg.run.steps == 7 and cfg.optim.lr == C.DEMO_PRESET["optim.lr"]
-    with caplog.at_level(logging.INFO, logger="atropos_core.launch"):
+    with caplog.at_level(logging.INFO, logger="atropos_core.services"):
         resolve_model_dir(cfg)
     notes = [r.getMessage() for r in caplog.records if "demo preset" in r.getMessage()]
     assert len(notes) == 1 and "run.steps=7" in notes[0] and "optim.lr=0.003" in notes[0], notes
@@ -270,7 +271,7 @@ def test_chat_tokenization_for_the_trainer_gives_token_ids(tmp_path, monkeypatch
 # ---- a dead child is the reported reason ----------------------------------------------------------------
 
 def test_dead_child_is_reported_whichever_call_notices(tmp_path):
-    from atropos_core.inference.launch import VLLMServerHandle
+    from atropos_core.services import VLLMServerHandle
 
     port = free_port()
     proc = ManagedProcess("vllm0", [sys.executable, "-c", "print('engine core started', flush=True);"

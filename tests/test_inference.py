@@ -14,7 +14,7 @@ import pytest
 import requests
 import torch
 
-from atropos_core.inference import vllm_server_command
+from atropos_core.inference.vllm_command import vllm_server_command
 from atropos_core.weight_sync import WeightSync, WeightSyncConfig
 from tests.fixtures.vllm_server import hf_token_logprobs, vllm_generate
 

@@ -67,7 +67,7 @@ def test_parsing_helpers():
 
 
 def test_config_validates_and_launch_builds_per_server_env(monkeypatch):
-    from atropos_core.launch import _place_servers
+    from atropos_core.services import _place_servers
 
     with pytest.raises(ValueError, match="inference.gpus"):
         InferenceConfig(gpus="four")

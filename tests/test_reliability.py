@@ -41,9 +41,10 @@ import requests
 import torch
 
 from atropos_core.checkpoint import find_latest
-from atropos_core.services import ManagedProcess, free_port
+from atropos_core.procs import ManagedProcess, free_port
 from tests.fixtures.atropos_api import ApiServer, make_group, post_groups
-from tests.test_e2e import TRAIN, assert_nothing_left, processes_mentioning, read_metrics
+from tests.fixtures.processes import (TRAIN, assert_nothing_left, assert_tree_listens_on_loopback_only,
+                                      processes_mentioning, read_metrics)
 
 VOCAB = 50          # token ids the test groups use (the tiny model's vocabulary is larger)
 BATCH, GROUP = 8, 4  # sequences per batch, per group: two groups make one step
@@ -150,7 +151,6 @@ def same_weights(a: Path, b: Path) -> bool:
 @pytest.mark.vllm
 @pytest.mark.timeout(1800)
 def test_driver_survives_faults(tmp_path, tiny_model_dir):
-    from tests.test_security import assert_tree_listens_on_loopback_only
 
     api = ApiServer(tmp_path / "api_logs").start()
     drivers: list[ManagedProcess] = []
@@ -418,7 +418,7 @@ def _post_one(url: str, group: dict) -> int:
 @pytest.fixture(scope="module")
 def trainer_parts(tiny_model_dir):
     """One tiny model and optimizer trained on by every example of the bad-input test, in turn."""
-    from atropos_core.batch import DataConfig
+    from atropos_core.data import DataConfig
     from atropos_core.model import ModelConfig, OptimConfig, build_optimizer, load_model_and_tokenizer
 
     model, _ = load_model_and_tokenizer(ModelConfig(path=str(tiny_model_dir)), torch.device("cpu"))
@@ -439,7 +439,7 @@ def test_bad_groups_never_crash_or_poison_training(kind, atropos_api_server, tra
     between good groups; derandomized, so CI runs the same examples every time."""
     from hypothesis import HealthCheck, given, settings, strategies as st
 
-    from atropos_core.batch import build_train_batch
+    from atropos_core.data import build_train_batch
     from atropos_core.client import AtroposClient, AtroposConfig
     from atropos_core.loss import LossConfig
     from atropos_core.trainer import train_step

@@ -1,7 +1,7 @@
 """Security: nobody but the trainer drives our servers.
 
 - Every TCP socket that our processes listen on is bound to loopback: checked on the live sockets
-  (`/proc/<pid>/net/tcp*` matched to each process's socket inodes), not on command lines. The
+  (each process's sockets, read with psutil), not on command lines. The
   whole process tree of a running driver (vLLM server with its engine processes, the weight-sync
   TCPStore) is checked in `tests/test_reliability.py::test_driver_survives_faults`; here the API
   started by `RunServices`, the session's vLLM server and the weight-sync store.
@@ -19,95 +19,19 @@
 from __future__ import annotations
 
 import ast
-import ipaddress
 import os
 from pathlib import Path
 
 import pytest
 import requests
 
+from tests.fixtures.processes import assert_tree_listens_on_loopback_only, is_loopback, listening_sockets
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-# ---- listening sockets of a process tree ---------------------------------------------------------
-
-def _descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for p in os.listdir("/proc"):
-        if not p.isdigit():
-            continue
-        try:
-            ppid = int(Path(f"/proc/{p}/stat").read_text().rsplit(") ", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(p))
-    out, todo = set(), [pid]
-    while todo:
-        p = todo.pop()
-        if p not in out:
-            out.add(p)
-            todo += children.get(p, [])
-    return out
-
-
-def _socket_inodes(pid: int) -> set[str]:
-    inodes = set()
-    try:
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            try:
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            if target.startswith("socket:["):
-                inodes.add(target[8:-1])
-    except OSError:
-        pass
-    return inodes
-
-
-def _hex_addr(h: str) -> ipaddress._BaseAddress:
-    """An address as /proc/net/tcp{,6} writes it (32-bit words in host byte order, little-endian)."""
-    raw = bytes.fromhex(h)
-    return ipaddress.ip_address(b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4)))
-
-
-def listening_sockets(pids: set[int]) -> list[tuple[int, str, int]]:
-    """(pid, address, port) of every TCP socket in LISTEN state owned by one of `pids`."""
-    found = []
-    for pid in pids:
-        inodes = _socket_inodes(pid)
-        if not inodes:
-            continue
-        for table in ("tcp", "tcp6"):
-            try:
-                lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
-            except OSError:
-                continue
-            for line in lines:
-                cols = line.split()
-                if cols[3] == "0A" and cols[9] in inodes:  # 0A: LISTEN
-                    addr, port = cols[1].split(":")
-                    found.append((pid, str(_hex_addr(addr)), int(port, 16)))
-    return found
-
-
-def _is_loopback(addr: str) -> bool:
-    ip = ipaddress.ip_address(addr)
-    mapped = getattr(ip, "ipv4_mapped", None)
-    return (mapped or ip).is_loopback
-
-
-def assert_tree_listens_on_loopback_only(pid: int) -> list[tuple[int, str, int]]:
-    """Every listening TCP socket of `pid` and its descendants is on loopback; returns them."""
-    socks = listening_sockets(_descendants(pid))
-    assert socks, f"process {pid} and its children listen on nothing: the check would be empty"
-    exposed = [s for s in socks if not _is_loopback(s[1])]
-    assert not exposed, f"listening beyond loopback (pid, address, port): {exposed}"
-    return socks
-
-
-def test_proc_address_decoding():
-    """The decoder reads the kernel's format: a socket we bind ourselves is found as bound."""
+def test_listening_sockets_are_found():
+    """The socket reader sees the live sockets: a socket we bind ourselves is found as bound."""
     import socket
 
     with socket.socket() as s, socket.socket(socket.AF_INET6) as s6:
@@ -118,7 +42,7 @@ def test_proc_address_decoding():
         ports = {s.getsockname()[1]: "127.0.0.1", s6.getsockname()[1]: "::"}
         mine = {port: addr for _, addr, port in listening_sockets({os.getpid()}) if port in ports}
     assert mine == ports
-    assert not _is_loopback("0.0.0.0") and _is_loopback("::ffff:127.0.0.1") and _is_loopback("::1")
+    assert not is_loopback("0.0.0.0") and is_loopback("::ffff:127.0.0.1") and is_loopback("::1")
 
 
 @pytest.mark.api
@@ -134,13 +58,13 @@ def test_run_services_api_binds_loopback(tmp_path):
         services.stop_all()
 
 
-def test_every_server_default_is_loopback():
+def test_every_server_defaultis_loopback():
     """The defaults a user gets without asking: config fields and the launch helpers."""
     import inspect
 
     from atropos_core.config import InferenceConfig
-    from atropos_core.inference.launch import start_vllm_server, vllm_server_command
-    from atropos_core.services import RunServices, start_atropos_api
+    from atropos_core.inference.vllm_command import vllm_server_command
+    from atropos_core.services import RunServices, start_atropos_api, start_vllm_server
     from atropos_core.weight_sync import WeightSyncConfig
 
     assert InferenceConfig().host == "127.0.0.1"
@@ -171,7 +95,7 @@ def test_weight_sync_store_listens_on_loopback_only(vllm_server):
     try:
         new = [s for s in listening_sockets({os.getpid()}) if s[2] not in before]
         assert new, "connect() opened no listening socket: the check would be empty"
-        exposed = [s for s in new if not _is_loopback(s[1])]
+        exposed = [s for s in new if not is_loopback(s[1])]
         assert not exposed, f"weight-sync store listening beyond loopback: {exposed}"
     finally:
         sync.close()

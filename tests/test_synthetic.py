@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from atropos_core.batch import DataConfig, build_train_batch, validate_group
+from atropos_core.data import DataConfig, build_train_batch, validate_group
 from atropos_core.checkpoint import find_latest
 from atropos_core.client import AtroposConfig
 from atropos_core.config import ConfigError, parse_args

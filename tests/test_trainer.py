@@ -247,7 +247,7 @@ def test_one_rank_group_runs_fsdp_like_one_process(monkeypatch, tiny_model_dir):
     import torch.distributed as dist
 
     from atropos_core import dist as adist
-    from atropos_core.batch import broadcast_groups
+    from atropos_core.data import broadcast_groups
 
     monkeypatch.delenv("RANK", raising=False)
     ref, _ = load_model_and_tokenizer(ModelConfig(path=str(tiny_model_dir), attn_implementation="sdpa"), CPU)

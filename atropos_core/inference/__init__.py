@@ -1,14 +1,6 @@
 """The inference side: our vLLM server (Atropos `/generate` + token-protected weight updates), its
-launcher, and the worker extension that receives weights in place.
+command line (`vllm_command`), and the worker extension that receives weights in place.
 
-Only `worker_ext` and `server` import vLLM, and only inside vLLM's own processes; `launch` starts
-the server as a child process and is safe to import anywhere.
+Only `worker_ext` and `server` import vLLM, and only inside vLLM's own processes; `vllm_command`
+builds the server's argv and is safe to import anywhere. `atropos_core.services` starts it.
 """
-from atropos_core.inference.launch import (
-    VLLMServerHandle,
-    new_update_token,
-    start_vllm_server,
-    vllm_server_command,
-)
-
-__all__ = ["VLLMServerHandle", "new_update_token", "start_vllm_server", "vllm_server_command"]
