@@ -1,4 +1,4 @@
-"""The tensors that cross module boundaries: what `batch` produces and `loss`/`trainer` consume.
+"""The tensors that cross module boundaries: what `atropos_core.data` produces and `loss`/`trainer` consume.
 
 Alignment (Atropos convention): in a group, the mask/advantage/logprob entries at position t belong
 to token t, which the model predicts from position t-1. A `MicroBatch` is already shifted: row
