@@ -167,7 +167,7 @@ _NETWORK_ERRORS = (requests.ConnectionError, requests.Timeout) if requests else 
 
 class AtroposClient:
     """One trainer's connection to the trajectory API. Use it on rank 0 only (the others get the
-    groups through `batch.broadcast_groups`) and from one thread at a time (a prefetch thread that
+    groups through `data.broadcast_groups`) and from one thread at a time (a prefetch thread that
     overlaps the next fetch with the current step is fine)."""
 
     def __init__(self, cfg: AtroposConfig, session: Optional[requests.Session] = None):
@@ -178,7 +178,7 @@ class AtroposClient:
         self.session = session or requests.Session()
         self.uuid: Optional[int] = None
         self.batches_received = 0
-        self.last_raw: Optional[bytes] = None   # JSON body of the last batch (for batch.broadcast_groups)
+        self.last_raw: Optional[bytes] = None   # JSON body of the last batch (for data.broadcast_groups)
         self._deadline: Optional[float] = None   # set while a bounded wait runs
         self._counters = {k: 0 for k in ("data/polls", "data/empty_polls", "data/batches", "data/api_errors",
                                          "data/connection_errors", "data/reregistered", "data/api_resets")}

@@ -4,7 +4,7 @@ batch payload, so a rank learns what comes next without parsing batch data.
 Kinds:
   "launch": once, before the first step: rank 0's model directory, API URL, inference URLs, update
             token and sequence length (`services.share_launch_info`).
-  "batch":  a batch follows on the batch broadcast (`batch.broadcast_groups`).
+  "batch":  a batch follows on the batch broadcast (`data.broadcast_groups`).
   "stop":   rank 0 is stopping (its fetch failed, a child died); `reason` says why; nothing follows.
             The other ranks raise `StopRequested` and leave the loop with rank 0, so every rank
             reaches the collective checkpoint instead of waiting out the collective timeout.

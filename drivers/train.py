@@ -41,7 +41,7 @@ logger = logging.getLogger("train")
 
 def batch_metrics(batch) -> dict:
     """Reward and advantage statistics of the batch, plus the data/* counters. The reward counts
-    every valid sequence, duplicates of kept groups included (see `batch.filter_groups`)."""
+    every valid sequence, duplicates of kept groups included (see `data.validate.filter_groups`)."""
     scores = torch.tensor(batch.scores, dtype=torch.float64)
     n = len(scores) + batch.metrics.get("data/duplicate_sequences", 0)
     total = float(scores.sum()) + batch.metrics.get("data/duplicate_score_sum", 0.0)
