@@ -50,13 +50,9 @@ from atropos_core.cpu_budget import apply_to_trainer, available_cpus, plan_cpu_b
 from atropos_core.envs.tiny_model import build_tiny_model  # noqa: E402
 from atropos_core.inference import new_update_token, start_vllm_server  # noqa: E402
 from atropos_core.services import free_port  # noqa: E402
-from atropos_core.weight_sync import (  # noqa: E402
-    WIRE_DTYPES,
-    WeightSync,
-    WeightSyncConfig,
-    broadcast,
-    make_transfer_group,
-)
+from atropos_core.weight_sync.protocol import WIRE_DTYPES  # noqa: E402
+from atropos_core.weight_sync.push import WeightSync, WeightSyncConfig  # noqa: E402
+from atropos_core.weight_sync.transport import broadcast, make_transfer_group  # noqa: E402
 from bench.common import append_rows, run_meta  # noqa: E402
 
 CSV_FIELDS = ["device", "commit", "date", "model", "params", "bytes", "method", "repeats", "ms_median", "ms_min",
