@@ -22,6 +22,7 @@ train: install
 	$(PY) drivers/train.py $(ARGS)
 
 test: install
+	$(PY) -m ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Every benchmark appends to its CSV in bench/results/ (device, commit, date) and prints a table.

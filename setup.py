@@ -47,6 +47,7 @@ setup(
         "dev": [
             "trl==1.16.0",  # bench/bench_e2e.py --task echo: the in-process GRPO row (no torch change)
             "pytest>=8",
+            "ruff==0.17.6",  # make test: `ruff check .` (ruff.toml)
             "pytest-timeout",
             "hypothesis",
             "liger-kernel==0.8.5",

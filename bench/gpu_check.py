@@ -7,7 +7,7 @@
 Stages (each passes or fails on its own; the exit code is 1 when any failed, 0 otherwise):
   0  versions, GPU name; measured ceilings: an 8192^3 bf16 GEMM (TFLOP/s) and a device-to-device
      copy (GB/s, bytes read + written).
-  1  kernel correctness against fp64 (`kernels.reference`, rule of STYLE.md: err <= 2*torch_err +
+  1  kernel correctness against fp64 (`kernels.reference`, error rule: err <= 2*torch_err +
      atol for loss, both gradients, logprobs, entropy): bf16/fp16/fp32 x awsft / grpo with old
      logprobs / cispo + KL x temperature 1 and 0.7, at (777, 4096, 128256), (777, 3584, 152064) and a
      tiny vocabulary; default, small and odd chunk sizes; all-masked and all-selected; logits at
@@ -174,7 +174,6 @@ def stage0(st: Stage, dev, smoke: bool) -> dict:
     gbs = 2 * nbytes / (ms * 1e-3) / 1e9
     st.metric("d2d_copy", "gb_per_s", gbs, "GB/s (read+write)")
     st.check("device-to-device copy runs", gbs > 0, f"{gbs:.0f} GB/s")
-    del a, b, src, dst
     return {"gemm_tflops": tflops, "copy_gbs": gbs}
 
 

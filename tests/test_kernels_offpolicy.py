@@ -14,9 +14,8 @@ import pytest
 import torch
 
 import kernels
-from kernels import losses
 from kernels.reference import linear_logprobs_ref, policy_loss_ref
-from tests.test_kernels import D, N, V, _err, _gold, _run, assert_rule, make_case
+from tests.test_kernels import N, V, _gold, _run, assert_rule, make_case
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -220,7 +219,6 @@ def test_gspo_token_advantages_varied_lengths(dtype, monkeypatch):
     several chunks, some fully masked), chunk 5; and pass 1 is the logprob-only row pass (row_stats,
     the entropy pass, runs only in pass 2)."""
     case = _offpolicy_case(dtype, seed=9)
-    gen = torch.Generator().manual_seed(309)
     lens = [1, 14, 3, 2, 7, 1, 5, 4]
     ids = torch.cat([torch.full((k,), 10 * i + 3) for i, k in enumerate(lens)])
     case["sequence_ids"] = torch.cat([ids, torch.full((N - ids.numel(),), 999)])

@@ -1,7 +1,8 @@
 """Build a tiny Qwen2-family causal LM and a byte-level BPE tokenizer locally (no hub, no network).
 
 The model is random-initialised and small enough to train on two CPU cores. Its shape follows what
-vLLM's CPU attention backend accepts (head size 64: hidden 128 with 2 heads; see shared FACTS).
+vLLM's CPU attention backend accepts (head size 64: hidden 128 with 2 heads; vLLM's CPU attention supports
+only some head sizes, 64 among them).
 The tokenizer is a byte-level BPE trained with `tokenizers`: that kind round-trips exactly through
 the `Qwen2Tokenizer` that `AutoTokenizer` picks from `config.json` (a word-level one would be
 silently re-read wrongly), so vLLM, atroposlib and the trainer, which each load it on their own,
