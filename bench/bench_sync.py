@@ -15,11 +15,8 @@ starts our vLLM server and measures, in the same run:
 Targets (benchmark, not test): sync within 1.3x of raw broadcast, >= 5x faster than the disk trip.
 Rows go to bench/results/sync.csv (long format, with device, commit and date); a table is printed.
 
-Measured (idle 2-core AMD EPYC, fp32, 7 repeats; all runs in docs/weight_sync.md), 100M (400 MB):
-  plain: sync 404 ms = 1.61x raw gloo (250 ms), disk trip 3.2x slower, 109 tok/s at n=16;
-  packed: sync 612 ms = 2.53x raw gloo (242 ms), disk trip 2.3x slower, 218 tok/s at n=16.
-  Target 1.3x: not met (plain reached 1.27-1.30x only under looser protocols). Target 5x vs disk:
-  out of reach here for any transport (raw gloo itself is 3-6x faster than the page-cached disk trip).
+Measured numbers and their discussion: docs/weight_sync.md (the 100M model) and
+docs/loop-speed-2026-12-01.md (the tiny model's per-update target).
 
     python bench/bench_sync.py [--models tiny,100m] [--layouts plain,packed] [--repeats 5] [--cpu-budget off]
 

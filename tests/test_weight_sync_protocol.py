@@ -171,6 +171,7 @@ def guarded_app(tmp_path_factory):
     (ckpt / "config.json").write_text(json.dumps({"tie_word_embeddings": False}))
     app = FastAPI()
     app.state.engine_client = None  # no engine: only answers given before one is needed are tested
+    app.middleware_stack = app.build_middleware_stack()  # as vLLM's app has by the time our routes come
     add_atropos_routes(app, token=TOKEN, max_body_bytes=4096, model=str(ckpt))
     with TestClient(app) as client:
         yield client, _checkpoint_spec(str(ckpt))

@@ -41,7 +41,8 @@ from typing import Any
 
 from typing import Annotated, Optional, Union
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.routing import APIRoute
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
@@ -178,6 +179,23 @@ class _Refused(Exception):
         self.status = status
 
 
+class _GuardedRoute(APIRoute):
+    """A route whose dependencies may raise `_Refused`. Answered here, not by an app exception
+    handler: vLLM has built its app's middleware stack (and so its handler table) by the time our
+    routes are added."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def guarded(request: Request):
+            try:
+                return await handler(request)
+            except _Refused as err:
+                return _error(err.status, str(err))
+
+        return guarded
+
+
 async def _pause(eng, mode: str) -> None:
     """Pause generation for an update, without `AsyncLLM.pause_generation`'s closing 20 ms sleep.
 
@@ -213,14 +231,12 @@ def add_atropos_routes(app: FastAPI, *, token: str, max_body_bytes: int, model: 
     spec = _checkpoint_spec(model)
     ignored_keys_logged: set[str] = set()
 
-    async def answer_refusal(request: Request, exc: _Refused) -> JSONResponse:
-        return _error(exc.status, str(exc))
+    weights = APIRouter(route_class=_GuardedRoute)  # the /weights/* routes, added to `app` at the end
 
-    app.add_exception_handler(_Refused, answer_refusal)
-
-    def authorized(request: Request) -> None:
+    async def authorized(request: Request) -> None:
         """Dependency of every `/weights/*` route: the update token, checked before the body is read
-        (401 without a token, 403 with a wrong one; logged with the client address)."""
+        (401 without a token, 403 with a wrong one; logged with the client address). Async, so
+        FastAPI runs it on the event loop rather than a worker thread."""
         why = token_refusal(request.headers.get("authorization", ""), token)
         if why is None:
             return
@@ -246,7 +262,7 @@ def add_atropos_routes(app: FastAPI, *, token: str, max_body_bytes: int, model: 
     async def authorized_body(request: Request) -> dict:
         """Dependency of the `/weights/*` routes that take a body: the token, then the body as a
         JSON object (413 over the size limit, 400 when it is not a JSON object)."""
-        authorized(request)
+        await authorized(request)
         try:
             return await body_json(request)
         except ValueError as err:
@@ -315,7 +331,7 @@ def add_atropos_routes(app: FastAPI, *, token: str, max_body_bytes: int, model: 
                              "last_error": state.last_error})
 
     # -- weight updates (each checks the token first) -------------------------------------
-    @app.get("/weights/spec", dependencies=[Depends(authorized)])
+    @weights.get("/weights/spec", dependencies=[Depends(authorized)])
     async def weights_spec(request: Request):
         pc = request.app.state.vllm_config.parallel_config
         try:  # each worker's device, so the trainer can avoid NCCL between two ranks on one GPU
@@ -326,7 +342,7 @@ def add_atropos_routes(app: FastAPI, *, token: str, max_body_bytes: int, model: 
         return JSONResponse(dict(spec, num_workers=pc.world_size_across_dp, weight_version=state.version,
                                  devices=devices))
 
-    @app.post("/weights/init")
+    @weights.post("/weights/init")
     async def weights_init(request: Request, body: dict = Depends(authorized_body)):
         from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
 
@@ -360,7 +376,7 @@ def add_atropos_routes(app: FastAPI, *, token: str, max_body_bytes: int, model: 
             if state.phase == "prepared" and state.prepare_id == prepare_id:
                 await _undo_prepare(eng, f"not applied within {after_s:.0f} s")
 
-    @app.post("/weights/prepare")
+    @weights.post("/weights/prepare")
     async def weights_prepare(request: Request, body: dict = Depends(authorized_body)):
         try:
             manifest = body.get("manifest")
@@ -421,7 +437,7 @@ def add_atropos_routes(app: FastAPI, *, token: str, max_body_bytes: int, model: 
         logger.info("weights updated to v%d in %.0f ms", version, ms)
         return 200, {"status": "updated", "weight_version": version, "ms": ms}
 
-    @app.post("/weights/apply")
+    @weights.post("/weights/apply")
     async def weights_apply(request: Request, body: dict = Depends(authorized_body)):
         try:
             version = int(body["version"])
@@ -437,7 +453,7 @@ def add_atropos_routes(app: FastAPI, *, token: str, max_body_bytes: int, model: 
             code, answer = await _apply(eng, state.manifest, version)
         return JSONResponse(answer, status_code=code)
 
-    @app.post("/weights/update")
+    @weights.post("/weights/update")
     async def weights_update(request: Request, body: dict = Depends(authorized_body)):
         """Prepare and apply in one exchange, for an update whose manifest this server already
         knows (`manifest_key` from the last `/weights/prepare`; only the version changes). The
@@ -493,7 +509,7 @@ def add_atropos_routes(app: FastAPI, *, token: str, max_body_bytes: int, model: 
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")
 
-    @app.post("/weights/sampled_versions")
+    @weights.post("/weights/sampled_versions")
     async def sampled_versions(body: dict = Depends(authorized_body)):
         """The weight version that generated each sequence (`weight_sync.sequence_key` of prompt +
         completion tokens), or null where this server does not know it."""
@@ -502,7 +518,7 @@ def add_atropos_routes(app: FastAPI, *, token: str, max_body_bytes: int, model: 
             return _error(400, "/weights/sampled_versions needs 'keys': a list of strings")
         return JSONResponse({"versions": [state.sampled.get(k) for k in keys]})
 
-    @app.post("/weights/load_from_disk")
+    @weights.post("/weights/load_from_disk")
     async def weights_load_from_disk(request: Request, body: dict = Depends(authorized_body)):
         """The disk round trip (fallback and benchmark baseline): reload a safetensors directory."""
         try:
@@ -533,7 +549,7 @@ def add_atropos_routes(app: FastAPI, *, token: str, max_body_bytes: int, model: 
         return JSONResponse({"status": "updated", "weight_version": version,
                              "ms": (time.perf_counter() - t0) * 1e3})
 
-    @app.post("/weights/abort", dependencies=[Depends(authorized)])
+    @weights.post("/weights/abort", dependencies=[Depends(authorized)])
     async def weights_abort(request: Request):
         eng = engine(request)
         async with state.lock:
@@ -542,6 +558,8 @@ def add_atropos_routes(app: FastAPI, *, token: str, max_body_bytes: int, model: 
             else:
                 await eng.resume_generation()
         return JSONResponse({"status": "idle"})
+
+    app.include_router(weights)
 
 
 SPIN_ENV = "ATROPOS_VLLM_SPIN_S"  # = atropos_core.cpu_budget.SPIN_ENV (not imported: keep this light)

@@ -19,38 +19,12 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from .protocol import (
-    BUCKET_ALIGN,
-    DTYPE_NAMES,
-    MAX_PIPELINE_DEPTH,
-    MIN_WIRE_BYTES_PER_S,
-    NCCL_BUCKET_BYTES,
-    PAUSE_MODES,
-    PIPELINE_DEPTH,
-    WIRE_DTYPES,
-    WeightSyncError,
-    auth_headers,
-    bucket_layout,
-    build_manifest,
-    clean_param_name,
-    device_id,
-    manifest_key,
-    message_timeout,
-    pack_bucket,
-    plan_buckets,
-    sequence_key,
-    tensor_nbytes,
-    token_refusal,
-    unpack_bucket,
-    validate_manifest,
-)
-from .transport import (
-    broadcast,
-    broadcast_async,
-    make_transfer_group,
-    pick_backend,
-    wait_done,
-)
+# The names callers use, re-exported (the wire format, then the transport).
+from .protocol import (BUCKET_ALIGN, DTYPE_NAMES, MAX_PIPELINE_DEPTH, MIN_WIRE_BYTES_PER_S, NCCL_BUCKET_BYTES,
+                       PAUSE_MODES, PIPELINE_DEPTH, WIRE_DTYPES, WeightSyncError, auth_headers, bucket_layout,
+                       build_manifest, clean_param_name, device_id, manifest_key, message_timeout, pack_bucket,
+                       plan_buckets, sequence_key, tensor_nbytes, token_refusal, unpack_bucket, validate_manifest)
+from .transport import broadcast, broadcast_async, make_transfer_group, pick_backend, wait_done
 
 if TYPE_CHECKING:
     from .push import WeightSync, WeightSyncConfig
