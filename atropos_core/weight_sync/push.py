@@ -565,7 +565,7 @@ class WeightSync:
             return failed
         import torch.distributed as dist
 
-        from .dist import scalar_device
+        from ..dist import scalar_device
 
         flag = torch.tensor([1.0 if failed else 0.0], device=scalar_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
