@@ -29,12 +29,13 @@ import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import torch
 from torch import nn
 
 from . import dist as adist
+from .checks import Ge, check_fields
 
 logger = logging.getLogger(__name__)
 
@@ -51,18 +52,15 @@ class CheckpointConfig:
 
     dir: str = ""
     """Directory holding `step-XXXXXXXX/` checkpoints; empty disables checkpointing."""
-    every: int = 0
+    every: Annotated[int, Ge(0)] = 0
     """Save every K optimizer steps (0: only when the driver asks, e.g. at the end)."""
-    keep_last: int = 3
+    keep_last: Annotated[int, Ge(0)] = 3
     """Keep the newest K complete checkpoints, delete older ones (0 keeps all)."""
     resume: Optional[str] = None
     """None: start fresh; "auto": the newest complete checkpoint in `dir` if any; or a path."""
 
     def __post_init__(self):
-        if self.every < 0:
-            raise ValueError(f"checkpoint.every must be >= 0, got {self.every}")
-        if self.keep_last < 0:
-            raise ValueError(f"checkpoint.keep_last must be >= 0 (0 = keep all), got {self.keep_last}")
+        check_fields(self, "checkpoint")
         if self.resume == "auto" and not self.dir:
             raise ValueError("checkpoint.resume='auto' needs checkpoint.dir")
         if self.every > 0 and not self.dir:

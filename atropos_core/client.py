@@ -36,8 +36,10 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 from urllib.parse import urlparse
+
+from .checks import Finite, Ge, Gt, check_fields
 
 try:
     import requests
@@ -84,28 +86,29 @@ class AtroposConfig:
     url: str = "http://127.0.0.1:8000"
     """Base URL of the trajectory API (`run-api`), e.g. http://127.0.0.1:8000; or "synthetic": seeded
     random groups drawn in the trainer (`atropos_core.synthetic`), no API, vLLM or environment."""
-    batch_size: int = 64
+    batch_size: Annotated[int, Ge(1)] = 64
     """Sequences per training batch (not groups): the server ships exactly this many."""
-    max_token_len: int = 2048
-    """Longest sequence the environments may send; keep it equal to `data.max_token_len`."""
-    group_size: Optional[int] = None
-    """Sequences per group the environments send, if known: checked against batch_size at start."""
-    request_timeout_s: float = 60.0
+    max_token_len: Annotated[int, Ge(2)] = 2048
+    """Longest sequence the environments may send (in a run: `run.max_token_len`)."""
+    group_size: Optional[Annotated[int, Ge(1)]] = None
+    """Sequences per group the environments send, if known: checked against batch_size at start (in a
+    run: `env.group_size`)."""
+    request_timeout_s: Annotated[float, Gt(0), Finite()] = 60.0
     """Timeout of one HTTP request (connect and read). Keep it generous: the API pops a batch
     before it sends it, so a `/batch` answer cut off by the read timeout is lost (the API took ~4 s
     to send a 6 MB batch on one busy core)."""
-    max_wait_s: float = 900.0
+    max_wait_s: Annotated[float, Gt(0), Finite()] = 900.0
     """Longest total wait for the server to answer (register) or for one batch to be ready (an
     answer already being read may add up to request_timeout_s)."""
-    backoff_initial_s: float = 0.005
+    backoff_initial_s: Annotated[float, Gt(0)] = 0.005
     """First pause between polls; it doubles each time up to backoff_max_s. Short: the API has no
     blocking /batch, so a batch that lands just after a poll waits for the next one (a poll on
     loopback costs ~1 ms; 0.05 s + 0.1 s jitter added ~0.1 s to every step of a fast loop)."""
-    backoff_max_s: float = 1.0
+    backoff_max_s: Annotated[float, Gt(0), Finite()] = 1.0
     """Longest pause between two polls (also the worst latency added to a batch that is ready)."""
-    backoff_jitter_s: float = 0.005
+    backoff_jitter_s: Annotated[float, Ge(0)] = 0.005
     """Random extra pause in [0, this] added to each wait, so many clients do not poll in step."""
-    log_every_s: float = 30.0
+    log_every_s: Annotated[float, Gt(0), Finite()] = 30.0
     """While waiting, log a line saying what we wait for at most this often."""
     wandb_group: str = "atropos-trainer"
     """wandb group the environments log under (registered with the server)."""
@@ -115,23 +118,18 @@ class AtroposConfig:
     """Checkpoint directory the server hands to environments (informational for them)."""
     save_checkpoint_interval: int = 0
     """Steps between checkpoints, told to environments (<= 0: they do not act on it)."""
-    starting_step: int = 0
+    starting_step: Annotated[int, Ge(0)] = 0
     """Step the run starts at (non-zero when resuming); the server counts steps from it."""
-    num_steps: int = 1
-    """Total steps of the run, told to environments."""
+    num_steps: Annotated[int, Ge(1)] = 1
+    """Total steps of the run, told to environments (in a run: `run.steps`)."""
 
     def __post_init__(self):
         parsed = urlparse(self.url)
         if self.url != SYNTHETIC_URL and (parsed.scheme not in ("http", "https") or not parsed.netloc):
             raise ValueError(f"atropos.url must be an http(s) URL like http://127.0.0.1:8000, got {self.url!r}")
         self.url = self.url.rstrip("/")
-        if self.batch_size < 1:
-            raise ValueError(f"atropos.batch_size must be >= 1 (sequences), got {self.batch_size}")
-        if self.max_token_len < 2:
-            raise ValueError(f"atropos.max_token_len must be >= 2, got {self.max_token_len}")
+        check_fields(self, "atropos")
         if self.group_size is not None:
-            if self.group_size < 1:
-                raise ValueError(f"atropos.group_size must be >= 1 or None, got {self.group_size}")
             if self.group_size > self.batch_size:
                 raise ValueError(
                     f"atropos.group_size {self.group_size} > atropos.batch_size {self.batch_size}: the API never "
@@ -141,19 +139,11 @@ class AtroposConfig:
                 raise ValueError(
                     f"atropos.batch_size {self.batch_size} is not a multiple of atropos.group_size "
                     f"{self.group_size}: the API fills a batch with whole groups only, so it would never ship one")
-        for name in ("request_timeout_s", "max_wait_s", "backoff_max_s", "log_every_s"):
-            v = getattr(self, name)
-            if not (v > 0 and math.isfinite(v)):
-                raise ValueError(f"atropos.{name} must be a finite number > 0, got {v}")
-        if not (0 < self.backoff_initial_s <= self.backoff_max_s):
+        if self.backoff_initial_s > self.backoff_max_s:
             raise ValueError(f"atropos.backoff_initial_s must be in (0, backoff_max_s={self.backoff_max_s}], "
                              f"got {self.backoff_initial_s}")
-        if not (0 <= self.backoff_jitter_s <= self.backoff_max_s):
+        if self.backoff_jitter_s > self.backoff_max_s:
             raise ValueError(f"atropos.backoff_jitter_s must be in [0, backoff_max_s], got {self.backoff_jitter_s}")
-        if self.starting_step < 0:
-            raise ValueError(f"atropos.starting_step must be >= 0, got {self.starting_step}")
-        if self.num_steps < 1:
-            raise ValueError(f"atropos.num_steps must be >= 1, got {self.num_steps}")
 
 
 class AtroposUnavailable(ConnectionError):

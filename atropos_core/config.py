@@ -1,37 +1,54 @@
 """One typed config for a whole run, composed of each component's own dataclass, and its CLI.
 
 Every component owns its config dataclass next to its code (`AtroposConfig` in client.py,
-`ModelConfig` in model.py, ...), validated in its `__post_init__`. `TrainConfig` composes them;
-this module adds only what belongs to the run itself (`RunConfig`), the inference servers we start
-(`InferenceConfig`) and the built-in environment (`EnvConfig`).
+`ModelConfig` in model.py, ...): a docstring under each field, its range or choices declared in the
+annotation (`atropos_core.checks`), cross-field checks in `__post_init__`. `TrainConfig` composes
+them; this module adds only what belongs to the run itself (`RunConfig`), the inference servers we
+start (`InferenceConfig`) and the built-in environment (`EnvConfig`).
 
-CLI: every field of every section is an override, `--section.field VALUE` (or `=VALUE`), e.g.
-`--optim.lr 3e-4 --loss.loss_type grpo`. A config file (`--config FILE`, TOML or JSON, with one
-table per section) is applied first, then the command line. The common fields have short
-spellings (`--model`, `--steps`, `--out`, `--resume`, `--atropos-url`, `--inference-port`,
-`--no-env`). Values are parsed by the field's type; a wrong section, field or value ends at start-up
-with one message that names it. The resolved config is written to `<run dir>/config.json`.
+CLI: an `argparse` parser generated from the dataclasses (`build_parser`): every field of every
+section is `--section.field VALUE` (or `=VALUE`), its help the field's docstring and its default
+the dataclass's. We generate it ourselves rather than through a dataclass-CLI library because the
+spellings users already type must keep working: JSON or comma-separated lists, `true`/`false`
+values for booleans, `none` for Optional fields, the short flags of `SHORTCUTS` (`--resume` with an
+optional path), and values that start with `--` (vLLM flags in `inference.extra_args`). A config file
+(`--config FILE`, TOML or JSON, one table per section) is applied first, then the command line.
+A wrong section, field or value ends at start-up with one `ConfigError` that names it (with the
+closest field name for a typo). The resolved config is written to `<run dir>/config.json`.
+
+Derived fields (`DERIVED`) are not settings: `data.max_token_len` and `atropos.max_token_len`
+follow `run.max_token_len`; `optim.total_steps` and `atropos.num_steps` follow `run.steps`;
+`atropos.group_size` follows `env.group_size` (when we start the environment or the group size is
+given); `data.vocab_size` and `data.pad_token_id` come from the model at load. `--help` does not
+list them. The old spellings of the two that users typed (`--data.max_token_len`,
+`--atropos.max_token_len`, `--atropos.group_size`) still work as their one setting, and must agree
+when several are given; setting a step count or the vocabulary is a ConfigError naming the field it
+follows.
 
 Presets: with no `--model` (or `--preset demo`) the demo preset (`DEMO_PRESET`) fills the fields
 the user did not set, and the launcher says so once; with `--model` every other field keeps its
-dataclass default, the one `--help` shows. Lengths: `run.max_token_len` (`--max-token-len`),
-`data.max_token_len` and `atropos.max_token_len` are one setting (see `model_source`).
+dataclass default, the one `--help` shows. How the preset's values were chosen: docs/config.md.
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import difflib
+import functools
+import inspect
 import json
 import shlex
 import sys
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Annotated, Any, Literal, Optional
 
 from .batch import DataConfig
+from .checks import Between, Ge, OneOf, check_fields, choices_of
 from .checkpoint import CheckpointConfig
 from .client import AtroposConfig
 from .inference.launch import CPU_WEIGHT_LAYOUTS, check_user_vllm_args
@@ -45,14 +62,19 @@ class ConfigError(ValueError):
     """A config or command-line mistake, reported at start-up naming the field."""
 
 
+PRESETS = ("auto", "demo", "none")
+
+
 @dataclass
 class RunConfig:
-    steps: int = 1000
+    """The run itself: its length, directory, seed, device and preset."""
+
+    steps: Annotated[int, Ge(1)] = 1000
     """Optimizer steps to run (one Atropos batch per step)."""
-    preset: str = "auto"
+    preset: Annotated[str, OneOf(PRESETS)] = "auto"
     """"demo": the built-in tiny model and task with the settings of `DEMO_PRESET` (announced at
     start); "none": the defaults shown by --help; "auto": demo when no --model is given, else none."""
-    max_token_len: Optional[int] = None
+    max_token_len: Optional[Annotated[int, Ge(2)]] = None
     """The run's one sequence length (prompt + completion, tokens): vLLM's --max-model-len, the API
     registration and data validation all follow it (data./atropos.max_token_len are the same
     setting). None: the model's own limit, capped at 2048. More than the model's limit is an error."""
@@ -63,36 +85,29 @@ class RunConfig:
     start_api: bool = True
     """Start atroposlib's trajectory API as a child process (False when `--atropos-url` points at
     one that already runs; the built-in environment is then not started either)."""
-    device: str = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     """"auto" (CUDA when available, else CPU), "cpu" or "cuda"."""
-    max_nonfinite_steps: int = 3
+    max_nonfinite_steps: Annotated[int, Ge(1)] = 3
     """Consecutive skipped non-finite steps after which the run stops with an error."""
 
     def __post_init__(self):
-        if self.steps < 1:
-            raise ValueError(f"run.steps must be >= 1, got {self.steps}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"run.device must be auto, cpu or cuda, got {self.device!r}")
-        if self.max_nonfinite_steps < 1:
-            raise ValueError(f"run.max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
-        if self.preset not in PRESETS:
-            raise ValueError(f"run.preset must be one of {PRESETS}, got {self.preset!r}")
-        if self.max_token_len is not None and self.max_token_len < 2:
-            raise ValueError(f"run.max_token_len must be >= 2 or None, got {self.max_token_len}")
+        check_fields(self, "run")
 
 
 @dataclass
 class InferenceConfig:
+    """The vLLM servers the run starts."""
+
     start: bool = True
     """Start our vLLM server(s) (with the weight-sync extension and Atropos's /generate route)."""
     host: str = "127.0.0.1"
     """Interface the inference server binds (loopback unless you ask otherwise)."""
-    port: int = 0
+    port: Annotated[int, Between(0, 65535)] = 0
     """Port of the first inference server; 0 picks a free one."""
-    num_servers: int = 1
+    num_servers: Annotated[int, Ge(1)] = 1
     """Data-parallel vLLM replicas (ports port, port+1, ... when port is fixed)."""
     startup_timeout_s: float = 300.0
-    """How long a vLLM server may take to answer /health (cold start is 30-40 s on CPU)."""
+    """How long a vLLM server may take to answer /health (a cold start on CPU takes tens of seconds)."""
     extra_args: str = ""
     """Extra command-line arguments for vLLM (shell quoting): they replace the launcher's own value of
     the same flag (--dtype, --seed, --enforce-eager, --gpu-memory-utilization, ...). The resolved
@@ -101,19 +116,13 @@ class InferenceConfig:
     """GPU machines: where the servers run (`atropos_core.placement`). "auto": the GPUs after the
     trainer ranks' (colocated with the trainer, logged, when none are left); "colocate"; or a list
     of physical GPU ids such as "4,5,6,7" or "4-7" (tensor-parallel-size of them per server)."""
-    cpu_weight_layout: str = "packed"
-    """CPU servers only: "packed" is vLLM's oneDNN pre-packing (generation ~1.3-1.8x faster at
-    n=16, every sync re-packs); "plain" keeps plain tensors that each sync copies into in place
-    (sync ~1.7x faster on a 100M model). Measured trade-off: docs/weight_sync.md."""
+    cpu_weight_layout: Annotated[str, OneOf(CPU_WEIGHT_LAYOUTS)] = "packed"
+    """CPU servers only: "packed" is vLLM's oneDNN pre-packing (faster generation, every sync
+    re-packs); "plain" keeps plain tensors that each sync copies into in place (faster sync).
+    The measured trade-off: docs/weight_sync.md."""
 
     def __post_init__(self):
-        if self.cpu_weight_layout not in CPU_WEIGHT_LAYOUTS:
-            raise ValueError(f"inference.cpu_weight_layout must be one of {CPU_WEIGHT_LAYOUTS}, "
-                             f"got {self.cpu_weight_layout!r}")
-        if not (0 <= self.port < 65536):
-            raise ValueError(f"inference.port must be in [0, 65535], got {self.port}")
-        if self.num_servers < 1:
-            raise ValueError(f"inference.num_servers must be >= 1, got {self.num_servers}")
+        check_fields(self, "inference")
         from .placement import check_gpus_spec
 
         check_gpus_spec(self.gpus)
@@ -122,6 +131,8 @@ class InferenceConfig:
 
 @dataclass
 class EnvConfig:
+    """The environment processes the run starts."""
+
     start: bool = True
     """Start the built-in environment (atropos_core.envs.repeat_env) as a child process."""
     module: str = "atropos_core.envs.repeat_env"
@@ -133,8 +144,10 @@ class EnvConfig:
     atroposlib pauses an environment while the API queue holds its `max_batches_offpolicy` batches,
     whoever queued them: give a slower one room (`--env.max_batches_offpolicy`) or a share of
     every batch (`--env.min_batch_allocation`) in its entry."""
-    group_size: int = 8
-    """Completions sampled per prompt (one Atropos group)."""
+    group_size: Annotated[int, Ge(2)] = 8
+    """Completions sampled per prompt (one Atropos group; GRPO needs two or more). The environments we
+    start use it and `atropos.group_size` (checked against `atropos.batch_size`) follows it; for
+    environments you run yourself (`--atropos-url`) it is checked only when you give it."""
     max_new_tokens: int = 1
     """Tokens sampled per completion."""
     extra_args: str = ""
@@ -152,12 +165,13 @@ class EnvConfig:
                     raise ValueError("empty entry")
             except ValueError as e:
                 raise ValueError(f"env.modules entry {spec!r}: {e}") from None
-        if self.group_size < 2:
-            raise ValueError(f"env.group_size must be >= 2 (GRPO needs a group), got {self.group_size}")
+        check_fields(self, "env")
 
 
 @dataclass
 class TrainConfig:
+    """A whole run: one section per component (`--section.field` on the command line)."""
+
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -171,6 +185,23 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(
         dir=str(Path(RunConfig.out) / "checkpoints"), every=100))
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self):
+        """The lengths and step counts that follow the run's one setting (`DERIVED`) agree with it,
+        also after a `dataclasses.replace` of the run section."""
+        n, steps = self.run.max_token_len, self.run.steps
+        if n is not None:
+            self.data = _with(self.data, max_token_len=n)
+            self.atropos = _with(self.atropos, max_token_len=n)
+        self.optim = _with(self.optim, total_steps=steps)
+        self.atropos = _with(self.atropos, num_steps=steps)
+
+
+def _with(section, **values):
+    """`section` with `values` (a new, re-validated object only when something changes)."""
+    if all(getattr(section, k) == v for k, v in values.items()):
+        return section
+    return dataclasses.replace(section, **values)
 
 
 # Short spellings of the fields a user types most: flag -> (section, field, value for a bare flag).
@@ -188,9 +219,23 @@ SHORTCUTS = {
     "--preset": ("run", "preset", None),
 }
 
-
-def _field_types(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+#: Fields the run derives (not settings, not in --help) -> what they follow.
+DERIVED = {
+    "data.max_token_len": "run.max_token_len (--max-token-len)",
+    "atropos.max_token_len": "run.max_token_len (--max-token-len)",
+    "optim.total_steps": "run.steps (--steps)",
+    "atropos.num_steps": "run.steps (--steps)",
+    "atropos.group_size": "env.group_size",
+    "data.vocab_size": "the model's embedding (read when the model loads)",
+    "data.pad_token_id": "the model's tokenizer (read when the model loads)",
+}
+#: The run's one sequence length and its old spellings, accepted as the same setting.
+LENGTH_KEYS = ("run.max_token_len", "data.max_token_len", "atropos.max_token_len")
+#: Settings whose old spellings (all but the first) still work as the first; they must agree.
+ALIASES = (LENGTH_KEYS, ("env.group_size", "atropos.group_size"))
+_ALIAS_OF = {k: keys[0] for keys in ALIASES for k in keys}
+#: Defaults that follow `run.out` (shown so in --help).
+_FOLLOWS_OUT = {"checkpoint.dir": "<run.out>/checkpoints", "logging.run_dir": "<run.out>"}
 
 
 def _strip_optional(tp):
@@ -202,158 +247,199 @@ def _strip_optional(tp):
 
 
 def parse_value(raw: Any, tp, where: str):
-    """Turn a command-line string (or a config-file value) into a value of type `tp`."""
+    """Turn a command-line string (or a config file's string) into a value of type `tp`; values a
+    TOML/JSON file already typed pass unchanged (the dataclass checks them)."""
     tp, optional = _strip_optional(tp)
     if isinstance(raw, str) and optional and raw.lower() in ("none", "null"):
         return None
     if not isinstance(raw, str):
-        return raw  # from a JSON/TOML file: already typed; the dataclass validates it
+        return raw
     origin = typing.get_origin(tp)
     try:
         if tp is bool:
-            low = raw.lower()
-            if low in ("1", "true", "yes", "on"):
+            if raw.lower() in ("1", "true", "yes", "on"):
                 return True
-            if low in ("0", "false", "no", "off"):
+            if raw.lower() in ("0", "false", "no", "off"):
                 return False
             raise ValueError("expected true or false")
-        if tp is int:
-            return int(raw)
-        if tp is float:
-            return float(raw)
-        if tp is str or tp is Any:
-            return raw
-        if origin is typing.Literal:
-            if raw not in typing.get_args(tp):
-                raise ValueError(f"expected one of {typing.get_args(tp)}")
-            return raw
+        if tp in (int, float):
+            return tp(raw)
         if (origin is list or tp is list) and not raw.lstrip().startswith("["):
             return [x.strip() for x in raw.split(",") if x.strip()]  # a,b,c
         if origin in (list, tuple, dict) or tp in (list, tuple, dict):
             val = json.loads(raw)
             return tuple(val) if (origin is tuple or tp is tuple) else val
-        return raw
+        return raw  # str, Literal (the dataclass checks the choice)
     except (ValueError, json.JSONDecodeError) as e:
         raise ConfigError(f"{where}: cannot parse {raw!r} as {getattr(tp, '__name__', tp)}: {e}") from None
+
+
+def _sections() -> dict[str, type]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def _check_key(key: str) -> tuple[str, str]:
+    """(section, field) of a settable `key`, or a ConfigError naming the mistake."""
+    sections = _sections()
+    if key in DERIVED and key not in _ALIAS_OF:
+        raise ConfigError(f"{key} is not a setting: it follows {DERIVED[key]}")
+    if "." not in key:
+        raise ConfigError(f"unknown option {key!r}: use --section.field (sections: {', '.join(sections)})")
+    sec, name = key.split(".", 1)
+    if sec not in sections:
+        hint = difflib.get_close_matches(sec, sections, n=1)
+        raise ConfigError(f"unknown config section {sec!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+    names = [f.name for f in dataclasses.fields(sections[sec]) if f.init and not f.name.startswith("_")]
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=1)
+        raise ConfigError(f"unknown field {key!r}" + (f" (did you mean '{sec}.{close[0]}'?)" if close else
+                                                        f"; fields of {sec}: {', '.join(names)}"))
+    return sec, name
 
 
 def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
     """Return a new config with `{"section.field": value}` applied; each section re-validated."""
     per_section: dict[str, dict[str, Any]] = {}
-    sections = {f.name: f for f in dataclasses.fields(TrainConfig)}
     for key, raw in overrides.items():
-        if "." not in key:
-            raise ConfigError(f"unknown option {key!r}: use --section.field (sections: {', '.join(sections)})")
-        sec, name = key.split(".", 1)
-        if sec not in sections:
-            hint = difflib.get_close_matches(sec, sections, n=1)
-            raise ConfigError(f"unknown config section {sec!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
-        hints = _field_types(type(getattr(cfg, sec)))
-        if name not in hints or name.startswith("_"):
-            close = difflib.get_close_matches(name, list(hints), n=1)
-            raise ConfigError(f"unknown field {key!r}" + (f" (did you mean '{sec}.{close[0]}'?)" if close else
-                                                            f"; fields of {sec}: {', '.join(hints)}"))
-        per_section.setdefault(sec, {})[name] = parse_value(raw, hints[name], key)
+        sec, name = _check_key(key)
+        tp = typing.get_type_hints(_sections()[sec])[name]
+        per_section.setdefault(sec, {})[name] = parse_value(raw, tp, key)
     changes = {}
-    for sec, kv in per_section.items():
-        try:
+    try:
+        for sec, kv in per_section.items():
             changes[sec] = dataclasses.replace(getattr(cfg, sec), **kv)
-        except (ValueError, TypeError) as e:
-            raise ConfigError(f"invalid value in section {sec!r}: {e}") from None
-    return dataclasses.replace(cfg, **changes)
+        return dataclasses.replace(cfg, **changes)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"invalid value in section {sec!r}: {e}") from None
 
 
-def _flatten_file(path: Path) -> dict[str, Any]:
-    text = path.read_text()
-    if path.suffix == ".toml":
-        import tomllib
+def _read_file(path: Path) -> dict[str, Any]:
+    """`{"section.field": value}` of a TOML or JSON file with one table per section."""
+    if not path.is_file():
+        raise ConfigError(f"--config: file {path} does not exist")
+    try:
+        if path.suffix == ".toml":
+            import tomllib
 
-        data = tomllib.loads(text)
-    else:
-        data = json.loads(text)
-    flat = {}
-    for sec, table in data.items():
-        if not isinstance(table, dict):
-            raise ConfigError(f"{path}: top-level key {sec!r} must be a table of fields")
-        for k, v in table.items():
-            flat[f"{sec}.{k}"] = v
-    return flat
+            data = tomllib.loads(path.read_text())
+        else:
+            data = json.loads(path.read_text())
+    except ValueError as e:  # tomllib.TOMLDecodeError and json.JSONDecodeError are ValueErrors
+        raise ConfigError(f"--config {path}: {e}") from None
+    if not isinstance(data, dict) or not all(isinstance(t, dict) for t in data.values()):
+        raise ConfigError(f"--config {path}: the top level must be tables of fields, one per section")
+    flat = {f"{sec}.{k}": v for sec, table in data.items() for k, v in table.items()}
+    # A run's own config.json (`write_config`) lists the derived fields too: they are derived again.
+    return {k: v for k, v in flat.items() if not (k in DERIVED and k not in _ALIAS_OF)}
 
 
-def config_help() -> str:
-    lines = ["Every field below can be set with --section.field VALUE:"]
+@functools.cache
+def field_docs(cls) -> dict[str, str]:
+    """The docstring under each field of dataclass `cls` and of its dataclass bases (what --help shows)."""
+    docs = {}
+    for c in reversed([c for c in cls.__mro__ if dataclasses.is_dataclass(c)]):
+        body = ast.parse(textwrap.dedent(inspect.getsource(c))).body[0].body
+        docs.update({a.target.id: inspect.cleandoc(b.value.value) for a, b in zip(body, body[1:])
+                     if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr)
+                     and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str)})
+    return docs
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose mistakes are a ConfigError (the driver prints one line and exits 2)."""
+
+    def error(self, message):
+        raise ConfigError(message)
+
+
+def _metavar(tp) -> str:
+    tp, optional = _strip_optional(tp)
+    name = {bool: "BOOL", int: "INT", float: "FLOAT", str: "STR"}.get(tp) or (
+        "LIST" if typing.get_origin(tp) is list else "JSON")
+    return name + ("|none" if optional else "")
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, set[str]]:
+    """The CLI: `--config`, the shortcuts, and `--section.field` for every settable field, each
+    stored under its "section.field" key only when given. Also returns the flags that take a value."""
+    p = _Parser(
+        prog="drivers/train.py", allow_abbrev=False, usage="%(prog)s [--config FILE] [--section.field VALUE ...]",
+        description="Train a policy on Atropos batches; with no arguments, a complete local RL loop (API, "
+        "vLLM, built-in environment, trainer) under the demo preset (" + ", ".join(
+            f"{k}={v}" for k, v in DEMO_PRESET.items()) + "). With --model DIR or a hub id, the defaults "
+        "below apply unchanged. Booleans take true/false, Optional fields none, lists JSON or a,b,c.")
+    p.add_argument("--config", metavar="FILE", help="TOML or JSON file with one table per section, applied "
+                   "before the command line")
+    takes_value = set()
+    short = p.add_argument_group("shortcuts")
+    for flag, (sec, name, const) in SHORTCUTS.items():
+        key = f"{sec}.{name}"
+        if flag == "--resume":
+            short.add_argument(flag, dest=key, nargs="?", const=const, default=argparse.SUPPRESS, metavar="PATH",
+                               help="resume from the newest complete checkpoint of the run dir, or from PATH")
+        elif const is None:
+            short.add_argument(flag, dest=key, default=argparse.SUPPRESS, metavar="VALUE", help=f"same as --{key}")
+            takes_value.add(flag)
+        else:
+            short.add_argument(flag, dest=key, action="store_const", const=const, default=argparse.SUPPRESS,
+                               help=f"same as --{key} {const}")
     defaults = TrainConfig()
-    for sec in dataclasses.fields(TrainConfig):
-        obj = getattr(defaults, sec.name)
-        for f in dataclasses.fields(obj):
-            if f.name.startswith("_"):
+    for sec, cls in _sections().items():
+        group = p.add_argument_group(sec, (cls.__doc__ or "").strip().splitlines()[0])
+        docs, hints, plain = field_docs(cls), typing.get_type_hints(cls, include_extras=True), typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            key = f"{sec}.{f.name}"
+            if not f.init or f.name.startswith("_") or (key in DERIVED and key not in _ALIAS_OF):
                 continue
-            lines.append(f"  --{sec.name}.{f.name} (default: {getattr(obj, f.name)!r})")
-    return "\n".join(lines)
+            takes_value.add(f"--{key}")
+            if _ALIAS_OF.get(key, key) != key:  # an old spelling of the setting it names
+                group.add_argument(f"--{key}", dest=key, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+                continue
+            choices = choices_of(hints[f.name])
+            default = _FOLLOWS_OUT.get(key, repr(getattr(getattr(defaults, sec), f.name)))
+            text = f"{docs.get(f.name, '')} (default: {default})".replace("%", "%%")
+            group.add_argument(f"--{key}", dest=key, default=argparse.SUPPRESS, help=text,
+                               metavar="{" + ",".join(map(str, choices)) + "}" if choices else _metavar(plain[f.name]))
+    return p, takes_value
 
 
 def parse_args(argv: Optional[list[str]] = None) -> TrainConfig:
     """Build the run's config from defaults, an optional config file and command-line overrides."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(
-        prog="drivers/train.py", description="Train a policy on Atropos batches; with no arguments, a "
-        "complete local RL loop (API, vLLM, built-in environment, trainer) under the demo preset ("
-        + ", ".join(f"{k}={v}" for k, v in DEMO_PRESET.items()) + "). With --model DIR or a hub id, the "
-        "defaults below apply unchanged.",
-        epilog=config_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="TOML or JSON file with one table per section")
-    for flag, (sec, name, const) in SHORTCUTS.items():
-        if flag == "--resume":
-            parser.add_argument(flag, dest=f"short:{sec}.{name}", nargs="?", const=const, default=None,
-                                help="resume from the newest complete checkpoint of the run dir, or from PATH")
-        elif const is None:
-            parser.add_argument(flag, dest=f"short:{sec}.{name}", help=f"same as --{sec}.{name}")
+    parser, takes_value = build_parser()
+    # argparse reads a value that starts with "-" as an option (vLLM flags in inference.extra_args):
+    # pass such values glued, `--flag=VALUE`.
+    glued, i = [], 0
+    while i < len(argv):
+        if argv[i] in takes_value and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+            glued.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
         else:
-            parser.add_argument(flag, dest=f"short:{sec}.{name}", action="store_const", const=const,
-                                help=f"same as --{sec}.{name} {const}")
-    known, rest = parser.parse_known_args(argv)
-    overrides: dict[str, Any] = {}
-    if known.config:
-        path = Path(known.config)
-        if not path.exists():
-            raise ConfigError(f"--config: file {path} does not exist")
-        overrides.update(_flatten_file(path))
-    i = 0
-    while i < len(rest):
-        tok = rest[i]
+            glued.append(argv[i])
+            i += 1
+    known, rest = parser.parse_known_args(glued)
+    for tok in rest:
         if not tok.startswith("--"):
             raise ConfigError(f"unexpected argument {tok!r}")
-        if "=" in tok:
-            key, val = tok[2:].split("=", 1)
-            i += 1
-        else:
-            if i + 1 >= len(rest):
-                raise ConfigError(f"option {tok} needs a value")
-            key, val = tok[2:], rest[i + 1]
-            i += 2
-        overrides[key] = val
-    for dest, val in vars(known).items():
-        if dest.startswith("short:") and val is not None:
-            overrides[dest[len("short:"):]] = val
+        _check_key(tok[2:].split("=", 1)[0])
+        raise ConfigError(f"unknown option {tok!r}")  # a flag of another kind (e.g. a single dash)
+    given = vars(known)
+    config_file = given.pop("config", None)
+    overrides = _read_file(Path(config_file)) if config_file else {}
+    overrides.update(given)
     return resolve(overrides)
 
 
-PRESETS = ("auto", "demo", "none")
-#: The three spellings of the run's one sequence length (see `RunConfig.max_token_len`).
-LENGTH_KEYS = ("run.max_token_len", "data.max_token_len", "atropos.max_token_len")
-
 # The demo preset (no --model given, or --preset demo): a tiny model learning the built-in task in
-# minutes on CPU. lr 3e-3 with 16 groups of 8 per step lifts mean reward from ~0.13 to 0.5-0.8 in
-# 50-80 steps (in-process simulation first, then real runs); 120 steps with a cosine floor of
-# 0.2·lr end at ~0.69 over the last 10 steps, 3 min 13 s on an idle 2-core machine (README).
-# Without the preset the dataclass defaults apply (those --help shows): a real model's settings.
+# minutes on CPU (how these values were chosen: docs/config.md). Without the preset the dataclass
+# defaults apply (those --help shows): a real model's settings.
 DEMO_PRESET = {
     "run.steps": 120,
     "optim.lr": 3e-3,
     "optim.schedule": "cosine",
     "optim.min_lr_ratio": 0.2,
     "atropos.batch_size": 128,
-    "atropos.group_size": 8,
+    "env.group_size": 8,
     "run.max_token_len": 64,
     "loss.loss_type": "grpo",
     "checkpoint.every": 20,
@@ -368,10 +454,10 @@ def _is_demo(overrides: dict[str, Any]) -> bool:
     return preset == "demo" or (preset == "auto" and not overrides.get("model.path"))
 
 
-def _unify_lengths(overrides: dict[str, Any]) -> None:
-    """The three length keys are one setting: every given one must agree; all three get the value."""
+def _unify(overrides: dict[str, Any], keys: tuple[str, ...]) -> None:
+    """`keys` spell one int setting: every given one must agree; all of them get the value."""
     given = {}
-    for k in LENGTH_KEYS:
+    for k in keys:
         raw = overrides.get(k)
         if raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null", "auto", "")):
             continue
@@ -380,40 +466,40 @@ def _unify_lengths(overrides: dict[str, Any]) -> None:
         except (TypeError, ValueError):
             raise ConfigError(f"{k}: cannot parse {raw!r} as int") from None
     if len(set(given.values())) > 1:
-        raise ConfigError("the sequence length is one setting, given differently: "
-                          + ", ".join(f"{k}={v}" for k, v in given.items()) + " (set only --max-token-len)")
+        raise ConfigError("one setting given differently: " + ", ".join(f"{k}={v}" for k, v in given.items())
+                          + f" (set only --{keys[0]})")
     if given:
-        v = next(iter(given.values()))
-        overrides.update({k: v for k in LENGTH_KEYS})
+        overrides.update({k: next(iter(given.values())) for k in keys})
     else:
-        for k in LENGTH_KEYS:
+        for k in keys:
             overrides.pop(k, None)
 
 
 def resolve(overrides: dict[str, Any]) -> TrainConfig:
     """Defaults (plus the demo preset's when it applies), then `overrides`, plus the fields derived
-    from others: checkpoint/log dirs under the run dir, schedule length = run length, one length."""
+    from others: checkpoint/log dirs under the run dir, schedule length = run length, one length,
+    one group size."""
     overrides = dict(overrides)
+    for key in overrides:
+        _check_key(key)
     demo = _is_demo(overrides)
     if demo:
-        user_keys = set(overrides)
-        preset = {k: v for k, v in DEMO_PRESET.items() if k not in user_keys
-                  and not (k in LENGTH_KEYS and user_keys & set(LENGTH_KEYS))}
-        overrides = {**preset, **overrides}
+        user = {_ALIAS_OF.get(k, k) for k in overrides}
+        overrides = {**{k: v for k, v in DEMO_PRESET.items() if _ALIAS_OF.get(k, k) not in user}, **overrides}
     overrides["run.preset"] = "demo" if demo else "none"
-    _unify_lengths(overrides)
+    for keys in ALIASES:
+        _unify(overrides, keys)
     if "atropos.url" in overrides:  # an API that already runs: start neither it nor our env
         overrides.setdefault("run.start_api", "false")
         overrides.setdefault("env.start", "false")
         if overrides["atropos.url"] == "synthetic":  # batches drawn in the trainer: nothing to serve them
             overrides.setdefault("inference.start", "false")
-    if str(overrides.get("env.start", "true")).lower() not in ("false", "0", "no", "off"):
+    env_start = str(overrides.get("env.start", "true")).lower() not in ("false", "0", "no", "off")
+    if env_start or "env.group_size" in overrides:
         overrides.setdefault("atropos.group_size", overrides.get("env.group_size", EnvConfig.group_size))
     out = str(overrides.get("run.out", RunConfig.out))
     overrides.setdefault("checkpoint.dir", str(Path(out) / "checkpoints"))
     overrides.setdefault("logging.run_dir", out)
-    overrides.setdefault("optim.total_steps", overrides.get("run.steps", RunConfig.steps))
-    overrides.setdefault("atropos.num_steps", overrides.get("run.steps", RunConfig.steps))
     try:
         cfg = TrainConfig()
     except (ValueError, TypeError) as e:

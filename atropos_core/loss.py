@@ -16,13 +16,15 @@ tensors of the batch (advantages, logprobs) reach the loss through a closure, no
 arguments, so FSDP's mixed-precision input cast never rounds them to bf16.
 
 Packed rows (`layout == "packed"`): the model gets `position_ids` and NO attention mask.
-transformers then derives the sequence boundaries from the position-id resets: flash_attention_2
-runs varlen kernels, sdpa/eager get a block-diagonal causal mask. So packed rows are correct on CPU
+sdpa/eager then get a block-diagonal causal mask that transformers derives from the position-id
+resets; flash_attention_2 runs its varlen kernel on the batch's own `cu_seqlens` (`varlen_kwargs`;
+it would otherwise derive them from the position ids in every layer). So packed rows are correct on CPU
 too (tests/test_loss.py compares a packed row with its sequences run one by one); sdpa just pays
 O(T²) mask memory per row.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import types
 from dataclasses import dataclass
@@ -32,60 +34,29 @@ import torch
 from torch import nn
 
 import kernels
+from kernels import LossSpec
 from kernels import losses as _losses
 
 from .types import MicroBatch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LossConfig", "advantage_weighted_sft_loss", "micro_batch_loss", "register_loss_forward",
+__all__ = ["LossConfig", "LossSpec", "AWSFT", "advantage_weighted_sft_loss", "micro_batch_loss", "register_loss_forward",
            "hidden_states_and_loss"]
 
 _LOSS_METHOD = "atropos_loss_forward"
 
 
 NORMALIZATIONS = ("token_mean", "constant", "seq_mean_token_mean")
+AWSFT = LossSpec(loss_type="awsft")
+"""The spec `advantage_weighted_sft_loss` uses when given none."""
 
 
-@dataclass
-class LossConfig:
-    """Which policy loss to train with (formulas in `kernels.losses` / `kernels.reference`)."""
+@dataclass(frozen=True)
+class LossConfig(kernels.LossSpec):
+    """The config section `loss.*`: every kernel setting of `kernels.LossSpec` (one default and one
+    check each, there) plus the trainer's choice of the divisor Z."""
 
-    loss_type: str = "grpo"
-    """"awsft" (advantage-weighted SFT: -A·logp), "grpo" (PPO-clipped ratio), "cispo" (clipped IS
-    weight times logp), "gspo" (sequence-level ratio, length-normalised; two passes), "distill"
-    (only the distillation term: no reward needed)."""
-    clip_low: float = 0.2
-    """Lower clip ε: the ratio is clipped at 1-ε (grpo, gspo). GSPO's paper uses ~3e-4."""
-    clip_high: float = 0.28
-    """Upper clip ε: the ratio / IS weight is clipped at 1+ε (grpo, cispo, gspo). GSPO: ~4e-4."""
-    kl_coef: float = 0.0
-    """β of the k3 KL penalty to the reference logprobs (used only when the batch has them)."""
-    temperature: float = 1.0
-    """Sampling temperature of the inference server where a sequence does not say its own
-    (`overrides[i]` > `generation_params` > `group_overrides` > this): logits are divided by it."""
-    is_mode: str = "token_tis"
-    """Correction for the gap between the behaviour policy (the sampler's `inference_logprobs`) and
-    the policy trained: "token_tis" (weight min(π/μ, is_cap) per token), "token_mask" (tokens
-    outside [is_low, is_high] get weight 0), "seq_tis" / "seq_mask" (the same on the product of a
-    sequence's ratios), "geo_mask" (sequences whose per-token geometric-mean ratio leaves
-    [geo_low, geo_high] are masked), or "none" (the behaviour logprobs become the PPO old policy:
-    the ratio π/μ is clipped, not weighted). With a correction on, the PPO old policy is the
-    current one (one optimizer step per batch: ratio 1) and the weight is detached.
-    Default token_tis with C = 2: the truncated-IS fix of Yao et al. 2025 ("Your efficient RL
-    framework secretly brings you off-policy RL training") at the cap they and ms-swift
-    (`rollout_importance_sampling_threshold`, default 2.0) ship; truncation keeps every token, where
-    masking drops data. Sequence modes need a first pass (8·N·D·V FLOPs, see docs/kernels.md)."""
-    is_cap: float = 2.0
-    """C of token_tis / seq_tis."""
-    is_low: float = 0.5
-    """Lower bound of token_mask / seq_mask (0.5-2.0 is slime's masked-IS example band)."""
-    is_high: float = 2.0
-    """Upper bound of token_mask / seq_mask."""
-    geo_low: float = 0.9
-    """Lower bound of geo_mask's per-token geometric-mean ratio (our choice: ±~10% per token)."""
-    geo_high: float = 1.1
-    """Upper bound of geo_mask."""
     normalization: str = "token_mean"
     """Divisor of the summed token losses: "token_mean" (the batch's trained-token count, over all
     micro-batches and ranks), "constant" (Dr. GRPO, Liu et al. 2025: `constant_normalizer`, a fixed
@@ -93,43 +64,17 @@ class LossConfig:
     (each sequence's token mean, averaged over the batch's sequences)."""
     constant_normalizer: Optional[float] = None
     """The fixed divisor of normalization="constant", e.g. sequences per batch × max tokens."""
-    distill_coef: float = 0.0
-    """λ of the distillation term over the teacher's top-k (`distill_token_ids`/`distill_logprobs`);
-    0 = off. loss_type "distill" needs it > 0."""
-    distill_mode: str = "kl"
-    """"kl": KL(teacher ‖ student), both renormalised over the teacher's top-k; "ce": teacher
-    cross-entropy against the student's full softmax (teacher renormalised)."""
-    backend: str = "auto"
-    """Kernel backend: "auto" (Triton on CUDA, torch elsewhere), "torch", "triton"."""
-    chunk_size: Optional[int] = None
-    """Tokens per chunk in the fused kernel; None = from the kernel's memory budget."""
 
-    def __post_init__(self):
+    def check(self) -> None:
         try:
-            _losses.check_loss_args(self.loss_type, self.clip_low, self.clip_high, self.kl_coef, self.temperature)
-            _losses.check_is_args(self.is_mode, self.is_cap, self.is_low, self.is_high, self.geo_low, self.geo_high)
+            super().check()
         except ValueError as e:
-            raise ValueError(f"loss: {e}") from None
-        if self.backend not in kernels.BACKENDS:
-            raise ValueError(f"loss.backend must be one of {kernels.BACKENDS}, got {self.backend!r}")
-        if self.chunk_size is not None and self.chunk_size < 1:
-            raise ValueError(f"loss.chunk_size must be >= 1 or None, got {self.chunk_size}")
+            raise ValueError(f"loss.{e}") from None
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(f"loss.normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
         if self.normalization == "constant" and not (self.constant_normalizer or 0) > 0:
             raise ValueError("loss.normalization='constant' needs loss.constant_normalizer > 0 (Dr. GRPO's "
                              "fixed token budget, e.g. sequences per batch × max tokens)")
-        if not self.distill_coef >= 0:
-            raise ValueError(f"loss.distill_coef must be >= 0, got {self.distill_coef}")
-        if self.distill_mode not in _losses.DISTILL_MODES:
-            raise ValueError(f"loss.distill_mode must be one of {_losses.DISTILL_MODES}, got {self.distill_mode!r}")
-        if self.loss_type == "distill" and self.distill_coef <= 0:
-            raise ValueError("loss.loss_type='distill' needs loss.distill_coef > 0")
-
-    def kernel_kwargs(self) -> dict:
-        return dict(loss_type=self.loss_type, clip_low=self.clip_low, clip_high=self.clip_high,
-                    kl_coef=self.kl_coef, temperature=self.temperature, backend=self.backend,
-                    chunk_size=self.chunk_size)
 
     def normalizer(self, total_trained_tokens: float, num_sequences: int) -> float:
         """The global divisor Z of the summed (weighted) token losses of one batch."""
@@ -140,13 +85,15 @@ class LossConfig:
         return float(max(total_trained_tokens, 1))
 
 
-def _loss_forward(self, input_ids, attention_mask, position_ids, loss_fn):
+def _loss_forward(self, input_ids, attention_mask, position_ids, loss_fn, **attn_kwargs):
     """Base model → last hidden state `(R, T, D)` → `loss_fn(hidden, lm_head_weight)`.
 
     Bound to the model as `atropos_loss_forward`; under FSDP2 registered as a forward method.
+    `attn_kwargs`: the varlen boundaries of packed rows (`varlen_kwargs`), passed to the attention.
     """
     base = self.get_decoder()
-    out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+               **attn_kwargs)
     result = loss_fn(out.last_hidden_state, self.get_output_embeddings().weight)
     # The fused loss hands back its (detached) input as a view; FSDP2 hooks the outputs of a
     # forward for backward and warns on views, so give it an owned 0-dim tensor (a free copy).
@@ -171,10 +118,27 @@ def register_loss_forward(model: nn.Module) -> None:
 
 
 def hidden_states_and_loss(model: nn.Module, input_ids, attention_mask, position_ids,
-                           loss_fn: Callable[[torch.Tensor, torch.Tensor], object]):
+                           loss_fn: Callable[[torch.Tensor, torch.Tensor], object], **attn_kwargs):
     """Run `loss_fn(last_hidden (R,T,D), output_embedding_weight (V,D))` inside the model's forward."""
     register_loss_forward(model)
-    return getattr(model, _LOSS_METHOD)(input_ids, attention_mask, position_ids, loss_fn)
+    return getattr(model, _LOSS_METHOD)(input_ids, attention_mask, position_ids, loss_fn, **attn_kwargs)
+
+
+def varlen_kwargs(model: nn.Module, mb: MicroBatch) -> dict:
+    """The packed row's sequence boundaries as transformers' flash-attention kwargs
+    (`cu_seq_lens_q/k`, `max_length_q/k`), or {} where the attention would not use them: padded
+    rows, and sdpa/eager, which build their block-diagonal mask from `position_ids`. Without them
+    flash_attention_2 re-derives the same boundaries from `position_ids` in every layer (a
+    `nonzero` and a max: host syncs per layer)."""
+    from transformers.utils.generic import is_flash_attention_requested
+
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if mb.layout != "packed" or mb.cu_seqlens is None \
+            or not is_flash_attention_requested(requested_attention_implementation=impl):
+        return {}
+    longest = mb.max_seqlen or int(mb.cu_seqlens.diff().max())
+    cu = mb.cu_seqlens.to(mb.input_ids.device, torch.int32)
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
 def _flat(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -182,12 +146,14 @@ def _flat(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 def advantage_weighted_sft_loss(model: nn.Module, input_ids: torch.Tensor, advantages: torch.Tensor,
-                                loss_mask: torch.Tensor, *, attention_mask: Optional[torch.Tensor] = None,
-                                normalizer: Optional[float] = None, **loss_kwargs):
+                                loss_mask: torch.Tensor, spec: LossSpec = AWSFT, *,
+                                attention_mask: Optional[torch.Tensor] = None, normalizer: Optional[float] = None,
+                                old_logprobs: Optional[torch.Tensor] = None,
+                                ref_logprobs: Optional[torch.Tensor] = None):
     """Advantage-weighted token loss of any HF causal LM on UNSHIFTED Atropos rows, no full logits.
 
     Alignment (Atropos convention): `loss_mask[b, t]`, `advantages[b, t]` (and `old_logprobs` /
-    `ref_logprobs` in `loss_kwargs`) belong to token `input_ids[b, t]`, which the model predicts
+    `ref_logprobs`) belong to token `input_ids[b, t]`, which the model predicts
     from position t-1. So the hidden state at t-1 is scored against token t with the mask and
     advantage of t; entries at t = 0 are never used (nothing predicts the first token).
 
@@ -197,9 +163,10 @@ def advantage_weighted_sft_loss(model: nn.Module, input_ids: torch.Tensor, advan
         advantages: `(B, T)` per-token, or `(B,)` per-sequence (broadcast over tokens).
         loss_mask: `(B, T)` 1/0 (or bool): 1 where token t is trained.
         attention_mask: `(B, T)` 1 on real tokens; padded positions are also removed from the loss.
+        spec: the loss settings (`kernels.LossSpec`); default `AWSFT`, the spec's defaults with
+            loss_type "awsft".
         normalizer: divisor of the summed token losses; default = number of trained tokens.
-        **loss_kwargs: `loss_type` (default "awsft"), `clip_low`, `clip_high`, `kl_coef`,
-            `temperature`, `backend`, `chunk_size`, `old_logprobs` / `ref_logprobs` `(B, T)`.
+        old_logprobs, ref_logprobs: `(B, T)`, for the ratio and the KL term.
     Returns:
         `(loss, stats)` as `kernels.fused_linear_policy_loss`; `stats["logprobs"]` is `(B, T-1)`.
     """
@@ -211,26 +178,21 @@ def advantage_weighted_sft_loss(model: nn.Module, input_ids: torch.Tensor, advan
             raise ValueError(f"per-sequence advantages must be ({B},), got {tuple(advantages.shape)}")
         advantages = advantages[:, None].expand(B, T)
     for name, t in (("advantages", advantages), ("loss_mask", loss_mask), ("attention_mask", attention_mask),
-                    ("old_logprobs", loss_kwargs.get("old_logprobs")),
-                    ("ref_logprobs", loss_kwargs.get("ref_logprobs"))):
+                    ("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
         if t is not None and tuple(t.shape) != (B, T):
             raise ValueError(f"{name} must be ({B}, {T}) like input_ids, got {tuple(t.shape)}")
     mask = loss_mask.float()
     if attention_mask is not None:
         mask = mask * (attention_mask != 0).float()
-    kw = dict(loss_kwargs)
-    kw.setdefault("loss_type", "awsft")
-    extra = {}
-    for k in ("old_logprobs", "ref_logprobs"):
-        v = kw.pop(k, None)
-        extra[k] = v[:, 1:].reshape(-1).float() if v is not None else None
+    extra = {k: v[:, 1:].reshape(-1).float() if v is not None else None
+             for k, v in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs))}
     targets = input_ids[:, 1:].reshape(-1)
     adv = advantages[:, 1:].reshape(-1).float()
     m = mask[:, 1:].reshape(-1)
 
     def loss_fn(hidden, weight):
         h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-        return kernels.fused_linear_policy_loss(h, weight, targets, adv, m, normalizer=normalizer, **extra, **kw)
+        return kernels.fused_linear_policy_loss(h, weight, targets, adv, m, spec, normalizer=normalizer, **extra)
 
     loss, stats = hidden_states_and_loss(model, input_ids, attention_mask, None, loss_fn)
     stats["logprobs"] = stats["logprobs"].view(B, T - 1)
@@ -255,7 +217,7 @@ def micro_batch_loss(model: nn.Module, mb: MicroBatch, cfg: LossConfig, normaliz
 
     `num_selected`: `mb.num_trained_tokens`, counted by the caller while the batch was still on the
     host. With it, on CUDA, the kernel call has no host sync: the batch was validated by
-    `atropos_core.batch`, so the kernel skips its own re-validation there (on CPU it still checks:
+    `atropos_core.data`, so the kernel skips its own re-validation there (on CPU it still checks:
     free there).
 
     Behaviour policy: `mb.old_logprobs` (the sampler's, where `mb.behaviour_mask`) feed
@@ -282,11 +244,10 @@ def micro_batch_loss(model: nn.Module, mb: MicroBatch, cfg: LossConfig, normaliz
         bmask = torch.ones_like(mask, dtype=torch.bool)
     seq = _flat(mb.sequence_ids)
     use_ref = cfg.kl_coef > 0
-    kw = cfg.kernel_kwargs()
+    spec = cfg  # a LossConfig is the kernel's LossSpec (plus the normaliser choice)
     extra = {}
-    if old is not None:
-        extra.update(behaviour_logprobs=old, behaviour_mask=bmask, is_mode=cfg.is_mode, is_cap=cfg.is_cap,
-                     is_low=cfg.is_low, is_high=cfg.is_high, geo_low=cfg.geo_low, geo_high=cfg.geo_high)
+    if old is not None:  # the behaviour policy: cfg.is_mode applies
+        extra.update(behaviour_logprobs=old, behaviour_mask=bmask)
         if cfg.is_mode == "none" and cfg.loss_type != "awsft":
             extra["old_logprobs"] = old
     needs_seq = cfg.loss_type == "gspo" or (old is not None and cfg.is_mode in _losses.SEQ_IS_MODES) \
@@ -298,32 +259,30 @@ def micro_batch_loss(model: nn.Module, mb: MicroBatch, cfg: LossConfig, normaliz
         extra["sequence_ids"] = seq  # token modes: only for the per-sequence statistics
     if mb.temperature is not None:
         t = _flat(mb.temperature).float()
-        kw["temperature"] = torch.where(t > 0, t, torch.full_like(t, cfg.temperature))
-    loss_type = cfg.loss_type
+        extra["temperature"] = torch.where(t > 0, t, torch.full_like(t, cfg.temperature))
     if cfg.distill_coef > 0 and mb.distill_ids is not None:
         k = mb.distill_ids.shape[-1]
         ids = mb.distill_ids.reshape(-1, k)
         dmask = ids[:, 0] >= 0
         extra.update(distill_ids=ids.clamp(min=0), distill_logprobs=mb.distill_logprobs.reshape(-1, k).float(),
-                     distill_mask=dmask, distill_coef=cfg.distill_coef, distill_mode=cfg.distill_mode)
-    elif loss_type == "distill":
+                     distill_mask=dmask)
+    elif cfg.loss_type == "distill":
         if "distill" not in _warned:
             logger.warning("loss.loss_type='distill' but a micro-batch has no distill_token_ids: it trains nothing")
             _warned.add("distill")
-        loss_type = "awsft"
+        spec = dataclasses.replace(cfg, loss_type="awsft")
         adv = torch.zeros_like(adv)
-    kw["loss_type"] = loss_type
     if cfg.normalization == "seq_mean_token_mean":
         mask = _per_sequence_mean_weights(mask, seq)
 
     def loss_fn(hidden, weight):
         h = hidden.reshape(-1, hidden.shape[-1])
         return kernels.fused_linear_policy_loss(
-            h, weight, targets, adv, mask, ref_logprobs=ref if use_ref else None, normalizer=normalizer,
-            validate=h.device.type != "cuda", num_selected=num_selected, **extra, **kw)
+            h, weight, targets, adv, mask, spec, ref_logprobs=ref if use_ref else None, normalizer=normalizer,
+            validate=h.device.type != "cuda", num_selected=num_selected, **extra)
 
     attn = mb.attention_mask if mb.layout == "padded" else None
-    loss, st = hidden_states_and_loss(model, mb.input_ids, attn, mb.position_ids, loss_fn)
+    loss, st = hidden_states_and_loss(model, mb.input_ids, attn, mb.position_ids, loss_fn, **varlen_kwargs(model, mb))
     sel = mask != 0
     n = sel.sum().float()
     logp = st["logprobs"]

@@ -19,9 +19,10 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, TextIO
+from typing import Annotated, Optional, TextIO
 
 from . import dist as adist
+from .checks import Ge, NonEmpty, check_fields
 
 logger = logging.getLogger(__name__)
 
@@ -47,9 +48,9 @@ _PANELS = (("reward", "reward/mean"), ("loss", "loss/total"), ("KL", "kl/mean"),
 class LoggingConfig:
     """Where metrics go."""
 
-    run_dir: str = "runs/default"
+    run_dir: Annotated[str, NonEmpty()] = "runs/default"
     """Directory for metrics.jsonl and curves.png (created on rank 0)."""
-    plot_every: int = 10
+    plot_every: Annotated[int, Ge(0)] = 10
     """Redraw curves.png every K steps (0 disables plotting)."""
     wandb: bool = False
     """Also log to Weights & Biases (needs `pip install wandb`)."""
@@ -59,10 +60,7 @@ class LoggingConfig:
     """wandb run name (default: wandb's own)."""
 
     def __post_init__(self):
-        if not self.run_dir:
-            raise ValueError("logging.run_dir must not be empty")
-        if self.plot_every < 0:
-            raise ValueError(f"logging.plot_every must be >= 0, got {self.plot_every}")
+        check_fields(self, "logging")
 
 
 def _pick(metrics: dict, keys) -> Optional[float]:

@@ -21,6 +21,8 @@ Design:
 - Attention: "auto" picks flash_attention_2 only where it can run (CUDA, compute capability >= 8.0,
   `flash_attn` importable, a 16-bit compute dtype: the model's own dtype, or bf16 from FSDP mixed
   precision); sdpa otherwise. An explicit flash_attention_2 where it cannot run is a clear error.
+  Packed rows reach either through `atropos_core.loss`: sdpa builds its block-diagonal mask from
+  the position ids, flash_attention_2 gets the batch's `cu_seqlens` (`loss.varlen_kwargs`).
 - Every rank loads the full checkpoint on CPU before sharding: simple, and fine up to a few B
   parameters per node; meta-device init + broadcast from rank 0 is the step up for larger models.
 """
@@ -29,11 +31,13 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import torch
 from torch import nn
 
 from . import dist as adist
+from .checks import Between, Ge, Gt, OneOf, check_fields
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +54,10 @@ class ModelConfig:
 
     path: str = ""
     """Local directory of a HF causal LM (config.json + safetensors + tokenizer). No hub downloads."""
-    dtype: str = "float32"
+    dtype: Annotated[str, OneOf(_DTYPES)] = "float32"
     """Master-weight dtype: "float32" (recommended; bf16 compute comes from FSDP mixed precision on
     CUDA), "bfloat16" or "float16" (pure low-precision training, no fp32 master copy)."""
-    attn_implementation: str = "auto"
+    attn_implementation: Annotated[str, OneOf(_ATTN)] = "auto"
     """"auto" → flash_attention_2 when on CUDA and `flash_attn` imports, else sdpa; or explicit
     "flash_attention_2" | "sdpa" | "eager"."""
     gradient_checkpointing: bool = False
@@ -64,10 +68,7 @@ class ModelConfig:
     """Passed to transformers; keep False unless the model directory needs custom code."""
 
     def __post_init__(self):
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
-        if self.attn_implementation not in _ATTN:
-            raise ValueError(f"model.attn_implementation must be one of {_ATTN}, got {self.attn_implementation!r}")
+        check_fields(self, "model")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -217,45 +218,30 @@ def output_embedding_weight(model: nn.Module) -> torch.Tensor:
 class OptimConfig:
     """AdamW and the learning-rate schedule."""
 
-    lr: float = 1e-6
+    lr: Annotated[float, Gt(0)] = 1e-6
     """Peak learning rate."""
     betas: tuple = (0.9, 0.999)
     """AdamW (beta1, beta2)."""
-    weight_decay: float = 0.0
+    weight_decay: Annotated[float, Ge(0)] = 0.0
     """Decoupled weight decay, applied to matrices only (not to norms and biases)."""
-    eps: float = 1e-8
+    eps: Annotated[float, Gt(0)] = 1e-8
     """AdamW epsilon."""
-    grad_clip: float = 1.0
+    grad_clip: Annotated[float, Ge(0)] = 1.0
     """Clip the global gradient norm to this; 0 disables clipping (the norm is still reported)."""
-    warmup_steps: int = 0
+    warmup_steps: Annotated[int, Ge(0)] = 0
     """Linear warm-up from lr/warmup_steps to lr over this many optimizer steps."""
-    schedule: str = "constant"
+    schedule: Literal["constant", "cosine"] = "constant"
     """"constant" after warm-up, or "cosine" decay to min_lr_ratio·lr at total_steps."""
-    min_lr_ratio: float = 0.0
+    min_lr_ratio: Annotated[float, Between(0.0, 1.0)] = 0.0
     """Final LR as a fraction of lr for the cosine schedule."""
-    total_steps: int = 1000
-    """Optimizer steps the schedule spans (cosine reaches its floor here and stays)."""
+    total_steps: Annotated[int, Ge(1)] = 1000
+    """Optimizer steps the schedule spans (cosine reaches its floor here and stays; in a run: `run.steps`)."""
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
-        if not self.lr > 0:
-            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"optim.betas must be two numbers in [0, 1), got {self.betas}")
-        if self.weight_decay < 0:
-            raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
-        if not self.eps > 0:
-            raise ValueError(f"optim.eps must be > 0, got {self.eps}")
-        if self.grad_clip < 0:
-            raise ValueError(f"optim.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.schedule not in ("constant", "cosine"):
-            raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.total_steps < 1:
-            raise ValueError(f"optim.total_steps must be >= 1, got {self.total_steps}")
+        check_fields(self, "optim")
 
 
 def lr_lambda(cfg: OptimConfig):

@@ -20,7 +20,8 @@ class MicroBatch:
 
     `layout == "padded"`: one sequence per row, right-padded; `attention_mask` is 1 on real tokens.
     `layout == "packed"`: several sequences per row; `position_ids` restart at 0 at each sequence
-    start and `cu_seqlens` (int32, flattened over rows) gives the boundaries for varlen attention.
+    start; `cu_seqlens` (int32, flattened over rows) and `max_seqlen` give the boundaries to
+    flash-attention's varlen kernel (`atropos_core.loss`).
     """
 
     input_ids: torch.Tensor                 # (R, T) int64
@@ -33,6 +34,7 @@ class MicroBatch:
     ref_logprobs: Optional[torch.Tensor] = None   # (R, T) float32, reference policy
     layout: str = "padded"
     cu_seqlens: Optional[torch.Tensor] = None     # packed only: (S+1,) int32 over the flattened rows
+    max_seqlen: int = 0                            # packed only: longest sequence (host int, for varlen attention)
     num_sequences: int = 0
     sequence_ids: Optional[torch.Tensor] = None   # (R, T) int64: index of the batch's kept sequence
                                                   # (TrainBatch order) at each position, -1 on padding;

@@ -73,8 +73,8 @@ def _step_fn(provider, hidden, weight, targets, advantages, mask):
         import kernels
 
         backend = "torch" if provider == "ours" else "triton"
-        return run_loss(lambda: kernels.fused_linear_policy_loss(
-            hidden, weight, targets, advantages, mask, loss_type="grpo", backend=backend)[0])
+        spec = kernels.LossSpec(loss_type="grpo", backend=backend)
+        return run_loss(lambda: kernels.fused_linear_policy_loss(hidden, weight, targets, advantages, mask, spec)[0])
     if provider in ("ours_gspo", "ours_distill", "ours_token_tis"):
         import kernels
 
@@ -84,21 +84,25 @@ def _step_fn(provider, hidden, weight, targets, advantages, mask):
         g = torch.Generator().manual_seed(1)
         dev = hidden.device
         near = (-5.0 + 0.3 * torch.randn(n, generator=g)).to(dev)
-        kw = dict(loss_type="grpo", backend="torch")
+        spec = kernels.LossSpec(loss_type="grpo", backend="torch")
         if provider == "ours_gspo":
-            kw.update(loss_type="gspo", old_logprobs=near, sequence_ids=(torch.arange(n) // 256).to(dev))
+            spec = kernels.LossSpec(loss_type="gspo", backend="torch")
+            kw = dict(old_logprobs=near, sequence_ids=(torch.arange(n) // 256).to(dev))
         elif provider == "ours_token_tis":
-            kw.update(behaviour_logprobs=near, is_mode="token_tis", sequence_ids=(torch.arange(n) // 256).to(dev))
+            spec = kernels.LossSpec(loss_type="grpo", is_mode="token_tis", backend="torch")
+            kw = dict(behaviour_logprobs=near, sequence_ids=(torch.arange(n) // 256).to(dev))
         else:
             k = 20
-            kw.update(distill_ids=torch.randint(0, weight.shape[0], (n, k), generator=g).to(dev),
-                      distill_logprobs=torch.log_softmax(torch.randn(n, k, generator=g), 1).to(dev),
-                      distill_coef=1.0, distill_mode="kl")
-        return run_loss(lambda: kernels.fused_linear_policy_loss(hidden, weight, targets, advantages, mask, **kw)[0])
+            spec = kernels.LossSpec(loss_type="grpo", distill_coef=1.0, distill_mode="kl", backend="torch")
+            kw = dict(distill_ids=torch.randint(0, weight.shape[0], (n, k), generator=g).to(dev),
+                      distill_logprobs=torch.log_softmax(torch.randn(n, k, generator=g), 1).to(dev))
+        return run_loss(lambda: kernels.fused_linear_policy_loss(hidden, weight, targets, advantages, mask, spec,
+                                                                 **kw)[0])
     if provider == "naive":
+        from kernels import LossSpec
         from kernels.reference import policy_loss_ref
 
-        return run_loss(lambda: policy_loss_ref(hidden, weight, targets, advantages, mask, loss_type="grpo",
+        return run_loss(lambda: policy_loss_ref(hidden, weight, targets, advantages, mask, LossSpec(loss_type="grpo"),
                                                 upcast=False)[0])
     if provider == "torch_lce_chunked":
         opts = torch.nn.LinearCrossEntropyOptions()

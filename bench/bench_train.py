@@ -93,8 +93,7 @@ def _loss_fn(variant: str):
         def f(hidden, weight):
             h = hidden.reshape(-1, hidden.shape[-1])
             return policy_loss_ref(h, weight, mb.targets.reshape(-1), mb.advantages.reshape(-1),
-                                   mb.loss_mask.reshape(-1), old_logprobs=mb.old_logprobs.reshape(-1),
-                                   loss_type="grpo", clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                                   mb.loss_mask.reshape(-1), cfg, old_logprobs=mb.old_logprobs.reshape(-1),
                                    normalizer=z, upcast=False)[0]
         return hidden_states_and_loss(model, mb.input_ids, mb.attention_mask, mb.position_ids, f)
 

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -219,10 +220,10 @@ def _case_inputs(n, d, v, dt, dev, seed, temperature, mask_kind="mixed", near_go
     return hidden, weight, targets, adv, mask, old, ref
 
 
-def _run_loss(fn, hidden, weight, targets, adv, mask, **kw):
+def _run_loss(fn, hidden, weight, targets, adv, mask, spec, **kw):
     h = hidden.clone().requires_grad_(True)
     w = weight.clone().requires_grad_(True)
-    loss, stats = fn(h, w, targets, adv, mask, **kw)
+    loss, stats = fn(h, w, targets, adv, mask, spec, **kw)
     loss.backward()
     return loss.detach(), stats, h.grad, w.grad
 
@@ -236,13 +237,14 @@ def _policy_case(st, case, backend, n, d, v, dname, loss_name, temperature, dev,
     loss_type, with_old, kl = LOSSES[loss_name]
     hidden, weight, targets, adv, mask, old, ref = _case_inputs(n, d, v, dt, dev, zlib.crc32(case.encode()) % 10000,
                                                                 temperature, mask_kind)
-    kw = dict(loss_type=loss_type, temperature=temperature, kl_coef=kl,
-              old_logprobs=old if with_old else None, ref_logprobs=ref if kl > 0 else None)
-    ours = _run_loss(kernels.fused_linear_policy_loss, hidden, weight, targets, adv, mask, backend=backend,
-                     chunk_size=chunk, **kw)
-    same = _run_loss(lambda *a, **k: policy_loss_ref(*a, upcast=False, **k), hidden, weight, targets, adv, mask, **kw)
+    spec = kernels.LossSpec(loss_type=loss_type, clip_high=0.2, temperature=temperature, kl_coef=kl,
+                            backend=backend, chunk_size=chunk)
+    kw = dict(old_logprobs=old if with_old else None, ref_logprobs=ref if kl > 0 else None)
+    ours = _run_loss(kernels.fused_linear_policy_loss, hidden, weight, targets, adv, mask, spec, **kw)
+    same = _run_loss(lambda *a, **k: policy_loss_ref(*a, upcast=False, **k), hidden, weight, targets, adv, mask,
+                     spec, **kw)
     gold = _run_loss(lambda *a, **k: policy_loss_ref(*a, upcast=True, **k), hidden.double(), weight.double(),
-                     targets, adv, mask, **kw)
+                     targets, adv, mask, spec, **kw)
     ok = ours[2].dtype == dt and ours[3].dtype == dt
     z = max(float(mask.sum()), 1.0)
     terms = (adv.double().abs() * gold[1]["logprobs"].abs()).sum().item() / z
@@ -254,8 +256,8 @@ def _policy_case(st, case, backend, n, d, v, dname, loss_name, temperature, dev,
     if mask_kind == "none":
         ok &= ours[0].item() == 0.0 and bool((ours[2] == 0).all()) and bool((ours[3] == 0).all())
     if compare_torch and backend == "triton":
-        tor = _run_loss(kernels.fused_linear_policy_loss, hidden, weight, targets, adv, mask, backend="torch",
-                        chunk_size=chunk, **kw)
+        tor = _run_loss(kernels.fused_linear_policy_loss, hidden, weight, targets, adv, mask,
+                        dataclasses.replace(spec, backend="torch"), **kw)
         # Same fp32 logits, other summation orders: both within the fp64 rule; against each other
         # within the same slack.
         ok &= _rule(st, case, "triton_vs_torch_backend_grad_w", ours[3], tor[3], gold[3], dname)
@@ -321,10 +323,11 @@ def _big_chunk_case(st, backend, dev, smoke: bool) -> bool:
     dt = torch.bfloat16
     hidden, weight, targets, adv, mask, old, _ = _case_inputs(n, d, v, dt, dev, 5, 1.0, "all", near_gold=False)
     case = f"C*V={n * v:.3g} ({'> 2^31' if n * v > 2**31 else 'smoke: small'})"
-    ours = _run_loss(kernels.fused_linear_policy_loss, hidden, weight, targets, adv, mask, backend=backend,
-                     chunk_size=n, loss_type="grpo", old_logprobs=old)
-    tor = _run_loss(kernels.fused_linear_policy_loss, hidden, weight, targets, adv, mask, backend="torch",
-                    chunk_size=1024, loss_type="grpo", old_logprobs=old)
+    ours = _run_loss(kernels.fused_linear_policy_loss, hidden, weight, targets, adv, mask,
+                     kernels.LossSpec(loss_type="grpo", clip_high=0.2, backend=backend, chunk_size=n), old_logprobs=old)
+    tor = _run_loss(kernels.fused_linear_policy_loss, hidden, weight, targets, adv, mask,
+                    kernels.LossSpec(loss_type="grpo", clip_high=0.2, backend="torch", chunk_size=1024),
+                    old_logprobs=old)
     gold = torch.cat([linear_logprobs_ref(hidden[i:i + 1024], weight, targets[i:i + 1024], 1.0)[0]
                       for i in range(0, n, 1024)])
     f32 = torch.cat([linear_logprobs_ref(hidden[i:i + 1024].float(), weight.float(), targets[i:i + 1024], 1.0,
@@ -442,11 +445,12 @@ def stage2(st: Stage, dev, smoke: bool) -> None:
     k = int((mask != 0).sum())  # the host-side count the trainer has (counted before the batch moved)
     old = -3 + torch.randn(n, generator=g, device=dev)
 
+    spec = kernels.LossSpec(loss_type="grpo", clip_high=0.2, backend=backend)
+
     def call(trainer_path: bool):
         hidden.grad = weight.grad = None
         kw = dict(validate=False, num_selected=k, normalizer=float(k)) if trainer_path else {}
-        loss, _ = kernels.fused_linear_policy_loss(hidden, weight, targets, adv, mask, loss_type="grpo",
-                                                   old_logprobs=old, backend=backend, **kw)
+        loss, _ = kernels.fused_linear_policy_loss(hidden, weight, targets, adv, mask, spec, old_logprobs=old, **kw)
         loss.backward()
     call(True)  # warm-up: compiles, probes, allocator pools
     call(False)
@@ -544,11 +548,12 @@ def _provider_step(provider, hidden, weight, targets, adv, mask, backend):
     n = hidden.shape[0]
     if provider in ("ours", "torch_backend"):
         b = backend if provider == "ours" else "torch"
-        return run(lambda: kernels.fused_linear_policy_loss(hidden, weight, targets, adv, mask, loss_type="grpo",
-                                                            backend=b, validate=False, num_selected=n,
-                                                            normalizer=float(n))[0])
+        spec = kernels.LossSpec(loss_type="grpo", backend=b)
+        return run(lambda: kernels.fused_linear_policy_loss(hidden, weight, targets, adv, mask, spec, validate=False,
+                                                            num_selected=n, normalizer=float(n))[0])
     if provider == "naive":
-        return run(lambda: policy_loss_ref(hidden, weight, targets, adv, mask, loss_type="grpo", upcast=False)[0])
+        return run(lambda: policy_loss_ref(hidden, weight, targets, adv, mask, kernels.LossSpec(loss_type="grpo"),
+                                           upcast=False)[0])
     if provider == "liger_triton":
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 

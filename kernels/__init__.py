@@ -2,7 +2,9 @@
 
 Public API:
     linear_logprobs(hidden, weight, targets, *, temperature=1.0, backend="auto") -> (N,) fp32
-    fused_linear_policy_loss(hidden, weight, targets, advantages, loss_mask, *, ...) -> (loss, stats)
+    fused_linear_policy_loss(hidden, weight, targets, advantages, loss_mask, spec, *, ...) -> (loss, stats)
+    LossSpec: every loss setting (loss type, clip range, IS correction, distillation, backend, chunk)
+    with its one default (`kernels.spec`); the calls take it next to their per-call tensors.
 
 Backends: "triton" (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1), "torch" (chunked pure
 torch, any device), "auto" (Triton on CUDA when it imports, torch elsewhere; the choice is logged
@@ -15,17 +17,17 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 
 from . import losses
 from .chunked import TorchOps, chunked_loss_and_grads
+from .spec import BACKENDS, LossSpec
 
-__all__ = ["linear_logprobs", "fused_linear_policy_loss", "resolve_backend", "BACKENDS"]
+__all__ = ["linear_logprobs", "fused_linear_policy_loss", "resolve_backend", "BACKENDS", "LossSpec"]
 
 logger = logging.getLogger(__name__)
-BACKENDS = ("auto", "triton", "torch")
 _logged_choices: set = set()
 
 
@@ -122,7 +124,8 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         recomputes logits chunk by chunk; nothing of size N×V is kept).
     """
     _check_common(hidden, weight, targets)
-    losses.check_loss_args("awsft", 0.0, 0.0, 0.0, temperature)
+    if not temperature > 0.0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     if validate:
         _check_targets_in_range(targets, weight.shape[0])
     ops = _ops_for(resolve_backend(backend, hidden.device))
@@ -163,30 +166,17 @@ def fused_linear_policy_loss(
     targets: torch.Tensor,
     advantages: torch.Tensor,
     loss_mask: torch.Tensor,
+    spec: Optional[LossSpec] = None,
     *,
     old_logprobs: Optional[torch.Tensor] = None,
     ref_logprobs: Optional[torch.Tensor] = None,
-    loss_type: str = "awsft",
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    kl_coef: float = 0.0,
-    temperature: Union[float, torch.Tensor] = 1.0,
+    temperature: Optional[torch.Tensor] = None,
     normalizer: Optional[float] = None,
-    backend: str = "auto",
-    chunk_size: Optional[int] = None,
     sequence_ids: Optional[torch.Tensor] = None,
     behaviour_logprobs: Optional[torch.Tensor] = None,
     behaviour_mask: Optional[torch.Tensor] = None,
-    is_mode: str = "none",
-    is_cap: float = 2.0,
-    is_low: float = 0.5,
-    is_high: float = 2.0,
-    geo_low: float = 0.9,
-    geo_high: float = 1.1,
     distill_ids: Optional[torch.Tensor] = None,
     distill_logprobs: Optional[torch.Tensor] = None,
-    distill_coef: float = 0.0,
-    distill_mode: str = "kl",
     distill_mask: Optional[torch.Tensor] = None,
     validate: bool = True,
     num_selected: Optional[int] = None,
@@ -200,24 +190,22 @@ def fused_linear_policy_loss(
         advantages: `(N,)` per-token advantages.
         loss_mask: `(N,)` 1 for trained tokens, 0 otherwise (masked tokens are skipped entirely);
             may be a weight (e.g. 1/(n_i·S) for a sequence-mean-token-mean loss).
+        spec: the loss settings (`kernels.LossSpec`; None = its defaults): loss type (formulas in
+            `kernels.losses` and `kernels.reference`), clip range, KL β, temperature, IS
+            correction, distillation coefficient and mode, backend, chunk size.
         old_logprobs: `(N,)` PPO old-policy logprobs (grpo/cispo/gspo); None = the current policy.
             Where `behaviour_mask` is given and 0, the current policy is used instead.
-        ref_logprobs: `(N,)` reference logprobs for the KL term (used when `kl_coef > 0`).
-        loss_type: "awsft" | "grpo" | "cispo" | "gspo" | "distill" (formulas in `kernels.losses`
-            and `kernels.reference`).
-        temperature: a float or an `(N,)` per-token temperature.
+        ref_logprobs: `(N,)` reference logprobs for the KL term (used when `spec.kl_coef > 0`).
+        temperature: an `(N,)` per-token temperature; None = `spec.temperature` everywhere.
         normalizer: the divisor Z; default `max(sum(loss_mask), 1)`. Pass the global trained-token
             count when a batch is split into micro-batches or across ranks.
-        chunk_size: tokens per chunk; default from a memory budget (see `kernels.chunked`).
         sequence_ids: `(N,)` sequence of each token (whole sequences per call): needed by "gspo"
             and the sequence-level `is_mode`s, and for the per-sequence IS statistics.
         behaviour_logprobs, behaviour_mask: `(N,)` the sampler's logprobs μ and where they exist
-            (default everywhere); the importance weight uses δ = sg(logp) - μ (0 where absent).
-        is_mode: "none" | "token_tis" | "token_mask" | "seq_tis" | "seq_mask" | "geo_mask", with
-            `is_cap` (C), `[is_low, is_high]` and `[geo_low, geo_high]` (see `kernels.reference`).
-        distill_ids, distill_logprobs: `(N, k)` teacher top-k ids and logprobs; `distill_coef` λ
-            and `distill_mode` "kl" | "ce" (renormalised over the k ids); `distill_mask` `(N,)`:
-            rows that have a teacher (default all).
+            (default everywhere); the importance weight (`spec.is_mode`, see `kernels.reference`)
+            uses δ = sg(logp) - μ (0 where absent). Without them no correction applies.
+        distill_ids, distill_logprobs: `(N, k)` teacher top-k ids and logprobs (used when
+            `spec.distill_coef > 0`); `distill_mask` `(N,)`: rows that have a teacher (default all).
     GSPO and the sequence-level corrections need every token's logprob before any gradient: they
     run the chunk loop twice (logprobs, then the gradient pass: 8·N·D·V FLOPs instead of 6).
         validate: check target ids and the finiteness of the per-token inputs at trained positions
@@ -235,13 +223,15 @@ def fused_linear_policy_loss(
         `mismatch_*`, `distill_*`; see `_OFFPOLICY_STATS`).
     """
     _check_common(hidden, weight, targets)
-    per_tok_t = isinstance(temperature, torch.Tensor)
-    losses.check_loss_args(loss_type, clip_low, clip_high, kl_coef, 1.0 if per_tok_t else temperature)
-    losses.check_is_args(is_mode, is_cap, is_low, is_high, geo_low, geo_high)
-    if distill_mode not in losses.DISTILL_MODES:
-        raise ValueError(f"distill_mode must be one of {losses.DISTILL_MODES}, got {distill_mode!r}")
-    if not distill_coef >= 0.0:
-        raise ValueError(f"distill_coef must be >= 0, got {distill_coef}")
+    spec = LossSpec() if spec is None else spec
+    if not isinstance(spec, LossSpec):
+        raise TypeError(f"spec must be a kernels.LossSpec, got {type(spec).__name__}")
+    if temperature is not None and not isinstance(temperature, torch.Tensor):
+        raise ValueError("temperature here is a per-token (N,) tensor; a scalar belongs in the spec "
+                         "(LossSpec(temperature=...))")
+    per_tok_t = temperature is not None
+    loss_type, is_mode = spec.loss_type, spec.is_mode
+    distill_coef, distill_mode = spec.distill_coef, spec.distill_mode
     n = hidden.shape[0]
     vecs = {"advantages": advantages, "loss_mask": loss_mask, "old_logprobs": old_logprobs,
             "ref_logprobs": ref_logprobs, "behaviour_logprobs": behaviour_logprobs,
@@ -265,7 +255,8 @@ def fused_linear_policy_loss(
         raise ValueError(f"loss_type {loss_type!r} / is_mode {is_mode!r} need sequence_ids")
     if normalizer is not None and not (normalizer > 0 and normalizer == normalizer):
         raise ValueError(f"normalizer must be a positive number, got {normalizer}")
-    ops = _ops_for(resolve_backend(backend, hidden.device))
+    ops = _ops_for(resolve_backend(spec.backend, hidden.device))
+    chunk_size = spec.chunk_size
 
     nz = loss_mask != 0
     if num_selected is None:
@@ -304,7 +295,7 @@ def fused_linear_policy_loss(
     seg = n_seg = None
     if sequence_ids is not None:
         seg, n_seg = losses.segment_ids(sequence_ids[sel])
-    temp_arg = picked["temperature"] if per_tok_t else float(temperature)
+    temp_arg = picked["temperature"] if per_tok_t else float(spec.temperature)
     need = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     all_sel = sel.numel() == n  # every token trained: skip the gather/scatter copies of (N, D)
     h_sel = hidden.detach() if all_sel else hidden.detach()[sel]
@@ -323,17 +314,16 @@ def fused_linear_policy_loss(
             if is_mode in losses.SEQ_IS_MODES:
                 w_s, tr_s, ms_s = losses.seq_is_weights(
                     losses.segment_sum(delta, seg, n_seg), losses.segment_sum(torch.ones_like(delta), seg, n_seg),
-                    is_mode, cap=is_cap, low=is_low, high=is_high, geo_low=geo_low, geo_high=geo_high)
+                    spec)
                 pre_w, pre_tr, pre_ms = w_s[seg], tr_s[seg], ms_s[seg]
             else:
-                pre_w, pre_tr, pre_ms = losses.is_weights(delta, is_mode, cap=is_cap, low=is_low, high=is_high)
+                pre_w, pre_tr, pre_ms = losses.is_weights(delta, spec)
         if loss_type == "gspo":
             old1 = picked["old_logprobs"]
             if old1 is not None and bmask is not None:
                 old1 = torch.where(bmask, old1, logp1)
             pre_loss, pre_g, pre_clip, _ = losses.gspo_coefficients(
-                logp1, old1, picked["advantages"], m_sel, seg, n_seg,
-                clip_low=clip_low, clip_high=clip_high, is_weight=pre_w)
+                logp1, old1, picked["advantages"], m_sel, seg, n_seg, spec, is_weight=pre_w)
 
     acc = {k: [] for k in ("loss", "clip", "w_sum", "w_max", "trunc", "masked", "k3", "absd", "dkl", "top1")}
     flags_tok = []  # per chunk: (truncated | masked) tokens, for the per-sequence counts
@@ -346,7 +336,7 @@ def fused_linear_policy_loss(
             if pre_w is not None:  # from the first pass
                 w_c, tr_c, ms_c = pre_w[rows], pre_tr[rows], pre_ms[rows]
             else:
-                w_c, tr_c, ms_c = losses.is_weights(delta, is_mode, cap=is_cap, low=is_low, high=is_high)
+                w_c, tr_c, ms_c = losses.is_weights(delta, spec)
             acc["w_sum"].append(w_c.sum())
             acc["w_max"].append(w_c.max() if w_c.numel() else torch.zeros((), device=w_c.device))
             acc["trunc"].append(tr_c.sum())
@@ -359,8 +349,8 @@ def fused_linear_policy_loss(
         if loss_type == "gspo":
             # the policy term is in pre_loss / pre_g; only the KL term is token-local here
             loss_c, g_c, _ = losses.token_loss_and_grad(
-                logp_c, picked["advantages"][rows], m_c, ref_logprobs=None if picked["ref_logprobs"] is None
-                else picked["ref_logprobs"][rows], loss_type="distill", kl_coef=kl_coef)
+                logp_c, picked["advantages"][rows], m_c, spec, ref_logprobs=None if picked["ref_logprobs"] is None
+                else picked["ref_logprobs"][rows], policy=False)
             g_c = g_c + pre_g[rows]
             acc["clip"].append(pre_clip[rows].sum())
         else:
@@ -368,9 +358,8 @@ def fused_linear_policy_loss(
             if old_c is not None and bmask is not None:  # no behaviour logprob: on-policy (ratio 1)
                 old_c = torch.where(bmask[rows], old_c, logp_c)
             loss_c, g_c, clipped_c = losses.token_loss_and_grad(
-                logp_c, picked["advantages"][rows], m_c, old_logprobs=old_c,
-                ref_logprobs=None if picked["ref_logprobs"] is None else picked["ref_logprobs"][rows],
-                loss_type=loss_type, clip_low=clip_low, clip_high=clip_high, kl_coef=kl_coef, is_weight=w_c)
+                logp_c, picked["advantages"][rows], m_c, spec, old_logprobs=old_c,
+                ref_logprobs=None if picked["ref_logprobs"] is None else picked["ref_logprobs"][rows], is_weight=w_c)
             acc["clip"].append(clipped_c.sum())
         acc["loss"].append(loss_c)
         if extra is None:

@@ -15,11 +15,10 @@ the incoming scalar. Never materialised: the `[N, V]` logits. Peak extra memory 
 one `[C, V]` fp32 buffer, a `ENTROPY_BLOCK_BYTES` scratch and the fp32 `[V, D]` weight gradient,
 independent of N.
 
-Measured (CPU, 2 shared cores, N=4096, D=1024, V=32768, fp32, fwd+bwd; docs/kernels.md has the
-tables): extra peak 215 MiB against naive's 1956 MiB (11%); CPU time 1.03-1.09x the three plain
-GEMMs with one thread at chunk 256-2048 (1.2x before `TorchOps` went in place); chunk 128 costs
-1.21x (the per-chunk `dW += dZ.T @ h_c` rereads all of dW). `torch.logsumexp` was the single
-largest non-GEMM cost (~5x an in-place `log_softmax`).
+The measured trade-offs (extra peak against the naive loss, CPU time against the three plain
+GEMMs, the chunk-size sweep, what the in-place row operations saved) are in docs/kernels.md and
+bench/results/loss.csv. Small chunks cost time because each one rereads all of dW
+(`dW += dZ.T @ h_c`); the row operations work in place on the logits buffer.
 
 `linear_logprobs` returns a per-token vector, whose incoming gradient is only known in backward:
 it saves `lse` (N floats) and recomputes each chunk's logits there (8·N·D·V in all).
@@ -42,9 +41,8 @@ from typing import Callable, Optional
 import torch
 
 # Bytes of chunk buffers (the fp32 logits, plus dZ when it has another dtype) one chunk may hold.
-# CPU: 64 MiB (512 rows at V=32768 in fp32) keeps N=4096 at 11% of naive's extra peak and sits on
-# the flat part of the measured chunk sweep (256-2048 rows within noise of each other; 128 rows 12%
-# slower). CUDA: 1.5 GiB, i.e. ~2000 rows at V=128k-152k in bf16 (4 + 2 bytes per logit): each
+# CPU: 64 MiB (512 rows at V=32768 in fp32) keeps the extra peak a small fraction of naive's and
+# sits on the flat part of the chunk sweep (docs/kernels.md). CUDA: 1.5 GiB, i.e. ~2000 rows at V=128k-152k in bf16 (4 + 2 bytes per logit): each
 # chunk rereads and rewrites the fp32 dW once, so fewer chunks are fewer of those passes, and
 # dW (2.1 GB at V=128256, D=4096) + 1.5 GiB stays inside the 4.5 GB extra-peak target.
 CPU_CHUNK_BYTES = 64 << 20
@@ -153,7 +151,8 @@ class TorchOps:
         rows = torch.arange(c, device=z.device)
         z_t = z[rows, targets]
         # In place: log_softmax works row by row (max, sum of exp, then write), so out=z is safe;
-        # it replaces logsumexp + subtract + a [C, V] temporary (logsumexp alone cost ~5x this).
+        # it replaces logsumexp + subtract + a [C, V] temporary (docs/kernels.md: the largest
+        # non-GEMM cost on CPU).
         torch.log_softmax(z, 1, out=z)
         logp = z[rows, targets]
         lse = z_t - logp  # rounding ~eps·|logp|: the error logp itself carries

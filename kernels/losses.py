@@ -24,98 +24,81 @@ of a first pass and returns the per-token derivative that the second pass folds 
 The distillation term is token-local but touches k logits per row besides the target:
 `distill_loss_and_grad` returns its value and its derivative with respect to the k tempered logits
 x_K (and a multiple of softmax(x) for "ce"), which the chunk loop adds into dZ (no extra GEMM).
+
+The settings (loss type, clip range, β, IS mode and bounds) come from a `kernels.spec.LossSpec`,
+checked once when it is built; the mode and type tuples live there and are re-exported here.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
-LOSS_TYPES = ("awsft", "grpo", "cispo", "gspo", "distill")
-IS_MODES = ("none", "token_tis", "token_mask", "seq_tis", "seq_mask", "geo_mask")
-SEQ_IS_MODES = ("seq_tis", "seq_mask", "geo_mask")
-DISTILL_MODES = ("kl", "ce")
+from .spec import DISTILL_MODES, IS_MODES, LOSS_TYPES, SEQ_IS_MODES, LossSpec
+
+__all__ = ["LOSS_TYPES", "IS_MODES", "SEQ_IS_MODES", "DISTILL_MODES", "is_weights", "seq_is_weights",
+           "token_loss_and_grad", "segment_ids", "segment_sum", "gspo_coefficients", "distill_loss_and_grad"]
+
 _EXP_MAX = 20.0  # log-ratios are clamped here only to keep exp() finite
 
 
-def check_loss_args(loss_type: str, clip_low: float, clip_high: float, kl_coef: float, temperature: float) -> None:
-    """Raise ValueError for a loss configuration that cannot be computed."""
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    if not (0.0 <= clip_low < 1.0):
-        raise ValueError(f"clip_low must be in [0, 1), got {clip_low}")
-    if not clip_high >= 0.0:
-        raise ValueError(f"clip_high must be >= 0, got {clip_high}")
-    if not kl_coef >= 0.0:
-        raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
-    if not temperature > 0.0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+def _truncate(r: torch.Tensor, cap: float):
+    """`(w, truncated, masked)` of a truncated weight: w = min(r, cap)."""
+    return r.clamp(max=cap), r > cap, torch.zeros_like(r, dtype=torch.bool)
 
 
-def check_is_args(mode: str, cap: float, low: float, high: float, geo_low: float, geo_high: float) -> None:
-    """Raise ValueError for an importance-sampling correction that cannot be computed."""
-    if mode not in IS_MODES:
-        raise ValueError(f"is_mode must be one of {IS_MODES}, got {mode!r}")
-    if not (cap >= 1.0 and math.isfinite(cap)):
-        raise ValueError(f"is_cap must be a finite number >= 1, got {cap}")
-    if not (0.0 <= low < 1.0 < high and math.isfinite(high)):
-        raise ValueError(f"is_low/is_high must satisfy 0 <= low < 1 < high < inf, got [{low}, {high}]")
-    if not (0.0 <= geo_low < 1.0 < geo_high and math.isfinite(geo_high)):
-        raise ValueError(f"geo_low/geo_high must satisfy 0 <= low < 1 < high < inf, got [{geo_low}, {geo_high}]")
+def _band(r: torch.Tensor, low: float, high: float):
+    """`(w, truncated, masked)` of a band mask: w = 1[low <= r <= high]."""
+    keep = (r >= low) & (r <= high)
+    return keep.to(r.dtype), torch.zeros_like(r, dtype=torch.bool), ~keep
 
 
-def is_weights(log_ratio: torch.Tensor, mode: str, *, cap: float = 2.0, low: float = 0.5, high: float = 2.0):
+def is_weights(log_ratio: torch.Tensor, spec: LossSpec):
     """Token-level correction `(w, truncated, masked)` from `log_ratio = sg(logp) - behaviour` `(n,)`.
-    token_tis: w = min(e^δ, cap); token_mask: w = 1[low <= e^δ <= high]. `w` is detached."""
+    token_tis: w = min(e^δ, is_cap); token_mask: w = 1[is_low <= e^δ <= is_high]. `w` is detached."""
     r = torch.exp(log_ratio.detach().clamp(max=_EXP_MAX))
-    none = torch.zeros_like(r, dtype=torch.bool)
-    if mode == "token_tis":
-        return r.clamp(max=cap), r > cap, none
-    if mode == "token_mask":
-        keep = (r >= low) & (r <= high)
-        return keep.to(r.dtype), none, ~keep
-    raise ValueError(f"is_weights handles token modes, got {mode!r}")
+    if spec.is_mode == "token_tis":
+        return _truncate(r, spec.is_cap)
+    if spec.is_mode == "token_mask":
+        return _band(r, spec.is_low, spec.is_high)
+    raise ValueError(f"is_weights handles token modes, got {spec.is_mode!r}")
 
 
-def seq_is_weights(log_ratio_sum: torch.Tensor, n_tokens: torch.Tensor, mode: str, *, cap: float = 2.0,
-                   low: float = 0.5, high: float = 2.0, geo_low: float = 0.9, geo_high: float = 1.1):
+def seq_is_weights(log_ratio_sum: torch.Tensor, n_tokens: torch.Tensor, spec: LossSpec):
     """Sequence-level correction `(w, truncated, masked)` per sequence from S_i = Σ_t δ_t and n_i."""
-    none = torch.zeros_like(log_ratio_sum, dtype=torch.bool)
-    if mode == "geo_mask":
+    if spec.is_mode == "geo_mask":
         g = torch.exp((log_ratio_sum / n_tokens.clamp(min=1)).clamp(max=_EXP_MAX))
-        keep = (g >= geo_low) & (g <= geo_high)
-        return keep.to(g.dtype), none, ~keep
+        return _band(g, spec.geo_low, spec.geo_high)
     R = torch.exp(log_ratio_sum.clamp(max=_EXP_MAX))
-    if mode == "seq_tis":
-        return R.clamp(max=cap), R > cap, none
-    if mode == "seq_mask":
-        keep = (R >= low) & (R <= high)
-        return keep.to(R.dtype), none, ~keep
-    raise ValueError(f"seq_is_weights handles sequence modes, got {mode!r}")
+    if spec.is_mode == "seq_tis":
+        return _truncate(R, spec.is_cap)
+    if spec.is_mode == "seq_mask":
+        return _band(R, spec.is_low, spec.is_high)
+    raise ValueError(f"seq_is_weights handles sequence modes, got {spec.is_mode!r}")
 
 
 def token_loss_and_grad(
     logp: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
+    spec: LossSpec,
     *,
     old_logprobs: Optional[torch.Tensor] = None,
     ref_logprobs: Optional[torch.Tensor] = None,
-    loss_type: str = "awsft",
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    kl_coef: float = 0.0,
     is_weight: Optional[torch.Tensor] = None,
+    policy: bool = True,
 ):
     """Masked per-token loss terms and their derivative with respect to `logp`.
 
     Args:
         logp: `(n,)` float32/float64 logprobs of the target tokens (no grad needed).
         advantages, mask: `(n,)`; mask is 0/1 (or a weight).
+        spec: `loss_type`, `clip_low`, `clip_high` and `kl_coef` are read from it.
         old_logprobs: `(n,)` PPO old-policy logprobs; None means `old = logp` (ratio 1).
         ref_logprobs: `(n,)` reference-policy logprobs for the KL term.
         is_weight: `(n,)` detached importance weight of the policy term (None = 1).
+        policy: False leaves out the policy term (only the KL term: GSPO's policy term is
+            sequence-level, see `gspo_coefficients`).
     Returns:
         `(loss_sum, dlogp, clipped)`: the unnormalised masked sum (0-dim), `(n,)` derivative of
         that sum with respect to logp, and an `(n,)` bool tensor of tokens whose update was clipped.
@@ -124,7 +107,8 @@ def token_loss_and_grad(
     adv = advantages.to(dt)
     m = mask.to(dt)
     clipped = torch.zeros_like(logp, dtype=torch.bool)
-    if loss_type == "distill":
+    loss_type, clip_low, clip_high, kl_coef = spec.loss_type, spec.clip_low, spec.clip_high, spec.kl_coef
+    if loss_type == "distill" or not policy:
         per_tok = torch.zeros_like(logp)
         g = torch.zeros_like(logp)
     elif loss_type == "awsft":
@@ -179,7 +163,7 @@ def segment_sum(values: torch.Tensor, seg: torch.Tensor, n_seg: int) -> torch.Te
     return torch.zeros(n_seg, dtype=values.dtype, device=values.device).index_add_(0, seg, values)
 
 
-def gspo_coefficients(logp, old_logprobs, advantages, mask, seg, n_seg, *, clip_low: float, clip_high: float,
+def gspo_coefficients(logp, old_logprobs, advantages, mask, seg, n_seg, spec: LossSpec, *,
                       is_weight: Optional[torch.Tensor] = None):
     """GSPO on the selected tokens of whole sequences (first-pass logprobs in, no grad).
 
@@ -189,6 +173,7 @@ def gspo_coefficients(logp, old_logprobs, advantages, mask, seg, n_seg, *, clip_
     Returns `(loss_sum, g (n,), clipped (n,) bool, s per token (n,))`.
     """
     dt = logp.dtype
+    clip_low, clip_high = spec.clip_low, spec.clip_high
     old = logp if old_logprobs is None else old_logprobs.to(dt)
     ones = torch.ones_like(logp)
     n_i = segment_sum(ones, seg, n_seg).clamp(min=1)      # empty slots: 0 tokens, no NaN

@@ -3,7 +3,8 @@
 Tests, benchmarks and documentation all import these; nobody keeps a second copy. With
 `upcast=True` everything runs in float64 (the "gold"); with `upcast=False` the matmul runs in the
 inputs' dtype and the softmax in float32, which is what a careful user of plain torch writes (the
-"torch in the same dtype" baseline of the error rule in STYLE.md).
+"torch in the same dtype" baseline of the tests' error rule `err <= 2 * torch_err + atol`).
+The loss settings come from a `kernels.spec.LossSpec`, as for the kernels.
 
 Definitions (m = loss_mask, a weight; "trained" = m != 0; Z = normalizer; sg = stop-gradient):
 - temperature: a float or a per-token `(N,)` tensor; row i's logits are divided by T_i.
@@ -29,6 +30,8 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import torch
+
+from .spec import LossSpec
 
 
 def _logp_all(hidden, weight, temperature, upcast: bool):
@@ -71,9 +74,9 @@ def _segment(values, seg, n_seg):
     return torch.zeros(n_seg, dtype=values.dtype).index_add_(0, seg, values)
 
 
-def is_weights_ref(logp, behaviour, behaviour_mask, trained, seq, n_seg, mode, *, cap=2.0, low=0.5, high=2.0,
-                   geo_low=0.9, geo_high=1.1):
+def is_weights_ref(logp, behaviour, behaviour_mask, trained, seq, n_seg, spec: LossSpec):
     """`(w, truncated, masked)` per token, all detached (see the module docstring)."""
+    mode, cap, low, high = spec.is_mode, spec.is_cap, spec.is_low, spec.is_high
     delta = torch.where(behaviour_mask & trained, logp.detach() - behaviour.to(logp.dtype), torch.zeros_like(logp))
     zero = torch.zeros_like(trained)
     if mode in ("token_tis", "token_mask"):
@@ -94,39 +97,23 @@ def is_weights_ref(logp, behaviour, behaviour_mask, trained, seq, n_seg, mode, *
         keep = (R >= low) & (R <= high)
     elif mode == "geo_mask":
         G = torch.exp(S / n)
-        keep = (G >= geo_low) & (G <= geo_high)
+        keep = (G >= spec.geo_low) & (G <= spec.geo_high)
     else:
         raise ValueError(f"unknown is_mode {mode!r}")
     return keep.to(logp.dtype)[seq], zero, (~keep)[seq] & trained
 
 
-def policy_loss_ref(
-    hidden, weight, targets, advantages, loss_mask, *,
-    old_logprobs: Optional[torch.Tensor] = None,
-    ref_logprobs: Optional[torch.Tensor] = None,
-    loss_type: str = "awsft",
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    kl_coef: float = 0.0,
-    temperature: Union[float, torch.Tensor] = 1.0,
-    normalizer: Optional[float] = None,
-    sequence_ids: Optional[torch.Tensor] = None,
-    behaviour_logprobs: Optional[torch.Tensor] = None,
-    behaviour_mask: Optional[torch.Tensor] = None,
-    is_mode: str = "none",
-    is_cap: float = 2.0,
-    is_low: float = 0.5,
-    is_high: float = 2.0,
-    geo_low: float = 0.9,
-    geo_high: float = 1.1,
-    distill_ids: Optional[torch.Tensor] = None,
-    distill_logprobs: Optional[torch.Tensor] = None,
-    distill_coef: float = 0.0,
-    distill_mode: str = "kl",
-    distill_mask: Optional[torch.Tensor] = None,
-    upcast: bool = True,
-):
-    """Reference of `kernels.fused_linear_policy_loss`; same arguments, same `(loss, stats)`."""
+def policy_loss_ref(hidden, weight, targets, advantages, loss_mask, spec: Optional[LossSpec] = None, *,
+                    old_logprobs=None, ref_logprobs=None, temperature=None, normalizer=None, sequence_ids=None,
+                    behaviour_logprobs=None, behaviour_mask=None, distill_ids=None, distill_logprobs=None,
+                    distill_mask=None, upcast: bool = True):
+    """Reference of `kernels.fused_linear_policy_loss`: its arguments (less `validate` and
+    `num_selected`; tests/test_kernels.py checks that they agree), the same `(loss, stats)`.
+    `spec.backend` and `spec.chunk_size` do not apply here."""
+    spec = LossSpec() if spec is None else spec
+    loss_type, clip_low, clip_high, kl_coef = spec.loss_type, spec.clip_low, spec.clip_high, spec.kl_coef
+    distill_coef, distill_mode = spec.distill_coef, spec.distill_mode
+    temperature = spec.temperature if temperature is None else temperature
     logp_all = _logp_all(hidden, weight, temperature, upcast)
     logp = logp_all.gather(1, targets.long().unsqueeze(1)).squeeze(1)
     entropy = -(logp_all.exp() * logp_all).sum(-1)
@@ -145,10 +132,9 @@ def policy_loss_ref(
         old_logprobs = torch.where(bm_all, old_logprobs.to(dt), logp.detach())
     w = torch.ones_like(m)
     trunc = masked = torch.zeros_like(trained)
-    if is_mode != "none" and behaviour_logprobs is not None:
+    if spec.is_mode != "none" and behaviour_logprobs is not None:
         bm = torch.ones_like(trained) if behaviour_mask is None else behaviour_mask.bool()
-        w, trunc, masked = is_weights_ref(logp, behaviour_logprobs, bm, trained, seq, n_seg, is_mode, cap=is_cap,
-                                          low=is_low, high=is_high, geo_low=geo_low, geo_high=geo_high)
+        w, trunc, masked = is_weights_ref(logp, behaviour_logprobs, bm, trained, seq, n_seg, spec)
     if loss_type == "distill":
         per_tok = torch.zeros_like(logp)
     elif loss_type == "awsft":

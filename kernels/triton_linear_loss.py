@@ -164,8 +164,9 @@ def launch_config(kernel: str, *, vocab: int, dim: int = 0, dtype: torch.dtype =
       registers, and only ~32-38 loop trips (or programs per row) at V = 128k-152k. Small
       vocabularies use one power-of-two tile with fewer warps so no warp idles on masked lanes.
     - accumulate_dw is a GEMM with an fp32 128 x 128 register tile: at 8 warps that is 64
-      accumulator registers per thread: 178-244 registers in all and no spills on sm_80 and sm_90,
-      where the same tile at 4 warps hits the 255-register cap and spills 96-624 bytes. BLOCK_C = 64 in 16-bit
+      accumulator registers per thread and no spills on sm_80 and sm_90, where the same tile at 4
+      warps hits the 255-register cap and spills (tests/test_compile_report.py compiles that
+      config as its known-bad control). BLOCK_C = 64 in 16-bit
       (32 in fp32) with 3 stages keeps the operand ring at 96 KiB of shared memory, inside both
       sm_80's 163 KiB and sm_90's 227 KiB. fp32 uses IEEE dots (torch's default; TF32 would be a
       10-bit-mantissa surprise). Small D or V shrink the tile to the next power of two (>= 16, the

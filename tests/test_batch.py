@@ -1,7 +1,7 @@
-"""atropos_core.batch: validation, advantages, packing, rank split, shipping between ranks.
+"""atropos_core.data: validation, advantages, packing, rank split, shipping between ranks.
 
-Every tensor `build_train_batch` makes is compared with `reference_rows`, a plain-Python loop
-written from the Atropos conventions (mask/advantage/logprob at t belong to token t; the model
+Every tensor `build_train_batch` makes is compared with `reference_rows` (tests/fixtures/batches.py),
+a plain-Python loop written from the Atropos conventions (mask/advantage/logprob at t belong to token t; the model
 predicts token t from t-1). The bad-input tests post real groups through the real `run-api`
 (marker `api`), fetch them with the client and check that exactly the bad group is dropped and
 counted while its batch-mates come through; faults the server cannot carry (NaN: it answers 500;
@@ -18,152 +18,11 @@ import random
 import pytest
 import torch
 
-from atropos_core.batch import (DROP_REASONS, DataConfig, build_train_batch, groups_from_json_bytes,
-                                groups_from_tensor, groups_to_json_bytes, groups_to_tensor, plan_micro_batches,
-                                reason_key, split_for_ranks, validate_group)
-from atropos_core.client import AtroposClient, AtroposConfig
-from tests.fixtures.atropos_api import make_group, post_groups
-
-VOCAB = 50
-
-
-# ---- the independent reference ----------------------------------------------------------------
-
-def _pstd(xs):
-    m = sum(xs) / len(xs)
-    return math.sqrt(sum((x - m) ** 2 for x in xs) / len(xs))
-
-
-def reference_rows(groups, cfg: DataConfig, world_values=None):
-    """Per kept sequence (groups assumed valid): the shifted training row, by plain loops."""
-    eps = cfg.advantage_eps
-    score_groups = [g for g in groups if g.get("advantages") is None]
-    all_scores = [s for g in score_groups for s in g["scores"]]
-    seqs = []
-    for g in groups:
-        n = len(g["tokens"])
-        gzero = bool((g.get("group_overrides") or {}).get("set_advantage_to_zero"))
-        mean = sum(g["scores"]) / n
-        scale = {"group": _pstd(g["scores"]), "batch": _pstd(all_scores) if all_scores else 0.0,
-                 "none": 1.0}[cfg.advantage_scale]
-        for i in range(n):
-            toks, masks = g["tokens"][i], g["masks"][i]
-            trained = [t >= 1 and masks[t] != -100 for t in range(len(toks))]
-            if g.get("advantages") is not None:
-                adv = [g["advantages"][i][t] if trained[t] else 0.0 for t in range(len(toks))]
-            else:
-                a = g["scores"][i] - mean
-                if scale > eps:
-                    a = a / scale
-                adv = [a if tr else 0.0 for tr in trained]
-            ov = (g.get("overrides") or [None] * n)[i] or {}
-            seqs.append({"tokens": toks, "trained": trained, "adv": adv, "score": g["scores"][i],
-                         "zero": gzero or bool(ov.get("set_advantage_to_zero")),
-                         "old": g.get("inference_logprobs") and g["inference_logprobs"][i],
-                         "ref": g.get("ref_logprobs") and g["ref_logprobs"][i]})
-    if cfg.advantage_norm != "none":
-        vals = [s["adv"][t] for s in seqs if not s["zero"] for t in range(len(s["tokens"])) if s["trained"][t]]
-        mean = sum(vals) / len(vals)
-        std = math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals))
-        for s in seqs:
-            s["adv"] = [((a - mean) / std if std > eps else a - mean) if tr else 0.0
-                        for a, tr in zip(s["adv"], s["trained"])]
-    for s in seqs:
-        if cfg.advantage_clip is not None:
-            lo, hi = cfg.advantage_clip
-            s["adv"] = [min(max(a, lo), hi) for a in s["adv"]]
-        if s["zero"]:
-            s["adv"] = [0.0] * len(s["adv"])
-    rows = []
-    for s in seqs:
-        L = len(s["tokens"])
-        rows.append({
-            "input_ids": s["tokens"][:L - 1], "targets": s["tokens"][1:],
-            "loss_mask": [1.0 if s["trained"][t] else 0.0 for t in range(1, L)],
-            "advantages": [s["adv"][t] if s["trained"][t] else 0.0 for t in range(1, L)],
-            "old_logprobs": [s["old"][t] if s["trained"][t] else 0.0 for t in range(1, L)] if s["old"] else None,
-            "ref_logprobs": [s["ref"][t] if s["trained"][t] else 0.0 for t in range(1, L)] if s["ref"] else None,
-            "score": s["score"],
-        })
-    return rows
-
-
-def check_against_reference(tb, groups, cfg: DataConfig) -> None:
-    """Every position of every micro-batch equals the reference; padding is inert."""
-    ref = reference_rows(groups, cfg)
-    assert tb.num_sequences == len(ref)
-    assert tb.scores == [r["score"] for r in ref]
-    assert sum(mb.num_sequences for mb in tb.micro_batches) == len(ref)
-    assert tb.total_trained_tokens == sum(int(sum(r["loss_mask"])) for r in ref)
-    assert tb.total_trained_tokens == sum(mb.num_trained_tokens for mb in tb.micro_batches)
-    got = {}
-    for mb in tb.micro_batches:
-        assert mb.layout == cfg.layout
-        R, T = mb.input_ids.shape
-        for name in ("targets", "loss_mask", "advantages", "attention_mask", "position_ids", "sequence_ids"):
-            assert getattr(mb, name).shape == (R, T), name
-        assert mb.input_ids.dtype == torch.int64 and mb.targets.dtype == torch.int64
-        assert mb.loss_mask.dtype == torch.float32 and mb.advantages.dtype == torch.float32
-        pad = mb.sequence_ids == -1
-        assert (mb.loss_mask[pad] == 0).all() and (mb.advantages[pad] == 0).all()
-        assert (mb.attention_mask[pad] == 0).all() and (mb.attention_mask[~pad] == 1).all()
-        assert (mb.input_ids[pad] == cfg.pad_token_id).all()
-        # data.use_inference_logprobs None = auto: present when any group of the batch sent them
-        expect_old = bool(cfg.use_inference_logprobs) or (
-            cfg.use_inference_logprobs is None and any(g.get("inference_logprobs") for g in groups))
-        assert (mb.old_logprobs is not None) == expect_old == (mb.behaviour_mask is not None)
-        assert (mb.ref_logprobs is not None) == cfg.use_ref_logprobs
-        if cfg.layout == "packed":
-            assert R == 1
-            bounds = [0]
-            ids = mb.sequence_ids[0].tolist()
-            for t in range(1, T):
-                if ids[t] != ids[t - 1]:
-                    bounds.append(t)
-            bounds.append(T)
-            assert mb.cu_seqlens.dtype == torch.int32 and mb.cu_seqlens.tolist() == bounds
-        else:
-            assert mb.cu_seqlens is None
-        for r in range(R):
-            for k in sorted(set(mb.sequence_ids[r].tolist()) - {-1}):
-                sel = mb.sequence_ids[r] == k
-                assert k not in got, f"sequence {k} split over rows"
-                got[k] = {"input_ids": mb.input_ids[r][sel].tolist(), "targets": mb.targets[r][sel].tolist(),
-                          "loss_mask": mb.loss_mask[r][sel].tolist(), "advantages": mb.advantages[r][sel],
-                          "position_ids": mb.position_ids[r][sel].tolist(),
-                          "old_logprobs": mb.old_logprobs[r][sel] if mb.old_logprobs is not None else None,
-                          "behaviour": mb.behaviour_mask[r][sel] if mb.behaviour_mask is not None else None,
-                          "ref_logprobs": mb.ref_logprobs[r][sel] if mb.ref_logprobs is not None else None}
-                if cfg.layout == "padded":
-                    assert sel.nonzero().flatten().tolist() == list(range(int(sel.sum())))  # left-aligned
-    assert sorted(got) == list(range(len(ref)))
-    for k, exp in enumerate(ref):
-        g = got[k]
-        assert g["input_ids"] == exp["input_ids"], k
-        assert g["targets"] == exp["targets"], k
-        assert g["loss_mask"] == exp["loss_mask"], k
-        assert g["position_ids"] == list(range(len(exp["input_ids"]))), k
-        # float32 storage of float64 values: equal up to one rounding
-        torch.testing.assert_close(g["advantages"], torch.tensor(exp["advantages"], dtype=torch.float32),
-                                   rtol=1e-6, atol=1e-6)
-        if g["behaviour"] is not None:  # a sequence without inference_logprobs: on-policy, zeros
-            assert g["behaviour"].all().item() == (exp["old_logprobs"] is not None) == g["behaviour"].any().item()
-            if exp["old_logprobs"] is None:
-                assert (g["old_logprobs"] == 0).all()
-        for name in ("old_logprobs", "ref_logprobs"):
-            if g[name] is not None and exp[name] is not None:
-                torch.testing.assert_close(g[name], torch.tensor(exp[name], dtype=torch.float32), rtol=0, atol=0)
-
-
-def post_and_fetch(url: str, groups: list[dict], batch_size: int = 16) -> list[dict]:
-    """Register a trainer, post `groups` as an environment would, fetch one batch with the client.
-    (Registration first: atroposlib ignores a registration that comes after data.)"""
-    client = AtroposClient(AtroposConfig(url=url, batch_size=batch_size, max_token_len=64, max_wait_s=20))
-    client.register()
-    post_groups(url, groups)
-    batch = client.wait_for_batch()
-    assert client.metrics()["data/batches"] == 1 and client.metrics()["data/api_resets"] == 0
-    return batch
+from atropos_core.data import (DROP_REASONS, DataConfig, build_train_batch, groups_from_json_bytes,
+                               groups_from_tensor, groups_to_json_bytes, groups_to_tensor, plan_micro_batches,
+                               reason_key, split_for_ranks, validate_group)
+from tests.fixtures.atropos_api import make_group
+from tests.fixtures.batches import VOCAB, check_against_reference, post_and_fetch
 
 
 def good_groups(seed: int, k: int = 3, n: int = 4, **kw) -> list[dict]:
@@ -177,7 +36,7 @@ CONFIGS = [
     dict(advantage_scale="group"),
     dict(advantage_scale="batch", layout="packed"),
     dict(advantage_scale="none", advantage_norm="batch", advantage_clip=(-1.0, 1.5)),
-    dict(advantage_scale="group", advantage_norm="global", layout="packed", max_tokens_per_micro_batch=7),
+    dict(advantage_scale="group", advantage_norm="batch", layout="packed", max_tokens_per_micro_batch=7),
     dict(advantage_scale="group", max_tokens_per_micro_batch=5, use_inference_logprobs=True, use_ref_logprobs=True),
 ]
 
@@ -208,6 +67,32 @@ def test_build_matches_reference(overrides):
         assert cost <= budget or mb.num_sequences == 1
 
 
+def test_packed_cu_seqlens_are_what_flash_attention_derives():
+    """`cu_seqlens`/`max_seqlen` of a packed micro-batch equal what transformers' flash-attention
+    path would derive from its position ids; `varlen_kwargs` hands them over only under flash."""
+    from types import SimpleNamespace
+
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+
+    from atropos_core.loss import varlen_kwargs
+
+    rng = random.Random(11)
+    cfg = DataConfig(max_token_len=64, vocab_size=VOCAB, layout="packed", max_tokens_per_micro_batch=40)
+    tb = build_train_batch([make_group(rng, n=4, vocab=VOCAB) for _ in range(3)], cfg)
+    assert len(tb.micro_batches) > 1 and max(mb.num_sequences for mb in tb.micro_batches) > 1
+    flash, sdpa = (SimpleNamespace(config=SimpleNamespace(_attn_implementation=a)) for a in ("flash_attention_2", "sdpa"))
+    for mb in tb.micro_batches:
+        (cu_q, cu_k), (max_q, _) = prepare_fa_kwargs_from_position_ids(mb.position_ids)
+        assert torch.equal(mb.cu_seqlens, cu_q) and torch.equal(cu_q, cu_k)
+        assert mb.max_seqlen == int(max_q)
+        kw = varlen_kwargs(flash, mb)
+        assert torch.equal(kw["cu_seq_lens_q"], cu_q) and torch.equal(kw["cu_seq_lens_k"], cu_q)
+        assert kw["max_length_q"] == kw["max_length_k"] == int(max_q)
+        assert varlen_kwargs(sdpa, mb) == {}
+    padded = build_train_batch([make_group(rng, n=4, vocab=VOCAB)], DataConfig(max_token_len=64, vocab_size=VOCAB))
+    assert varlen_kwargs(flash, padded.micro_batches[0]) == {}
+
+
 def test_plan_respects_budget_and_balances():
     rng = random.Random(3)
     for padded in (True, False):
@@ -226,6 +111,11 @@ def test_plan_respects_budget_and_balances():
     # padded cost is rows × longest: long rows go together, short rows together
     plan = plan_micro_batches([4, 2, 4, 2, 4, 2, 4, 2], 8, padded=True)
     assert sorted(sorted(b) for b in plan) == [[0, 2], [1, 3, 5, 7], [4, 6]]
+
+
+def _content(mb) -> tuple:
+    """A micro-batch as plain values (the sequences it holds and its tokens), comparable across copies."""
+    return (tuple(mb.sequence_ids.flatten().tolist()), tuple(mb.input_ids.flatten().tolist()), mb.num_sequences)
 
 
 def test_split_for_ranks_equal_counts_and_balance():
@@ -248,7 +138,14 @@ def test_split_for_ranks_equal_counts_and_balance():
         loads = [sum(mb.input_ids.numel() for mb in s if mb.num_sequences) for s in split]
         if world <= len(mbs):
             assert max(loads) - min(loads) <= max(mb.input_ids.numel() for mb in mbs)
-    assert split_for_ranks(mbs, 2) == split_for_ranks(mbs, 2)  # deterministic: every rank agrees
+    # deterministic: another rank builds its own copy of the batch from the same groups and must
+    # take the same share (compared by content: the old `split(mbs) == split(mbs)` compared the
+    # same objects with themselves and could not fail)
+    other = build_train_batch(copy.deepcopy(groups), cfg).micro_batches
+    for world in (2, 3):
+        mine, theirs = split_for_ranks(mbs, world), split_for_ranks(other, world)
+        assert [[_content(mb) for mb in s] for s in mine] == [[_content(mb) for mb in s] for s in theirs]
+        assert [[_content(mb) for mb in s] for s in mine] != [[_content(mb) for mb in s] for s in mine[::-1]]
 
 
 def test_json_and_tensor_round_trip_keep_nan():
@@ -267,7 +164,7 @@ def test_json_and_tensor_round_trip_keep_nan():
 def _broadcast_worker(rank: int, init_file: str, result_file: str) -> None:
     import torch.distributed as dist
 
-    from atropos_core.batch import broadcast_groups
+    from atropos_core.data import broadcast_groups
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
@@ -275,10 +172,10 @@ def _broadcast_worker(rank: int, init_file: str, result_file: str) -> None:
         got = broadcast_groups(groups, src=0)
         raw = json.dumps({"batch": good_groups(7, k=2)}).encode() if rank == 0 else None  # a /batch body
         got_raw = broadcast_groups(src=0, raw=raw)
-        # advantage_norm="global" with a real all-reduce over ranks holding different groups
-        cfg = DataConfig(max_token_len=64, vocab_size=VOCAB, advantage_norm="global")
-        tb = build_train_batch(good_groups(8 + rank, k=2 + rank), cfg,
-                               reduce_fn=lambda t: (dist.all_reduce(t), t)[1])
+        # every rank builds the whole batch from what rank 0 sent: batch whitening is global
+        union = good_groups(8, k=2) + good_groups(9, k=3) if rank == 0 else None
+        cfg = DataConfig(max_token_len=64, vocab_size=VOCAB, advantage_norm="batch")
+        tb = build_train_batch(broadcast_groups(union, src=0), cfg)
         advs = {}
         for mb in tb.micro_batches:
             for k in set(mb.sequence_ids.flatten().tolist()) - {-1}:
@@ -289,7 +186,7 @@ def _broadcast_worker(rank: int, init_file: str, result_file: str) -> None:
         dist.destroy_process_group()
 
 
-def test_broadcast_groups_and_global_norm_on_two_gloo_ranks(tmp_path):
+def test_broadcast_groups_and_batch_norm_on_two_gloo_ranks(tmp_path):
     import torch.multiprocessing as mp
 
     # fork: the children inherit the imports (spawn re-imports torch: ~10 s on 2 busy cores)
@@ -298,18 +195,18 @@ def test_broadcast_groups_and_global_norm_on_two_gloo_ranks(tmp_path):
     results = [json.loads((tmp_path / f"got.json.{rank}").read_text()) for rank in (0, 1)]
     for got, got_raw, _ in results:
         assert got == good_groups(6, k=3) and got_raw == good_groups(7, k=2)
-    # global normalisation on two ranks == batch normalisation of the union on one
+    # each rank's advantages == batch normalisation of the union on one process
     union = build_train_batch(good_groups(8, k=2) + good_groups(9, k=3),
                               DataConfig(max_token_len=64, vocab_size=VOCAB, advantage_norm="batch"))
     expected = {}
     for mb in union.micro_batches:
         for k in set(mb.sequence_ids.flatten().tolist()) - {-1}:
             expected[k] = mb.advantages[mb.sequence_ids == k]
-    per_rank = results[0][2] + results[1][2]
-    assert len(per_rank) == len(expected) == 4 * 5
-    for k, adv in enumerate(per_rank):
-        torch.testing.assert_close(torch.tensor(adv), expected[k], rtol=1e-6, atol=1e-6)
-    assert any(abs(a) > 0 for adv in per_rank for a in adv)
+    for _, _, per_rank in results:
+        assert len(per_rank) == len(expected) == 4 * 5
+        for k, adv in enumerate(per_rank):
+            torch.testing.assert_close(torch.tensor(adv), expected[k], rtol=1e-6, atol=1e-6)
+        assert any(abs(a) > 0 for adv in per_rank for a in adv)
 
 
 # ---- config ------------------------------------------------------------------------------------
@@ -464,7 +361,7 @@ def test_all_dropped_gives_empty_batch_and_one_log_line(caplog):
     g = good_groups(8, k=1)[0]
     g["masks"] = [[-100] * len(t) for t in g["tokens"]]
     g["env_id"] = 3
-    with caplog.at_level(logging.WARNING, logger="atropos_core.batch"):
+    with caplog.at_level(logging.WARNING, logger="atropos_core.data"):
         tb = build_train_batch([g], DataConfig(vocab_size=VOCAB))
         assert tb.micro_batches == [] and tb.total_trained_tokens == 0 and tb.num_groups == 0
         assert tb.metrics["data/dropped/no_trained_tokens"] == 1

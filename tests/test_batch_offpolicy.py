@@ -11,7 +11,7 @@ import torch
 
 from atropos_core.batch import DataConfig, build_train_batch, reason_key, validate_group
 from tests.fixtures.atropos_api import make_group
-from tests.test_batch import VOCAB, post_and_fetch
+from tests.fixtures.batches import VOCAB, post_and_fetch
 
 CFG = DataConfig(max_token_len=64, vocab_size=VOCAB, max_tokens_per_micro_batch=64)
 

@@ -22,7 +22,7 @@ from atropos_core.client import (AtroposAPIError, AtroposClient, AtroposConfig, 
                                  AtroposUnavailable)
 from atropos_core.services import free_port
 from tests.fixtures.atropos_api import make_group, post_groups, register_env
-from tests.test_batch import VOCAB, check_against_reference
+from tests.fixtures.batches import VOCAB, check_against_reference
 
 
 def client_for(url: str, **kw) -> AtroposClient:

@@ -23,7 +23,11 @@ rc = cr.main(["--json", sys.argv[1]])
 # accumulate_dw's bf16 tile at 4 warps: 255 registers and spills (the reason the shipped one uses 8).
 bad = dict(BLOCK_C=64, BLOCK_V=128, BLOCK_D=128, DOT_PRECISION="tf32", num_warps=4, num_stages=3)
 row = cr.compile_one("accumulate_dw", "bf16", bad, 128256, 4096, "sm_90")
+# A shipped row with its shared memory one byte over the architecture's limit.
+rows = json.load(open(sys.argv[1]))
+over = dict(rows[0], shared=cr.SMEM_LIMIT[rows[0]["arch"]] + 1)
 json.dump({"rc": rc, "bad_row": row, "bad_problems": cr.problems(row), "limits": cr.SMEM_LIMIT,
+           "over_smem_problems": cr.problems(over), "bad_table": cr._format([row]),
            "expected": [[k, d, c] for k, d, c, _, _ in cr.shipped_configs()]}, open(sys.argv[2], "w"))
 """
 
@@ -45,7 +49,6 @@ def test_shipped_configs_compile_without_spills(tmp_path):
             assert (kernel, dname, json.dumps(cfg, sort_keys=True), arch) in compiled
     assert {r["kernel"] for r in rows if r["dtype"] == "bf16"} == {"row_stats", "dlogits", "accumulate_dw"}
 
-    assert extra["limits"] == {"sm_90": 232448, "sm_80": 166912}
     for r in rows:
         assert set(r) >= {"kernel", "config", "arch", "dtype", "registers", "spills", "shared"}
         where = f"{r['kernel']} {r['dtype']} {r['arch']} {r['config']}"
@@ -54,6 +57,12 @@ def test_shipped_configs_compile_without_spills(tmp_path):
         assert r["shared"] <= extra["limits"][r["arch"]], f"{where}: {r['shared']} B shared memory"
         assert r["registers"] * r["config"]["num_warps"] * 32 <= 65536, where
     assert extra["rc"] == 0
+    # The printed table has one line per row (after the header and its rule), none flagged.
+    table = [line for line in proc.stdout.splitlines() if line.split()[:1] in (["row_stats"], ["dlogits"],
+                                                                                ["accumulate_dw"])]
+    assert len(table) == len(rows) and not any("!!" in line for line in table), proc.stdout[-3000:]
 
-    # The detector sees a spill where there is one.
+    # The detector sees a spill where there is one, and prints it; and a shared-memory overflow.
     assert extra["bad_row"]["spills"] > 0 and extra["bad_problems"], extra["bad_row"]
+    assert "!!" in extra["bad_table"] and "spills" in extra["bad_table"], extra["bad_table"]
+    assert any("shared memory" in p for p in extra["over_smem_problems"]), extra["over_smem_problems"]

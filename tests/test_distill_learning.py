@@ -8,7 +8,7 @@ import torch
 from atropos_core.loss import LossConfig
 from atropos_core.model import ModelConfig, OptimConfig, build_optimizer, load_model_and_tokenizer
 from atropos_core.trainer import train_step
-from tests.test_trainer import make_micro_batch
+from tests.fixtures.batches import make_micro_batch
 
 CPU = torch.device("cpu")
 

@@ -54,7 +54,7 @@ def test_logprobs_at_temperature_match_the_trainer(vllm_server):
     """Sampled at temperature 0.7, the served logprobs are the trainer's log_softmax(z / 0.7) of those
     tokens (the trainer's own loss path, `loss.temperature=0.7`), not the raw softmax(z) logprobs
     vLLM returns by default (the control: those differ by far more than the tolerance)."""
-    from atropos_core.loss import advantage_weighted_sft_loss
+    from atropos_core.loss import LossSpec, advantage_weighted_sft_loss
 
     model = _served_checkpoint(vllm_server)
     prompt = [5, 6, 7, 8]
@@ -66,7 +66,8 @@ def test_logprobs_at_temperature_match_the_trainer(vllm_server):
         mask = torch.zeros_like(ids, dtype=torch.float32)
         mask[0, len(prompt):] = 1
         with torch.no_grad():
-            _, st = advantage_weighted_sft_loss(model, ids, torch.zeros(1), mask, temperature=0.7, backend="torch")
+            _, st = advantage_weighted_sft_loss(model, ids, torch.zeros(1), mask,
+                                                  LossSpec(loss_type="awsft", temperature=0.7, backend="torch"))
         trainer = st["logprobs"][0, len(prompt) - 1:].double()
         raw = torch.tensor(hf_token_logprobs(model, prompt, toks), dtype=torch.float64)
         err = (served - trainer).abs().max().item()

@@ -1,16 +1,13 @@
 """The torch backend of `kernels` and its public API against the fp64 reference.
 
-Error rule (STYLE.md): for every output and gradient, `kernel_err <= 2 * torch_err + atol`, where
-errors are measured against `kernels.reference` in float64 and `torch_err` is the same reference
-run in the inputs' dtype (`upcast=False`), i.e. what careful plain torch achieves. `atol` is a
-small fraction of the gold's own scale, so the rule is meaningful in every dtype.
+Error rule (`tests/fixtures/kernel_cases.py`): for every output and gradient,
+`kernel_err <= 2 * torch_err + atol` against `kernels.reference` in float64.
 Odd shapes on purpose: N=37, D=48, V=1000 with chunk sizes that divide neither N nor the number
 of trained tokens. Speed targets live in bench/bench_loss.py, never here.
 """
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 import textwrap
@@ -23,13 +20,12 @@ import kernels
 from kernels import losses
 from kernels.chunked import CPU_CHUNK_BYTES, CUDA_CHUNK_BYTES, chunk_bytes_per_row, default_chunk_size
 from kernels.reference import large_logit_inputs, linear_logprobs_ref, policy_loss_ref
+from tests.fixtures.kernel_cases import (D, N, V, assert_rule, call, log_ratios, make_case, max_err, run_gold,
+                                         run_loss)
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# atol as a fraction of the gold's max magnitude: about one unit of the dtype's rounding.
-REL_ATOL = {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}
 CLIP_LOW, CLIP_HIGH = 0.2, 0.2
-N, D, V = 37, 48, 1000
 
 # Each config: (loss_type, with old_logprobs, kl_coef, temperature, normalizer).
 CONFIGS = {
@@ -41,68 +37,6 @@ CONFIGS = {
     "cispo_clip": ("cispo", True, 0.0, 0.7, None),
     "cispo_kl": ("cispo", True, 0.05, 1.0, None),
 }
-
-
-def _log_ratios(n: int, gen: torch.Generator) -> torch.Tensor:
-    """Log-ratios that sit clearly inside or clearly outside the clip range [log .8, log 1.2].
-
-    Kept >= 0.1 away from each clip boundary, so a dtype's rounding of logp cannot move a token
-    from one branch to the other, while both sides of both boundaries are hit."""
-    kind = torch.arange(n) % 3
-    mag = torch.rand(n, generator=gen)
-    inside = (mag - 0.5) * 0.16                       # |x| < 0.08
-    above = 0.3 + 0.6 * mag                           # ratio 1.35 .. 2.5
-    below = -(0.35 + 0.6 * mag)                       # ratio 0.38 .. 0.70
-    return torch.where(kind == 0, inside, torch.where(kind == 1, above, below)).double()
-
-
-def make_case(dtype, *, n=N, d=D, v=V, seed=0, masked_frac=0.3, temperature=1.0):
-    gen = torch.Generator().manual_seed(seed)
-    hidden64 = torch.randn(n, d, generator=gen, dtype=torch.float64)
-    weight64 = torch.randn(v, d, generator=gen, dtype=torch.float64) / math.sqrt(d) * 2.0
-    targets = torch.randint(0, v, (n,), generator=gen)
-    adv = torch.randn(n, generator=gen)
-    adv[::2] = adv[::2].abs()                         # both signs, each half the tokens
-    adv[1::2] = -adv[1::2].abs()
-    adv = adv[torch.randperm(n, generator=gen)]
-    mask = (torch.rand(n, generator=gen) >= masked_frac).float()
-    hidden, weight = hidden64.to(dtype), weight64.to(dtype)
-    # Old/ref logprobs from the gold logp of the *rounded* inputs, so the chosen log-ratios hold.
-    gold_logp, _ = linear_logprobs_ref(hidden.double(), weight.double(), targets, temperature)
-    old = (gold_logp - _log_ratios(n, gen)).float()
-    ref = (gold_logp + 0.5 * torch.randn(n, generator=gen, dtype=torch.float64)).float()
-    return dict(hidden=hidden, weight=weight, targets=targets, advantages=adv, loss_mask=mask,
-                old_logprobs=old, ref_logprobs=ref)
-
-
-def _run(fn, case, need_grad=True, **kw):
-    h = case["hidden"].clone().requires_grad_(need_grad)
-    w = case["weight"].clone().requires_grad_(need_grad)
-    loss, stats = fn(h, w, case["targets"], case["advantages"], case["loss_mask"], **kw)
-    if need_grad:
-        loss.backward()
-        return loss.detach(), stats, h.grad, w.grad
-    return loss.detach(), stats, None, None
-
-
-def _gold(case, **kw):
-    c = dict(case)
-    c["hidden"], c["weight"] = case["hidden"].double(), case["weight"].double()
-    return _run(lambda *a, **k: policy_loss_ref(*a, upcast=True, **k), c, **kw)
-
-
-def _err(x, gold):
-    return (x.double() - gold.double()).abs().max().item()
-
-
-def assert_rule(name, kern, torch_same, gold, dtype=None, scale=None):
-    """`scale` (default: the gold's max magnitude) sets atol; a sum whose terms cancel passes the
-    magnitude of its terms instead."""
-    scale = gold.abs().max().item() if scale is None else scale
-    atol = REL_ATOL[dtype or torch_same.dtype] * max(scale, 1e-30)
-    ek, et = _err(kern, gold), _err(torch_same, gold)
-    assert math.isfinite(ek), f"{name}: non-finite kernel output"
-    assert ek <= 2 * et + atol, f"{name}: kernel err {ek:.3e} > 2 * torch err {et:.3e} + atol {atol:.1e}"
 
 
 def _kw(cfg_name, case):
@@ -136,10 +70,10 @@ def _check_against_gold(cfg, dtype, chunk):
     temp = CONFIGS[cfg][3]
     case = make_case(dtype, seed=list(CONFIGS).index(cfg), temperature=temp)
     kw = _kw(cfg, case)
-    loss_k, st_k, gh_k, gw_k = _run(kernels.fused_linear_policy_loss, case, backend="torch", chunk_size=chunk,
+    loss_k, st_k, gh_k, gw_k = run_loss(kernels.fused_linear_policy_loss, case, backend="torch", chunk_size=chunk,
                                     **kw)
-    loss_t, st_t, gh_t, gw_t = _run(lambda *a, **k: policy_loss_ref(*a, upcast=False, **k), case, **kw)
-    loss_g, st_g, gh_g, gw_g = _gold(case, **kw)
+    loss_t, st_t, gh_t, gw_t = run_loss(lambda *a, **k: policy_loss_ref(*a, upcast=False, **k), case, **kw)
+    loss_g, st_g, gh_g, gw_g = run_gold(case, **kw)
 
     assert gh_k.dtype == dtype and gw_k.dtype == dtype and gh_k.shape == case["hidden"].shape
     # The loss is a sum of per-token terms of both signs: judge it on the size of those terms.
@@ -169,7 +103,7 @@ def test_clip_regimes_are_hit():
             out = (ratio > 1 + CLIP_HIGH) if hi else (ratio < 1 - CLIP_LOW)
             sign = (a > 0) if pos else (a < 0)
             assert (out & sign & m).any(), f"no token with ratio {'above' if hi else 'below'} range, A{'>' if pos else '<'}0"
-    _, st, _, _ = _gold(case, **_kw("grpo_clip", case))
+    _, st, _, _ = run_gold(case, **_kw("grpo_clip", case))
     assert 0 < st["clip_frac"].item() < 1
 
 
@@ -177,7 +111,7 @@ def test_clip_regimes_are_hit():
 def test_fully_masked_batch(cfg):
     case = make_case(torch.float32)
     case["loss_mask"] = torch.zeros(N)
-    loss, st, gh, gw = _run(kernels.fused_linear_policy_loss, case, backend="torch", **_kw(cfg, case))
+    loss, st, gh, gw = run_loss(kernels.fused_linear_policy_loss, case, backend="torch", **_kw(cfg, case))
     assert loss.item() == 0.0
     assert torch.isfinite(gh).all() and torch.isfinite(gw).all()
     assert (gh == 0).all() and (gw == 0).all()
@@ -187,10 +121,10 @@ def test_fully_masked_batch(cfg):
 
 def test_no_grad_and_detached_inputs():
     case = make_case(torch.float32)
-    loss_g, st_g, _, _ = _gold(case, need_grad=False)
+    loss_g, st_g, _, _ = run_gold(case, need_grad=False)
     with torch.no_grad():
-        loss, st = kernels.fused_linear_policy_loss(case["hidden"], case["weight"], case["targets"],
-                                                    case["advantages"], case["loss_mask"], backend="torch")
+        loss, st = call(kernels.fused_linear_policy_loss, case["hidden"], case["weight"], case["targets"],
+                                                          case["advantages"], case["loss_mask"], backend="torch")
     assert not loss.requires_grad
     assert loss.item() == pytest.approx(loss_g.item(), rel=1e-5)
 
@@ -201,10 +135,10 @@ def test_upstream_gradient_scales():
     kw = _kw("grpo_clip", case)
     h = case["hidden"].clone().requires_grad_()
     w = case["weight"].clone().requires_grad_()
-    loss, _ = kernels.fused_linear_policy_loss(h, w, case["targets"], case["advantages"], case["loss_mask"],
-                                               backend="torch", **kw)
+    loss, _ = call(kernels.fused_linear_policy_loss, h, w, case["targets"], case["advantages"], case["loss_mask"],
+                                                     backend="torch", **kw)
     (loss * -2.5).backward()
-    _, _, gh_g, gw_g = _gold(case, **kw)
+    _, _, gh_g, gw_g = run_gold(case, **kw)
     torch.testing.assert_close(h.grad.double(), -2.5 * gh_g, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(w.grad.double(), -2.5 * gw_g, rtol=1e-4, atol=1e-6)
 
@@ -214,8 +148,8 @@ def test_second_backward_raises_clearly():
     second backward must fail loudly rather than return zero or stale gradients."""
     case = make_case(torch.float32)
     h = case["hidden"].clone().requires_grad_()
-    loss, _ = kernels.fused_linear_policy_loss(h, case["weight"], case["targets"], case["advantages"],
-                                               case["loss_mask"], backend="torch")
+    loss, _ = call(kernels.fused_linear_policy_loss, h, case["weight"], case["targets"], case["advantages"],
+                                                     case["loss_mask"], backend="torch")
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward ran twice"):
         loss.backward()
@@ -263,17 +197,17 @@ def test_logp_error_at_large_logits_is_fp32_logits_error(dtype, temperature):
     gold, _ = linear_logprobs_ref(h, w, t, temperature, upcast=True)
     f32, _ = linear_logprobs_ref(h.float(), w.float(), t, temperature, upcast=False)
     rounded, _ = linear_logprobs_ref(h, w, t, temperature, upcast=False)
-    bound = 2 * _err(f32, gold) + 2e-6 * gold.abs().max().item()
-    assert _err(rounded, gold) > 10 * bound, "control: rounded logits should fail the bound"
+    bound = 2 * max_err(f32, gold) + 2e-6 * gold.abs().max().item()
+    assert max_err(rounded, gold) > 10 * bound, "control: rounded logits should fail the bound"
     lp = kernels.linear_logprobs(h, w, t, temperature=temperature, backend="torch")
-    assert _err(lp, gold) <= bound, f"linear_logprobs err {_err(lp, gold):.3e} > {bound:.3e}"
+    assert max_err(lp, gold) <= bound, f"linear_logprobs err {max_err(lp, gold):.3e} > {bound:.3e}"
     adv = torch.randn(n, generator=torch.Generator().manual_seed(2))
     mask = torch.ones(n)
     mask[::5] = 0
-    _, st = kernels.fused_linear_policy_loss(h, w, t, adv, mask, temperature=temperature, backend="torch",
-                                             chunk_size=40)
+    _, st = call(kernels.fused_linear_policy_loss, h, w, t, adv, mask, temperature=temperature, backend="torch",
+                                                   chunk_size=40)
     sel = mask != 0
-    assert _err(st["logprobs"][sel], gold[sel]) <= bound
+    assert max_err(st["logprobs"][sel], gold[sel]) <= bound
 
 
 def test_trainer_path_without_validation_matches(monkeypatch):
@@ -282,20 +216,20 @@ def test_trainer_path_without_validation_matches(monkeypatch):
     is refused when it cannot be right."""
     case = make_case(torch.float32)
     kw = _kw("grpo_clip_kl", case)
-    a = _run(kernels.fused_linear_policy_loss, case, backend="torch", chunk_size=8, **kw)
+    a = run_loss(kernels.fused_linear_policy_loss, case, backend="torch", chunk_size=8, **kw)
     k = int((case["loss_mask"] != 0).sum())
 
     def no_nonzero(*_a, **_k):
         raise AssertionError("nonzero() called on the trainer path")
     monkeypatch.setattr(torch.Tensor, "nonzero", no_nonzero)
-    b = _run(kernels.fused_linear_policy_loss, case, backend="torch", chunk_size=8, validate=False,
+    b = run_loss(kernels.fused_linear_policy_loss, case, backend="torch", chunk_size=8, validate=False,
              num_selected=k, **kw)
     for x, y in zip(a[2:], b[2:]):
         assert torch.equal(x, y)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1]["logprobs"], b[1]["logprobs"])
     assert b[1]["num_tokens"] == k
     with pytest.raises(ValueError, match="num_selected"):
-        _run(kernels.fused_linear_policy_loss, case, backend="torch", num_selected=N + 1, **kw)
+        run_loss(kernels.fused_linear_policy_loss, case, backend="torch", num_selected=N + 1, **kw)
 
 
 def test_grad_weight_in_weight_dtype_and_no_zero_fill():
@@ -305,7 +239,7 @@ def test_grad_weight_in_weight_dtype_and_no_zero_fill():
     import kernels.chunked as kc
 
     case = make_case(torch.bfloat16)
-    gold = _gold(case)[3]
+    gold = run_gold(case)[3]
     for chunk in (None, 7):
         orig = torch.empty
 
@@ -314,11 +248,11 @@ def test_grad_weight_in_weight_dtype_and_no_zero_fill():
             return t.fill_(float("nan")) if t.is_floating_point() else t
         kc.torch.empty = nan_empty
         try:
-            _, _, _, gw = _run(kernels.fused_linear_policy_loss, case, backend="torch", chunk_size=chunk)
+            _, _, _, gw = run_loss(kernels.fused_linear_policy_loss, case, backend="torch", chunk_size=chunk)
         finally:
             kc.torch.empty = orig
         assert gw.dtype == torch.bfloat16 and torch.isfinite(gw.float()).all()
-        assert _err(gw, gold) <= 2e-2 * gold.abs().max().item()
+        assert max_err(gw, gold) <= 2e-2 * gold.abs().max().item()
 
 
 # ------------------------------------------------------------------ the loss heads
@@ -329,7 +263,7 @@ def _heads_ref(logp, adv, mask, **kw):
     x = (logp - torch.log1p(-torch.exp(logp))).clone().requires_grad_()  # inverts logp = -softplus(-x)
     w = torch.tensor([[1.0], [0.0]], dtype=torch.float64)
     t = torch.zeros(logp.shape[0], dtype=torch.long)
-    loss, st = policy_loss_ref(x.unsqueeze(1), w, t, adv, mask, normalizer=1.0, **kw)
+    loss, st = call(policy_loss_ref, x.unsqueeze(1), w, t, adv, mask, normalizer=1.0, **kw)
     loss.backward()
     return loss.detach(), x.grad / (1 - torch.sigmoid(x.detach())), st
 
@@ -344,17 +278,27 @@ def test_loss_heads_match_reference_autograd(cfg):
     loss_type, with_old, kl, _, _ = CONFIGS[cfg]
     kw = dict(loss_type=loss_type, clip_low=CLIP_LOW, clip_high=CLIP_HIGH, kl_coef=kl)
     if with_old:
-        kw["old_logprobs"] = logp - _log_ratios(n, gen)
+        kw["old_logprobs"] = logp - log_ratios(n, gen)
     if kl > 0:
         kw["ref_logprobs"] = logp + 0.5 * torch.randn(n, generator=gen, dtype=torch.float64)
     loss_r, g_r, st_r = _heads_ref(logp, adv, mask, **kw)
-    loss_h, g_h, clipped = losses.token_loss_and_grad(logp, adv, mask, **kw)
+    loss_h, g_h, clipped = call(losses.token_loss_and_grad, logp, adv, mask, **kw)
     torch.testing.assert_close(loss_h, loss_r, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(g_h, g_r, rtol=1e-9, atol=1e-12)
     assert clipped.sum().item() == pytest.approx(st_r["clip_frac"].item() * mask.sum().item(), abs=1e-9)
 
 
 # ------------------------------------------------------------------ validation and dispatch
+
+def test_reference_takes_the_kernels_arguments():
+    """The reference and the kernel take the same arguments, in the same order, with the same
+    defaults (the kernel's `validate`/`num_selected` and the reference's `upcast` aside)."""
+    import inspect
+
+    def params(fn, drop):
+        return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values() if p.name not in drop]
+    assert params(kernels.fused_linear_policy_loss, {"validate", "num_selected"}) == params(policy_loss_ref, {"upcast"})
+
 
 def _valid():
     c = make_case(torch.float32)
@@ -399,13 +343,13 @@ def test_bad_inputs_raise_clear_errors(name):
         kwargs.pop("loss_mask")
         args[4] = torch.ones(N)
     with pytest.raises(ValueError, match=match):
-        kernels.fused_linear_policy_loss(*args, **{"backend": "torch", **kwargs})
+        call(kernels.fused_linear_policy_loss, *args, **{"backend": "torch", **kwargs})
 
 
 def test_nan_at_masked_position_is_ignored():
     args, _ = _valid()
     args[3] = torch.where(args[4] == 0, float("nan"), args[3])
-    loss, _ = kernels.fused_linear_policy_loss(*args, backend="torch")
+    loss, _ = call(kernels.fused_linear_policy_loss, *args, backend="torch")
     assert torch.isfinite(loss)
 
 
@@ -426,10 +370,10 @@ def test_backend_dispatch_on_cpu(monkeypatch):
         kernels.resolve_backend("triton", cpu)
     args, _ = _valid()
     with pytest.raises(ValueError, match="triton"):
-        kernels.fused_linear_policy_loss(*args, backend="triton")
+        call(kernels.fused_linear_policy_loss, *args, backend="triton")
     # "auto" gives the torch backend's exact result on CPU.
-    a = kernels.fused_linear_policy_loss(*args, backend="auto")[0]
-    b = kernels.fused_linear_policy_loss(*args, backend="torch")[0]
+    a = call(kernels.fused_linear_policy_loss, *args, backend="auto")[0]
+    b = call(kernels.fused_linear_policy_loss, *args, backend="torch")[0]
     assert torch.equal(a, b)
 
 
@@ -466,9 +410,10 @@ _MEM_SCRIPT = textwrap.dedent("""
                 torch.randint(0, v, (n,), generator=g), torch.randn(n, generator=g), torch.ones(n))
     def step(args):
         if which == "ours":
-            loss = kernels.fused_linear_policy_loss(*args, loss_type="grpo", backend="torch", chunk_size=32)[0]
+            spec = kernels.LossSpec(loss_type="grpo", clip_high=0.2, backend="torch", chunk_size=32)
+            loss = kernels.fused_linear_policy_loss(*args, spec)[0]
         else:
-            loss = policy_loss_ref(*args, loss_type="grpo", upcast=False)[0]
+            loss = policy_loss_ref(*args, kernels.LossSpec(loss_type="grpo", clip_high=0.2), upcast=False)[0]
         loss.backward()
     def status_kb(key):
         for line in open("/proc/self/status"):
@@ -525,7 +470,7 @@ def test_matches_liger_chunked_grpo(variant):
     clip_high = 0.5 if variant == "cispo" else CLIP_HIGH
     kw = dict(loss_type=ours_type, clip_low=CLIP_LOW, clip_high=clip_high, kl_coef=beta, temperature=temp,
               old_logprobs=case["old_logprobs"], ref_logprobs=case["ref_logprobs"] if beta else None)
-    loss_o, st_o, gh_o, gw_o = _run(kernels.fused_linear_policy_loss, case, backend="torch", chunk_size=8, **kw)
+    loss_o, st_o, gh_o, gw_o = run_loss(kernels.fused_linear_policy_loss, case, backend="torch", chunk_size=8, **kw)
 
     mod = liger.LigerFusedLinearGRPOLoss(
         beta=beta, compiled=False, use_ref_model=beta > 0, chunk_size=2, epsilon_low=CLIP_LOW,

@@ -15,7 +15,7 @@ import torch
 
 import kernels
 from kernels.reference import linear_logprobs_ref, policy_loss_ref
-from tests.test_kernels import N, V, _gold, _run, assert_rule, make_case
+from tests.fixtures.kernel_cases import N, V, assert_rule, call, make_case, run_gold, run_loss
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -78,9 +78,9 @@ def _check(case, dtype, kw, chunk=8, terms_scale=None):
     kw = dict(kw)
     use = kw.pop("_use", ())
     kw.update({k: v for k, v in c.items() if k in use})
-    loss_k, st_k, gh_k, gw_k = _run(kernels.fused_linear_policy_loss, base, backend="torch", chunk_size=chunk, **kw)
-    loss_t, st_t, gh_t, gw_t = _run(lambda *a, **k: policy_loss_ref(*a, upcast=False, **k), base, **kw)
-    loss_g, st_g, gh_g, gw_g = _gold(base, **kw)
+    loss_k, st_k, gh_k, gw_k = run_loss(kernels.fused_linear_policy_loss, base, backend="torch", chunk_size=chunk, **kw)
+    loss_t, st_t, gh_t, gw_t = run_loss(lambda *a, **k: policy_loss_ref(*a, upcast=False, **k), base, **kw)
+    loss_g, st_g, gh_g, gw_g = run_gold(base, **kw)
     Z = kw.get("normalizer") or base["loss_mask"].sum().item()
     scale = terms_scale if terms_scale is not None else \
         (base["advantages"].double().abs() * st_g["logprobs"].abs()).sum().item() / Z
@@ -129,9 +129,9 @@ def test_is_none_and_ppo_old_unchanged():
     """is_mode='none' with behaviour logprobs changes nothing but adds the mismatch metrics."""
     case = _offpolicy_case(torch.float32, seed=3)
     base = {k: case[k] for k in ("hidden", "weight", "targets", "advantages", "loss_mask")}
-    a = _run(kernels.fused_linear_policy_loss, base, backend="torch", loss_type="grpo",
+    a = run_loss(kernels.fused_linear_policy_loss, base, backend="torch", loss_type="grpo",
              old_logprobs=case["old_logprobs"])
-    b = _run(kernels.fused_linear_policy_loss, base, backend="torch", loss_type="grpo",
+    b = run_loss(kernels.fused_linear_policy_loss, base, backend="torch", loss_type="grpo",
              old_logprobs=case["old_logprobs"], behaviour_logprobs=case["behaviour_logprobs"])
     assert a[0].item() == b[0].item() and torch.equal(a[2], b[2]) and torch.equal(a[3], b[3])
     assert "mismatch_k3_sum" in b[1] and "is_weight_sum" not in b[1]
@@ -151,8 +151,8 @@ def test_per_token_temperature(loss_type, dtype):
 def test_per_token_temperature_equals_scalar():
     case = make_case(torch.float32, seed=2, temperature=0.7)
     base = {k: case[k] for k in ("hidden", "weight", "targets", "advantages", "loss_mask")}
-    a = _run(kernels.fused_linear_policy_loss, base, backend="torch", temperature=0.7, chunk_size=8)
-    b = _run(kernels.fused_linear_policy_loss, base, backend="torch", temperature=torch.full((N,), 0.7), chunk_size=8)
+    a = run_loss(kernels.fused_linear_policy_loss, base, backend="torch", temperature=0.7, chunk_size=8)
+    b = run_loss(kernels.fused_linear_policy_loss, base, backend="torch", temperature=torch.full((N,), 0.7), chunk_size=8)
     assert a[0].item() == pytest.approx(b[0].item(), rel=1e-6)
     torch.testing.assert_close(a[3], b[3], rtol=1e-5, atol=1e-7)
 
@@ -208,7 +208,7 @@ def test_gspo_runs_two_passes(monkeypatch):
     real = K.chunked_loss_and_grads
     monkeypatch.setattr(K, "chunked_loss_and_grads", lambda *a, **k: calls.append(k["need_grad_weight"]) or real(*a, **k))
     case, clip = _gspo_case(torch.float32, seed=1)
-    _run(K.fused_linear_policy_loss, {k: case[k] for k in ("hidden", "weight", "targets", "advantages", "loss_mask")},
+    run_loss(K.fused_linear_policy_loss, {k: case[k] for k in ("hidden", "weight", "targets", "advantages", "loss_mask")},
          backend="torch", loss_type="gspo", sequence_ids=case["sequence_ids"], old_logprobs=case["old_logprobs"])
     assert calls == [False, True]
 
@@ -307,9 +307,9 @@ def test_distill_top1_is_counted():
     ids = torch.stack([amax, other, (amax + 2) % v], 1)
     t_lp = torch.log(torch.tensor([[0.6, 0.3, 0.1]] * 4))
     t_lp[2:] = t_lp[2:, [1, 0, 2]]               # rows 2, 3: the teacher prefers `other`
-    _, st = kernels.fused_linear_policy_loss(h, w, amax, torch.zeros(4), torch.ones(4), backend="torch",
-                                             loss_type="distill", distill_ids=ids, distill_logprobs=t_lp,
-                                             distill_coef=1.0)
+    _, st = call(kernels.fused_linear_policy_loss, h, w, amax, torch.zeros(4), torch.ones(4), backend="torch",
+                                                   loss_type="distill", distill_ids=ids, distill_logprobs=t_lp,
+                                                   distill_coef=1.0)
     assert st["distill_top1_sum"].item() == 2.0
 
 
@@ -317,21 +317,21 @@ def test_new_options_validate():
     case = make_case(torch.float32)
     args = (case["hidden"], case["weight"], case["targets"], case["advantages"], case["loss_mask"])
     with pytest.raises(ValueError, match="sequence_ids"):
-        kernels.fused_linear_policy_loss(*args, loss_type="gspo")
+        call(kernels.fused_linear_policy_loss, *args, loss_type="gspo")
     with pytest.raises(ValueError, match="is_mode"):
-        kernels.fused_linear_policy_loss(*args, is_mode="bogus")
+        call(kernels.fused_linear_policy_loss, *args, is_mode="bogus")
     with pytest.raises(ValueError, match="distill"):
-        kernels.fused_linear_policy_loss(*args, loss_type="distill")
+        call(kernels.fused_linear_policy_loss, *args, loss_type="distill")
     with pytest.raises(ValueError, match=r"\(37, k\)"):
-        kernels.fused_linear_policy_loss(*args, distill_ids=torch.zeros(36, 2, dtype=torch.long),
-                                         distill_logprobs=torch.zeros(36, 2), distill_coef=1.0)
+        call(kernels.fused_linear_policy_loss, *args, distill_ids=torch.zeros(36, 2, dtype=torch.long),
+                                               distill_logprobs=torch.zeros(36, 2), distill_coef=1.0)
     with pytest.raises(ValueError, match="target ids"):
-        kernels.fused_linear_policy_loss(*args, distill_ids=torch.full((N, 2), V), distill_logprobs=torch.zeros(N, 2),
-                                         distill_coef=1.0)
+        call(kernels.fused_linear_policy_loss, *args, distill_ids=torch.full((N, 2), V), distill_logprobs=torch.zeros(N, 2),
+                                               distill_coef=1.0)
     with pytest.raises(ValueError, match="temperature"):
-        kernels.fused_linear_policy_loss(*args, temperature=torch.zeros(N))
+        call(kernels.fused_linear_policy_loss, *args, temperature=torch.zeros(N))
     with pytest.raises(ValueError, match="is_cap"):
-        kernels.fused_linear_policy_loss(*args, is_mode="token_tis", is_cap=0.5)
+        call(kernels.fused_linear_policy_loss, *args, is_mode="token_tis", is_cap=0.5)
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "gspo"])

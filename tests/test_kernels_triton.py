@@ -8,7 +8,7 @@ first. So this module runs every interpreted computation in ONE subprocess (this
 script: `_worker`), with the variable set before triton is imported and the interpreter's bf16
 `tl.dot` and bf16 rounding patched (see `_patch_interpreter_bf16`). The parent builds the inputs, the child
 returns the Triton results through a `torch.save` file, and the parent compares them, for the loss
-and both gradients, with the rule of STYLE.md:
+and both gradients, with the rule of tests/fixtures/kernel_cases.py:
 
     kernel_err <= 2 * torch_err + atol,   errors against the fp64 gold (`upcast=True`),
     torch_err from the same reference in the inputs' dtype (`upcast=False`).
@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from kernels.chunked import TorchOps  # noqa: E402
 from kernels.reference import large_logit_inputs, linear_logprobs_ref, policy_loss_ref  # noqa: E402
+from tests.fixtures.kernel_cases import call  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Slack per dtype, relative to the gold's scale (max |gold|): about one rounding of each format,
@@ -155,7 +156,7 @@ def _ops_inputs(dname):
 def _patch_interpreter_bf16():
     """Make the 3.9 interpreter's bf16 `tl.dot` and fp32 -> bf16 cast behave as on a GPU.
 
-    - `tl.dot` multiplies bf16's raw uint16 bits (FACTS). bf16 is the top half of an fp32, so
+    - `tl.dot` multiplies bf16's raw uint16 bits (observed in the 3.9 interpreter). bf16 is the top half of an fp32, so
       widening the bits (`<< 16`, viewed as float32) is exact; the GPU's bf16 dot multiplies
       exactly these values with an fp32 accumulator.
     - `x.to(tl.bfloat16)` truncates the mantissa in the interpreter (`cast_impl` passes no
@@ -203,8 +204,8 @@ def _worker(in_path: str, out_path: str) -> None:
         calls.clear()
         h = x["hidden"].clone().requires_grad_(True)
         w = x["weight"].clone().requires_grad_(True)
-        loss, stats = kernels.fused_linear_policy_loss(h, w, x["targets"], x["advantages"], x["loss_mask"],
-                                                       backend="triton", chunk_size=x["chunk_size"], **x["kw"])
+        loss, stats = call(kernels.fused_linear_policy_loss, h, w, x["targets"], x["advantages"], x["loss_mask"],
+                                                             backend="triton", chunk_size=x["chunk_size"], **x["kw"])
         loss.backward()
         out[name] = dict(loss=loss.detach(), grad_h=h.grad, grad_w=w.grad, logprobs=stats["logprobs"],
                          entropy=stats["entropy"], clip_frac=stats["clip_frac"], row_stats_calls=torch.tensor(len(calls)))
@@ -302,7 +303,8 @@ def interpreted(tmp_path_factory):
 def _grads_of_ref(x, upcast):
     h = x["hidden"].clone().requires_grad_(True)
     w = x["weight"].clone().requires_grad_(True)
-    loss, stats = policy_loss_ref(h, w, x["targets"], x["advantages"], x["loss_mask"], upcast=upcast, **x["kw"])
+    loss, stats = call(policy_loss_ref, h, w, x["targets"], x["advantages"], x["loss_mask"], upcast=upcast,
+                       **x["kw"])
     loss.backward()
     return loss.detach(), h.grad, w.grad, stats
 
@@ -469,7 +471,8 @@ def test_gpu_bf16_large_vocab(vocab):
     h = hidden.clone().requires_grad_(True)
     w = weight.clone().requires_grad_(True)
     # chunk_size 128 so that dW accumulates over several chunks.
-    loss, stats = kernels.fused_linear_policy_loss(h, w, targets, adv, mask, backend="triton", chunk_size=128, **kw)
+    loss, stats = call(kernels.fused_linear_policy_loss, h, w, targets, adv, mask, backend="triton", chunk_size=128,
+                             **kw)
     loss.backward()
     name = f"gpu_v{vocab}"
     _check(name, "loss", loss.detach(), same[0], gold[0], "bf16")
@@ -500,8 +503,8 @@ def test_gpu_logp_error_at_large_logits(vocab):
         assert _err(lp, gold) <= bound, f"T={temp}: {_err(lp, gold):.3e} > {bound:.3e}"
         adv = torch.randn(512, device=dev)
         mask = torch.ones(512, device=dev)
-        _, st = kernels.fused_linear_policy_loss(h, w, t, adv, mask, temperature=temp, backend="triton",
-                                                 validate=False, num_selected=512, normalizer=512.0)
+        _, st = call(kernels.fused_linear_policy_loss, h, w, t, adv, mask, temperature=temp, backend="triton",
+                                                       validate=False, num_selected=512, normalizer=512.0)
         assert _err(st["logprobs"], gold) <= bound
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from atropos_core.loss import LossConfig, advantage_weighted_sft_loss, micro_batch_loss
+from kernels import LossSpec
 from atropos_core.model import ModelConfig, load_model_and_tokenizer
 from atropos_core.types import MicroBatch
 from kernels.reference import policy_loss_ref
@@ -63,8 +64,9 @@ def _naive(model, ids, adv, mask, attn, normalizer=None, **kw):
     V = logits.shape[-1]
     m = (mask * (attn != 0).float())[:, 1:].reshape(-1)
     shift = {k: (v[:, 1:].reshape(-1) if v is not None else None) for k, v in kw.pop("vecs", {}).items()}
+    spec = LossSpec(**{"loss_type": "awsft", **kw})
     return policy_loss_ref(logits.reshape(-1, V), torch.eye(V), ids[:, 1:].reshape(-1), adv[:, 1:].reshape(-1), m,
-                           normalizer=normalizer, upcast=True, **shift, **kw)
+                           spec, normalizer=normalizer, upcast=True, **shift)
 
 
 def _grads(model):
@@ -85,8 +87,8 @@ def test_fused_equals_naive_value_and_grads(models, which, loss_type, kl):
     g_naive = _grads(model)
 
     model.zero_grad(set_to_none=True)
-    loss_f, st_f = advantage_weighted_sft_loss(model, ids, adv, mask, attention_mask=attn, normalizer=17.0,
-                                               backend="torch", **vecs, **kw)
+    loss_f, st_f = advantage_weighted_sft_loss(model, ids, adv, mask, LossSpec(backend="torch", **kw),
+                                               attention_mask=attn, normalizer=17.0, **vecs)
     loss_f.backward()
     g_fused = _grads(model)
 
@@ -108,9 +110,10 @@ def test_per_sequence_advantages_broadcast(models):
     ids, adv, mask, attn, _, _ = _rows(2)
     per_seq = torch.tensor([0.5, -1.0, 2.0])
     with torch.no_grad():
-        a, _ = advantage_weighted_sft_loss(model, ids, per_seq, mask, attention_mask=attn, backend="torch")
-        b, _ = advantage_weighted_sft_loss(model, ids, per_seq[:, None].expand_as(adv), mask, attention_mask=attn,
-                                           backend="torch")
+        spec = LossSpec(loss_type="awsft", backend="torch")
+        a, _ = advantage_weighted_sft_loss(model, ids, per_seq, mask, spec, attention_mask=attn)
+        b, _ = advantage_weighted_sft_loss(model, ids, per_seq[:, None].expand_as(adv), mask, spec,
+                                           attention_mask=attn)
         c, _ = _naive(model, ids, per_seq[:, None].expand_as(adv), mask, attn)
     assert a.item() == b.item()
     assert torch.allclose(a.double(), c, rtol=1e-5, atol=1e-7)
@@ -137,8 +140,8 @@ def test_micro_batch_loss_matches_seed_interface(models):
     cfg = LossConfig(loss_type="awsft", backend="torch")
     with torch.no_grad():
         l1, st1 = micro_batch_loss(model, mb, cfg, normalizer=11.0)
-        l2, st2 = advantage_weighted_sft_loss(model, ids, adv, mask, attention_mask=attn, normalizer=11.0,
-                                              backend="torch")
+        l2, st2 = advantage_weighted_sft_loss(model, ids, adv, mask, LossSpec(loss_type="awsft", backend="torch"),
+                                              attention_mask=attn, normalizer=11.0)
     assert torch.allclose(l1, l2, rtol=1e-6, atol=1e-7)
     assert st1["tokens"].item() == ((mask * attn)[:, 1:] != 0).sum().item()
 

@@ -81,7 +81,7 @@ def test_model_config_validation():
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir):
-    from atropos_core.loss import advantage_weighted_sft_loss
+    from atropos_core.loss import LossSpec, advantage_weighted_sft_loss
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 500, (2, 10), generator=g)
@@ -90,7 +90,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir):
     for ckpt in (False, True):
         m, _ = load_model_and_tokenizer(ModelConfig(path=str(tiny_model_dir), gradient_checkpointing=ckpt), CPU)
         assert m.is_gradient_checkpointing == ckpt
-        loss, _ = advantage_weighted_sft_loss(m, ids, adv, mask, backend="torch")
+        loss, _ = advantage_weighted_sft_loss(m, ids, adv, mask, LossSpec(loss_type="awsft", backend="torch"))
         loss.backward()
         grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
     for n in grads[0]:
@@ -118,3 +118,59 @@ def test_flash_attn_chosen_only_where_it_can_run():
     with pytest.raises(ValueError, match="CUDA device"):
         resolve_attn_implementation("flash_attention_2", CPU, bf16)
     assert resolve_attn_implementation("auto", CPU, bf16) == "sdpa"
+
+
+def test_packed_cu_seqlens_reach_a_varlen_attention(tiny_model_dir):
+    """Under a flash-style attention the packed row's `cu_seqlens` travel from the batch through
+    `micro_batch_loss` and the decoder to every attention call, and a varlen attention that uses
+    only them gives the loss and gradients of the same sequences as padded rows under sdpa.
+    The varlen attention here is causal sdpa per `cu_seq_lens_q` segment (flash-attention needs
+    CUDA); the mask function is transformers' own flash one."""
+    import random
+
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
+
+    from atropos_core.data import DataConfig, build_train_batch
+    from atropos_core.loss import LossConfig, micro_batch_loss
+    from tests.fixtures.atropos_api import make_group
+
+    seen = []
+
+    def varlen_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
+        assert attention_mask is None
+        cu = kw["cu_seq_lens_q"]
+        assert torch.equal(cu, kw["cu_seq_lens_k"]) and kw["max_length_q"] == int(cu.diff().max())
+        seen.append(cu.tolist())
+        rep = query.shape[1] // key.shape[1]
+        k, v = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1)
+        out = torch.empty_like(query)
+        for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+            out[:, :, a:b] = torch.nn.functional.scaled_dot_product_attention(
+                query[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True, scale=scaling)
+        return out.transpose(1, 2).contiguous(), None
+
+    name = "flash_varlen_sdpa_test"
+    AttentionInterface.register(name, varlen_sdpa)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, flash_attention_mask)
+    model, _ = load_model_and_tokenizer(ModelConfig(path=str(tiny_model_dir)), CPU)
+    vocab = model.config.vocab_size
+    groups = [make_group(random.Random(5), n=3, vocab=vocab)]
+    cfg = LossConfig(loss_type="awsft", backend="torch")
+    results = {}
+    for layout in ("padded", "packed"):
+        model.config._attn_implementation = name if layout == "packed" else "sdpa"
+        tb = build_train_batch(groups, DataConfig(max_token_len=64, vocab_size=vocab, layout=layout,
+                                                  max_tokens_per_micro_batch=4096))
+        assert len(tb.micro_batches) == 1
+        model.zero_grad(set_to_none=True)
+        loss, _ = micro_batch_loss(model, tb.micro_batches[0], cfg, normalizer=float(tb.total_trained_tokens))
+        loss.backward()
+        results[layout] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    model.config._attn_implementation = "sdpa"
+    packed_cu = tb.micro_batches[0].cu_seqlens.tolist()
+    assert len(packed_cu) == 4 and seen and all(c == packed_cu for c in seen)
+    assert len(seen) == model.config.num_hidden_layers
+    torch.testing.assert_close(results["packed"][0], results["padded"][0], rtol=1e-5, atol=1e-6)
+    for n, g in results["padded"][1].items():
+        torch.testing.assert_close(results["packed"][1][n], g, rtol=1e-4, atol=1e-6, msg=n)

@@ -15,6 +15,7 @@ from atropos_core.model import ModelConfig, OptimConfig, apply_fsdp, build_optim
 from atropos_core.services import free_port
 from atropos_core.trainer import global_token_count, train_step
 from atropos_core.types import MicroBatch
+from tests.fixtures.batches import make_micro_batch
 
 CPU = torch.device("cpu")
 LOSS = LossConfig(loss_type="grpo", clip_low=0.2, clip_high=0.28, kl_coef=0.05, backend="torch")
@@ -23,24 +24,6 @@ LOSS = LossConfig(loss_type="grpo", clip_low=0.2, clip_high=0.28, kl_coef=0.05, 
 # no fp32 tolerance could tell that from a bug. A large eps keeps the update linear in small grads.
 OPTIM = OptimConfig(lr=1e-2, eps=1e-3, weight_decay=0.01, warmup_steps=1, schedule="cosine", total_steps=4,
                     grad_clip=0.5)
-
-
-def make_micro_batch(seed: int, R: int = 2, T: int = 11, V: int = 500) -> MicroBatch:
-    """A deterministic padded micro-batch in the shifted layout of atropos_core.types."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, V, (R, T), generator=g)
-    attn = torch.ones(R, T, dtype=torch.int64)
-    attn[-1, T - 3:] = 0
-    targets = torch.zeros_like(ids)
-    targets[:, :-1] = ids[:, 1:]
-    lm = (torch.rand(R, T, generator=g) > 0.3).float()
-    lm[:, -1] = 0
-    lm = lm * attn
-    lm[:, :-1] *= attn[:, 1:]
-    return MicroBatch(input_ids=ids, targets=targets, loss_mask=lm, advantages=torch.randn(R, T, generator=g),
-                      attention_mask=attn, position_ids=torch.arange(T).expand(R, T).clone(),
-                      old_logprobs=-6.2 + 0.3 * torch.randn(R, T, generator=g),
-                      ref_logprobs=-6.2 + 0.3 * torch.randn(R, T, generator=g), num_sequences=R)
 
 
 def with_offpolicy_fields(mb: MicroBatch, seed: int, k: int = 3) -> MicroBatch:

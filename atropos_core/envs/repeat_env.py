@@ -13,8 +13,8 @@ word from the answer set. It then answers with some listed word, right 1/K of th
 from reward alone. Verifiable by a program, learnable on two CPU cores in minutes.
 
 Why one token. With multi-token answers ending in end-of-sequence, a negative advantage on a wrong
-answer also pushes down the end-of-sequence token after it; in our runs (in-process simulation,
-tiny model) the policy then stopped ending its answers and reward collapsed to 0. Every answer
+answer also pushes down the end-of-sequence token after it; with the tiny model (in-process
+simulation) the policy then stopped ending its answers and reward collapsed to 0. Every answer
 word is a single token of the tiny tokenizer, so the completion is exactly one sampled token.
 
 Run as its own process (the driver does this):

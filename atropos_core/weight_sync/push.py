@@ -34,7 +34,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Annotated, Any, Iterator, Literal, Sequence
 
 try:
     import requests
@@ -42,6 +42,7 @@ except ImportError:  # WeightSyncConfig serves runs without inference servers; W
     requests = None
 import torch
 
+from ..checks import Between, Ge, Gt, check_fields
 from .protocol import (
     DTYPE_NAMES,
     MAX_PIPELINE_DEPTH,
@@ -68,65 +69,47 @@ logger = logging.getLogger(__name__)
 class WeightSyncConfig:
     """How the trainer pushes weights to the vLLM servers."""
 
-    backend: str = "auto"
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
     """"auto" (NCCL when the model's parameters are on CUDA, else gloo; gloo also when the trainer
     shares a GPU with a vLLM worker, which NCCL refuses: see `pick_backend`), "gloo" or "nccl"."""
     master_address: str = "127.0.0.1"
     """Address of trainer rank 0 that the vLLM workers connect to (TCPStore and the group)."""
-    master_port: int = 0
+    master_port: Annotated[int, Between(0, 65535)] = 0
     """TCPStore port on trainer rank 0; 0 picks a free one."""
-    init_timeout_s: float = 120.0
+    init_timeout_s: Annotated[float, Gt(0)] = 120.0
     """Time for every worker of every server to join the group at `connect()`."""
-    update_timeout_s: float = 30.0
+    update_timeout_s: Annotated[float, Gt(0)] = 30.0
     """Per-message timeout of the transfer (gloo: the group's per-collective timeout; NCCL: enforced
     on the host for each message, `wait_done`, with at most `pipeline_depth` messages in flight, so
     it never times a whole update), and the servers' watchdog for a prepared update that never gets
     applied. Short on purpose: a dead worker otherwise hangs the trainer."""
-    http_timeout_s: float = 30.0
+    http_timeout_s: Annotated[float, Gt(0)] = 30.0
     """Timeout of the control calls that do not wait for the broadcast (spec, prepare, abort)."""
-    apply_timeout_s: float = 600.0
+    apply_timeout_s: Annotated[float, Gt(0)] = 600.0
     """Upper bound on one whole update on a server (receive + load + finish); failures inside it are
     caught sooner by the group's timeout, this only bounds a server that hangs afterwards."""
-    bucket_bytes: int | None = None
+    bucket_bytes: Annotated[int, Ge(0)] | None = None
     """Bytes per broadcast message. 0 sends tensor by tensor; None picks per backend (0 on gloo,
     `NCCL_BUCKET_BYTES` on NCCL; measured, see the module docstring)."""
-    pipeline_depth: int = PIPELINE_DEPTH
+    pipeline_depth: Annotated[int, Between(1, MAX_PIPELINE_DEPTH)] = PIPELINE_DEPTH
     """Messages in flight on each side (sent in the manifest, so both ends agree). 2 posts message
     i+1 before the worker loads message i into vLLM (and before rank 0 gathers the next), so the
     load overlaps the wire; 1 is strictly one at a time."""
-    wire_dtype: str | None = None
+    wire_dtype: Literal["float32", "bfloat16", "float16"] | None = None
     """Cast floating-point weights to this dtype before sending (e.g. "bfloat16" when vLLM serves
     bf16 from fp32 master weights: half the bytes). None sends the parameter dtype."""
-    pause_mode: str = "keep"
+    pause_mode: Literal["keep", "wait", "abort"] = "keep"
     """How vLLM pauses in-flight requests during an update: "keep" freezes them and they continue on
     the new weights (their KV cache is recomputed), "wait" drains them first, "abort" cancels them."""
     validate_shapes: bool = True
     """Check the manifest against the served checkpoint's tensor names/shapes before sending."""
-    verify_every: int = 1
+    verify_every: Annotated[int, Ge(0)] = 1
     """Every N steps, right after the push, compare a fixed probe's logprobs on the trainer and on
     every server (`atropos_core.served_check`); a mismatch beyond the dtype's tolerance stops the
     run. 0 disables it. Cost: one 32-token forward and one tiny request per server."""
 
     def __post_init__(self) -> None:
-        if self.verify_every < 0:
-            raise ValueError(f"WeightSyncConfig.verify_every must be >= 0 (0 = off), got {self.verify_every}")
-        if self.backend not in ("auto", "gloo", "nccl"):
-            raise ValueError(f"WeightSyncConfig.backend must be auto, gloo or nccl, got {self.backend!r}")
-        if not 0 <= self.master_port < 65536:
-            raise ValueError(f"WeightSyncConfig.master_port out of range: {self.master_port}")
-        for name in ("init_timeout_s", "update_timeout_s", "http_timeout_s", "apply_timeout_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"WeightSyncConfig.{name} must be > 0, got {getattr(self, name)}")
-        if not 1 <= self.pipeline_depth <= MAX_PIPELINE_DEPTH:
-            raise ValueError(f"WeightSyncConfig.pipeline_depth must be in 1..{MAX_PIPELINE_DEPTH}, "
-                             f"got {self.pipeline_depth}")
-        if self.bucket_bytes is not None and self.bucket_bytes < 0:
-            raise ValueError(f"WeightSyncConfig.bucket_bytes must be >= 0 or None, got {self.bucket_bytes}")
-        if self.wire_dtype is not None and self.wire_dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"WeightSyncConfig.wire_dtype must be float32, bfloat16, float16 or None, "
-                             f"got {self.wire_dtype!r}")
-        if self.pause_mode not in ("keep", "wait", "abort"):
-            raise ValueError(f"WeightSyncConfig.pause_mode must be keep, wait or abort, got {self.pause_mode!r}")
+        check_fields(self, "sync")
 
 
 class WeightSync:
