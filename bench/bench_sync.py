@@ -15,11 +15,8 @@ starts our vLLM server and measures, in the same run:
 Targets (benchmark, not test): sync within 1.3x of raw broadcast, >= 5x faster than the disk trip.
 Rows go to bench/results/sync.csv (long format, with device, commit and date); a table is printed.
 
-Measured (idle 2-core AMD EPYC, fp32, 7 repeats; all runs in docs/weight_sync.md), 100M (400 MB):
-  plain: sync 404 ms = 1.61x raw gloo (250 ms), disk trip 3.2x slower, 109 tok/s at n=16;
-  packed: sync 612 ms = 2.53x raw gloo (242 ms), disk trip 2.3x slower, 218 tok/s at n=16.
-  Target 1.3x: not met (plain reached 1.27-1.30x only under looser protocols). Target 5x vs disk:
-  out of reach here for any transport (raw gloo itself is 3-6x faster than the page-cached disk trip).
+Measured numbers and their discussion: docs/weight_sync.md (the 100M model) and
+docs/loop-speed-2026-12-01.md (the tiny model's per-update target).
 
     python bench/bench_sync.py [--models tiny,100m] [--layouts plain,packed] [--repeats 5] [--cpu-budget off]
 
@@ -39,6 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Sequence
 
 import requests
 import torch
@@ -49,15 +47,11 @@ sys.path.insert(0, str(ROOT))
 from atropos_core.cpu_budget import apply_to_trainer, available_cpus, plan_cpu_budget  # noqa: E402
 from atropos_core.envs.tiny_model import build_tiny_model  # noqa: E402
 from atropos_core.inference.vllm_command import new_update_token  # noqa: E402
-from atropos_core.services import start_vllm_server  # noqa: E402
 from atropos_core.procs import free_port  # noqa: E402
-from atropos_core.weight_sync import (  # noqa: E402
-    WIRE_DTYPES,
-    WeightSync,
-    WeightSyncConfig,
-    broadcast,
-    make_transfer_group,
-)
+from atropos_core.services import start_vllm_server  # noqa: E402
+from atropos_core.weight_sync.protocol import WIRE_DTYPES  # noqa: E402
+from atropos_core.weight_sync.push import WeightSync, WeightSyncConfig  # noqa: E402
+from atropos_core.weight_sync.transport import broadcast, make_transfer_group  # noqa: E402
 from bench.common import append_rows, run_meta  # noqa: E402
 
 CSV_FIELDS = ["device", "commit", "date", "model", "params", "bytes", "method", "repeats", "ms_median", "ms_min",
@@ -129,10 +123,40 @@ def time_generation(url: str, n: int, max_tokens: int, repeats: int) -> list[flo
     return rates
 
 
+def sync_block(server, token: str, model, repeats: int, warmup: int, version: int,
+               bucket_bytes: int | None, suffix: str, results: dict[str, list[float]]) -> int:
+    """`repeats` pushes (after `warmup`) with `bucket_bytes`, each followed by a raw gloo round of
+    the same tensors; the times go to `results` under "<method><suffix>". Returns the last version."""
+    sync = WeightSync(WeightSyncConfig(update_timeout_s=120, bucket_bytes=bucket_bytes), [server.url], token)
+    sync.connect()
+    raw = RawGloo([p.detach() for p in model.parameters()], warmup + repeats)
+    methods = ["atropos_sync", "raw_gloo"] + [f"sync_{phase}" for phase in ("prepare", "send", "finish")]
+    for method in methods:
+        results[method + suffix] = []
+    for i in range(warmup + repeats):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1.0001)  # new content every round, as after an optimizer step
+        version += 1
+        time.sleep(SETTLE_S)
+        m = sync.push(model, version)
+        time.sleep(SETTLE_S)
+        raw_ms = raw.round_ms()
+        if i >= warmup:
+            results["atropos_sync" + suffix].append(m["sync/ms"])
+            results["raw_gloo" + suffix].append(raw_ms)
+            for phase in ("prepare", "send", "finish"):
+                results[f"sync_{phase}{suffix}"].append(m[f"sync/{phase}_ms"])
+    raw.close()
+    sync.close()
+    return version
+
+
 def bench_server(name: str, model, model_dir: Path, work: Path, layout: str, repeats: int,
-                 warmup: int, budget=None) -> dict[str, list[float]]:
+                 warmup: int, budget=None, buckets: Sequence[int] = ()) -> dict[str, list[float]]:
     """Sync, disk round trip and generation speed on one server started with `layout` (and the
-    CPU budget's settings for a run's first server when `budget` is given)."""
+    CPU budget's settings for a run's first server when `budget` is given). Each of `buckets` adds
+    a block of syncs with that `bucket_bytes`, its methods suffixed "@b<bytes>"."""
     token = new_update_token()
     plan = budget.child("vllm0") if budget is not None else None
     server = start_vllm_server(model_dir, port=free_port(), log_dir=work / "logs", update_token=token,
@@ -142,29 +166,9 @@ def bench_server(name: str, model, model_dir: Path, work: Path, layout: str, rep
     try:
         for n in (1, 16):
             results[f"generate_n{n}"] = time_generation(server.url, n, 64, 3)
-        sync = WeightSync(WeightSyncConfig(update_timeout_s=120), [server.url], token)
-        sync.connect()
-        raw = RawGloo([p.detach() for p in model.parameters()], warmup + repeats)
-        version = 0
-        results["atropos_sync"], results["raw_gloo"] = [], []
-        for phase in ("prepare", "send", "finish"):
-            results[f"sync_{phase}"] = []
-        for i in range(warmup + repeats):
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.mul_(1.0001)  # new content every round, as after an optimizer step
-            version += 1
-            time.sleep(SETTLE_S)
-            m = sync.push(model, version)
-            time.sleep(SETTLE_S)
-            raw_ms = raw.round_ms()
-            if i >= warmup:
-                results["atropos_sync"].append(m["sync/ms"])
-                results["raw_gloo"].append(raw_ms)
-                for phase in ("prepare", "send", "finish"):
-                    results[f"sync_{phase}"].append(m[f"sync/{phase}_ms"])
-        raw.close()
-        sync.close()
+        version = sync_block(server, token, model, repeats, warmup, 0, None, "", results)
+        for b in buckets:
+            version = sync_block(server, token, model, repeats, warmup, version, b, f"@b{b}", results)
         disk = []
         for i in range(warmup + repeats):
             out = work / f"{name}_{layout}_ckpt_{i}"
@@ -182,20 +186,22 @@ def bench_server(name: str, model, model_dir: Path, work: Path, layout: str, rep
     return results
 
 
-def bench_model(name: str, work: Path, layouts: list[str], repeats: int, warmup: int, budget=None) -> list[dict]:
+def bench_model(name: str, work: Path, layouts: list[str], repeats: int, warmup: int, budget=None,
+                buckets: Sequence[int] = ()) -> list[dict]:
     from transformers import AutoModelForCausalLM
 
     model_dir = build_tiny_model(work / name, **MODELS[name])
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     params = sum(p.numel() for p in model.parameters())
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    per_layout = {layout: bench_server(name, model, model_dir, work, layout, repeats, warmup, budget)
+    per_layout = {layout: bench_server(name, model, model_dir, work, layout, repeats, warmup, budget, buckets)
                   for layout in layouts}
     base = {"model": name, "params": params, "bytes": nbytes}
     rows = []
     for layout, results in per_layout.items():
-        raw = statistics.median(results["raw_gloo"])  # interleaved with this layout's syncs
         for method, values in results.items():
+            # x_raw_gloo against the raw rounds interleaved with the same block of syncs
+            raw = statistics.median(results["raw_gloo" + (method[method.index("@"):] if "@" in method else "")])
             if method.startswith("generate"):
                 rows.append(dict(base, layout=layout, method=method, repeats=len(values),
                                  tok_per_s=round(statistics.median(values), 1)))
@@ -213,6 +219,8 @@ def main() -> None:
     ap.add_argument("--layouts", default="plain,packed", help="CPU weight layouts of the server to compare")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--buckets", default="",
+                    help="comma-separated bucket_bytes values to time in extra blocks of syncs (default: none)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "sync.csv"))
     ap.add_argument("--cpu-budget", choices=("on", "off"), default="on",
                     help="start the server and size this process as a run would (atropos_core.cpu_budget)")
@@ -221,6 +229,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     meta = run_meta("cpu")
     layouts = args.layouts.split(",")
+    buckets = [int(b) for b in args.buckets.split(",") if b]
     rows = []
     budget = None
     if args.cpu_budget == "on":
@@ -231,13 +240,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_sync_") as tmp:
         for name in args.models.split(","):
             rows += [dict(meta, **r) for r in bench_model(name, Path(tmp), layouts, args.repeats, args.warmup,
-                                                          budget)]
+                                                          budget, buckets)]
     append_rows(Path(args.out), CSV_FIELDS, rows)
-    print(f"{'model':6} {'layout':7} {'method':15} {'MB':>7} {'ms (median)':>12} {'MB/s':>8} {'x raw':>6} {'tok/s':>8}")
+    print(f"{'model':6} {'layout':7} {'method':22} {'MB':>7} {'ms (median)':>12} {'MB/s':>8} {'x raw':>6} {'tok/s':>8}")
     for r in rows:
         ms = f"{r['ms_median']:12.1f} {r['MB_per_s']:8.1f} {r['x_raw_gloo']:6.2f}" if "ms_median" in r else " " * 28
         tok = f"{r['tok_per_s']:8.1f}" if "tok_per_s" in r else ""
-        print(f"{r['model']:6} {r['layout']:7} {r['method']:15} {r['bytes'] / 1e6:7.1f} {ms} {tok}")
+        print(f"{r['model']:6} {r['layout']:7} {r['method']:22} {r['bytes'] / 1e6:7.1f} {ms} {tok}")
     for name in args.models.split(","):
         by = {(r["layout"], r["method"]): r for r in rows if r["model"] == name}
         for layout in layouts:

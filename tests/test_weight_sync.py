@@ -2,7 +2,7 @@
 
 The reference is transformers on the trainer's own (updated) weights: vLLM's greedy continuation
 must equal it token for token and its logprobs must match within 1e-4 (fp32 on both sides; before
-any update they agree to ~1e-6, FACTS.md). Fault tests check that a failed update raises one clear
+any update the two agree to ~1e-6). Fault tests check that a failed update raises one clear
 `WeightSyncError` and leaves the server serving (not paused), and that the next push recovers.
 """
 from __future__ import annotations
@@ -11,17 +11,16 @@ import pytest
 import requests
 import torch
 
-from atropos_core.weight_sync import (
-    WeightSync,
-    WeightSyncConfig,
+from atropos_core.weight_sync.protocol import (
     WeightSyncError,
     clean_param_name,
     pack_bucket,
-    pick_backend,
     plan_buckets,
     unpack_bucket,
     validate_manifest,
 )
+from atropos_core.weight_sync.push import WeightSync, WeightSyncConfig
+from atropos_core.weight_sync.transport import pick_backend
 from tests.fixtures.vllm_server import hf_greedy, hf_token_logprobs, vllm_generate
 
 PROMPTS = [[5, 6, 7], [10, 20, 30, 40, 50], [100], [3, 1, 4, 1, 5, 9, 2, 6]]

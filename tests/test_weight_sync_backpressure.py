@@ -1,5 +1,5 @@
 """NCCL back-pressure of the weight transfer (issue #15, item 4), on what CPU can run: the host-side
-per-message wait (`weight_sync.wait_done`) on a real two-rank gloo group, a fault double for a message
+per-message wait (`weight_sync.transport.wait_done`) on a real two-rank gloo group, a fault double for a message
 that never completes, and the CleanUpOnly error handling of the NCCL group (a double of the NCCL class
 records the environment its constructor sees; this torch build has no NCCL)."""
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from atropos_core import weight_sync as ws
+from atropos_core.weight_sync import protocol, transport
 
 
 def _gloo_pair():
@@ -43,18 +43,18 @@ def test_host_poll_wait_receives_in_order_on_a_real_group():
         inflight = []
         for m in msgs:
             buf = torch.empty_like(m)
-            inflight.append((buf, ws.broadcast_async(g1, buf)))
+            inflight.append((buf, transport.broadcast_async(g1, buf)))
             if len(inflight) >= 2:
                 b, w = inflight.pop(0)
-                ws.wait_done(w, 10.0, host_poll=True)
+                transport.wait_done(w, 10.0, host_poll=True)
                 got.append(b)
         for b, w in inflight:
-            ws.wait_done(w, 10.0, host_poll=True)
+            transport.wait_done(w, 10.0, host_poll=True)
             got.append(b)
     t = threading.Thread(target=receiver)
     t.start()
     for m in msgs:
-        ws.wait_done(ws.broadcast_async(g0, m.clone()), 10.0, host_poll=True)
+        transport.wait_done(transport.broadcast_async(g0, m.clone()), 10.0, host_poll=True)
     t.join(30)
     assert len(got) == len(msgs) and all(torch.equal(a, b) for a, b in zip(got, msgs))
 
@@ -74,14 +74,14 @@ class _NeverDone:
 
 def test_hung_message_raises_after_its_own_timeout():
     t0 = time.monotonic()
-    with pytest.raises(ws.WeightSyncError, match="per-message timeout"):
-        ws.wait_done(_NeverDone(), 0.3, host_poll=True, what="message with 'lm_head.weight'")
+    with pytest.raises(protocol.WeightSyncError, match="per-message timeout"):
+        transport.wait_done(_NeverDone(), 0.3, host_poll=True, what="message with 'lm_head.weight'")
     assert 0.3 <= time.monotonic() - t0 < 5 and not _NeverDone.waited
 
 
 def test_message_timeout_is_sized_per_message():
-    assert ws.message_timeout(30.0, 0) == 30.0
-    assert ws.message_timeout(30.0, 2 * 10**9) == pytest.approx(32.0)
+    assert protocol.message_timeout(30.0, 0) == 30.0
+    assert protocol.message_timeout(30.0, 2 * 10**9) == pytest.approx(32.0)
 
 
 def test_nccl_group_is_built_with_cleanup_only_error_handling(monkeypatch):
@@ -92,8 +92,8 @@ def test_nccl_group_is_built_with_cleanup_only_error_handling(monkeypatch):
             seen["env"] = os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING")
 
     monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
-    ws._nccl_group_without_teardown(FakeNCCL, None, 0, 2, None)
+    transport._nccl_group_without_teardown(FakeNCCL, None, 0, 2, None)
     assert seen["env"] == "2" and os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "3"
     monkeypatch.delenv("TORCH_NCCL_ASYNC_ERROR_HANDLING")
-    ws._nccl_group_without_teardown(FakeNCCL, None, 0, 2, None)
+    transport._nccl_group_without_teardown(FakeNCCL, None, 0, 2, None)
     assert "TORCH_NCCL_ASYNC_ERROR_HANDLING" not in os.environ

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hmac
 import json
 import logging
 import os
@@ -42,9 +41,19 @@ from typing import Any
 
 from typing import Annotated, Optional, Union
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.routing import APIRoute
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
+
+from atropos_core.weight_sync.protocol import (
+    PAUSE_MODES,
+    PIPELINE_DEPTH,
+    manifest_key,
+    sequence_key,
+    token_refusal,
+    validate_manifest,
+)
 
 logger = logging.getLogger("atropos_core.inference.server")
 
@@ -125,7 +134,7 @@ class _UpdateState:
         self.version: int | None = 0  # None after a failed update: the weights are in an unknown state
         self.last_error: str | None = None
         self.lock = asyncio.Lock()
-        # The last manifest prepared here and its key (`weight_sync.manifest_key`): an update with
+        # The last manifest prepared here and its key (`weight_sync.protocol.manifest_key`): an update with
         # the same names, shapes, dtypes and plan needs only `/weights/update`, one exchange.
         self.known_key: str | None = None
         self.known_manifest: dict | None = None
@@ -134,7 +143,10 @@ class _UpdateState:
 
 
 def _checkpoint_spec(model: str) -> dict:
-    """Names and shapes of the served checkpoint's tensors, read from safetensors headers only."""
+    """Names and shapes of the served checkpoint's tensors, read from safetensors headers only
+    (`safe_open` maps the file; `get_slice` reads no tensor data)."""
+    from safetensors import safe_open
+
     d = Path(model)
     spec: dict[str, Any] = {"tensors": None, "tie_word_embeddings": None}
     if not d.is_dir():
@@ -147,18 +159,41 @@ def _checkpoint_spec(model: str) -> dict:
         return spec
     tensors = {}
     for f in files:
-        with open(f, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(n))
-        for name, meta in header.items():
-            if name != "__metadata__":
-                tensors[name] = {"shape": meta["shape"], "dtype": meta["dtype"]}
+        with safe_open(str(f), framework="pt") as fh:
+            for name in fh.keys():
+                sl = fh.get_slice(name)
+                tensors[name] = {"shape": list(sl.get_shape()), "dtype": sl.get_dtype()}
     spec["tensors"] = tensors
     return spec
 
 
 class _BodyTooLarge(ValueError):
     pass
+
+
+class _Refused(Exception):
+    """Raised by a route dependency (token, body): answered `{"error": message}` with `status`."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _GuardedRoute(APIRoute):
+    """A route whose dependencies may raise `_Refused`. Answered here, not by an app exception
+    handler: vLLM has built its app's middleware stack (and so its handler table) by the time our
+    routes are added."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def guarded(request: Request):
+            try:
+                return await handler(request)
+            except _Refused as err:
+                return _error(err.status, str(err))
+
+        return guarded
 
 
 async def _pause(eng, mode: str) -> None:
@@ -196,16 +231,18 @@ def add_atropos_routes(app: FastAPI, *, token: str, max_body_bytes: int, model: 
     spec = _checkpoint_spec(model)
     ignored_keys_logged: set[str] = set()
 
-    def refused(request: Request) -> JSONResponse | None:
-        """None if the request carries the update token, else the 401/403 answer (logged)."""
-        header = request.headers.get("authorization", "")
-        given = header[7:] if header.startswith("Bearer ") else ""
-        if given and hmac.compare_digest(given.encode(), token.encode()):
-            return None
+    weights = APIRouter(route_class=_GuardedRoute)  # the /weights/* routes, added to `app` at the end
+
+    async def authorized(request: Request) -> None:
+        """Dependency of every `/weights/*` route: the update token, checked before the body is read
+        (401 without a token, 403 with a wrong one; logged with the client address). Async, so
+        FastAPI runs it on the event loop rather than a worker thread."""
+        why = token_refusal(request.headers.get("authorization", ""), token)
+        if why is None:
+            return
         client = request.client.host if request.client else "?"
-        logger.warning("refused %s %s from %s: %s", request.method, request.url.path, client,
-                       "no token" if not given else "wrong token")
-        return _error(401 if not given else 403, "weight routes need the update token")
+        logger.warning("refused %s %s from %s: %s", request.method, request.url.path, client, why)
+        raise _Refused(401 if why == "no token" else 403, "weight routes need the update token")
 
     async def body_json(request: Request) -> dict:
         length = request.headers.get("content-length", "")
@@ -222,12 +259,19 @@ def add_atropos_routes(app: FastAPI, *, token: str, max_body_bytes: int, model: 
             raise ValueError("request body must be a JSON object")
         return data
 
+    async def authorized_body(request: Request) -> dict:
+        """Dependency of the `/weights/*` routes that take a body: the token, then the body as a
+        JSON object (413 over the size limit, 400 when it is not a JSON object)."""
+        await authorized(request)
+        try:
+            return await body_json(request)
+        except ValueError as err:
+            raise _Refused(413 if isinstance(err, _BodyTooLarge) else 400, str(err)) from None
+
     def engine(request: Request):
         return request.app.state.engine_client
 
     def _remember_versions(final) -> None:
-        from atropos_core.weight_sync import sequence_key
-
         if state.version is None:
             return
         prompt = list(final.prompt_token_ids or [])
@@ -287,10 +331,8 @@ def add_atropos_routes(app: FastAPI, *, token: str, max_body_bytes: int, model: 
                              "last_error": state.last_error})
 
     # -- weight updates (each checks the token first) -------------------------------------
-    @app.get("/weights/spec")
+    @weights.get("/weights/spec", dependencies=[Depends(authorized)])
     async def weights_spec(request: Request):
-        if (denied := refused(request)) is not None:
-            return denied
         pc = request.app.state.vllm_config.parallel_config
         try:  # each worker's device, so the trainer can avoid NCCL between two ranks on one GPU
             devices = [str(d) for d in await engine(request).collective_rpc("atropos_device_id")]
@@ -300,20 +342,14 @@ def add_atropos_routes(app: FastAPI, *, token: str, max_body_bytes: int, model: 
         return JSONResponse(dict(spec, num_workers=pc.world_size_across_dp, weight_version=state.version,
                                  devices=devices))
 
-    @app.post("/weights/init")
-    async def weights_init(request: Request):
-        if (denied := refused(request)) is not None:
-            return denied
+    @weights.post("/weights/init")
+    async def weights_init(request: Request, body: dict = Depends(authorized_body)):
         from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
 
-        try:
-            body = await body_json(request)
-            keys = ("host", "port", "world_size", "rank_offset", "backend", "init_timeout_s", "op_timeout_s")
-            init = {k: body[k] for k in keys if k in body}
-            if set(keys[:4]) - set(init):
-                raise ValueError(f"/weights/init needs {list(keys[:4])}")
-        except ValueError as err:
-            return _bad_request(err)
+        keys = ("host", "port", "world_size", "rank_offset", "backend", "init_timeout_s", "op_timeout_s")
+        init = {k: body[k] for k in keys if k in body}
+        if set(keys[:4]) - set(init):
+            return _error(400, f"/weights/init needs {list(keys[:4])}")
         async with state.lock:
             if state.phase != "idle":
                 return _error(409, f"an update is {state.phase}")
@@ -340,25 +376,22 @@ def add_atropos_routes(app: FastAPI, *, token: str, max_body_bytes: int, model: 
             if state.phase == "prepared" and state.prepare_id == prepare_id:
                 await _undo_prepare(eng, f"not applied within {after_s:.0f} s")
 
-    @app.post("/weights/prepare")
-    async def weights_prepare(request: Request):
-        if (denied := refused(request)) is not None:
-            return denied
-        from atropos_core.weight_sync import PIPELINE_DEPTH, manifest_key, validate_manifest
-
+    @weights.post("/weights/prepare")
+    async def weights_prepare(request: Request, body: dict = Depends(authorized_body)):
         try:
-            body = await body_json(request)
             manifest = body.get("manifest")
             if not isinstance(manifest, dict):
                 raise ValueError("/weights/prepare needs a 'manifest' object")
             validate_manifest(manifest, spec, "this server")
             pause_mode = body.get("pause_mode", "keep")
-            if pause_mode not in ("keep", "wait", "abort"):
+            if pause_mode not in PAUSE_MODES:
                 raise ValueError(f"bad pause_mode {pause_mode!r}")
             watchdog_s = float(body.get("watchdog_s", 120.0))
+            if not 0 < watchdog_s < float("inf"):
+                raise ValueError(f"'watchdog_s' must be a positive number of seconds, got {watchdog_s}")
             version = int(manifest.get("version", 0))
         except (ValueError, TypeError) as err:
-            return _bad_request(err)
+            return _error(400, str(err))
         eng = engine(request)
         async with state.lock:
             if state.phase != "idle":
@@ -404,15 +437,10 @@ def add_atropos_routes(app: FastAPI, *, token: str, max_body_bytes: int, model: 
         logger.info("weights updated to v%d in %.0f ms", version, ms)
         return 200, {"status": "updated", "weight_version": version, "ms": ms}
 
-    @app.post("/weights/apply")
-    async def weights_apply(request: Request):
-        if (denied := refused(request)) is not None:
-            return denied
+    @weights.post("/weights/apply")
+    async def weights_apply(request: Request, body: dict = Depends(authorized_body)):
         try:
-            body = await body_json(request)
             version = int(body["version"])
-        except _BodyTooLarge as err:
-            return _bad_request(err)
         except (ValueError, TypeError, KeyError) as err:
             return _error(400, f"/weights/apply needs an integer 'version': {err}")
         eng = engine(request)
@@ -425,23 +453,18 @@ def add_atropos_routes(app: FastAPI, *, token: str, max_body_bytes: int, model: 
             code, answer = await _apply(eng, state.manifest, version)
         return JSONResponse(answer, status_code=code)
 
-    @app.post("/weights/update")
-    async def weights_update(request: Request):
+    @weights.post("/weights/update")
+    async def weights_update(request: Request, body: dict = Depends(authorized_body)):
         """Prepare and apply in one exchange, for an update whose manifest this server already
         knows (`manifest_key` from the last `/weights/prepare`; only the version changes). The
         answer streams two JSON lines: `{"status": "ready"}` once generation is paused and the
         workers wait for the broadcast (the trainer sends no byte before it), then the result of
         the update. 409 `manifest_unknown` (nothing paused): the trainer falls back to prepare+apply."""
-        if (denied := refused(request)) is not None:
-            return denied
         try:
-            body = await body_json(request)
             key, version = body.get("manifest_key"), int(body["version"])
             pause_mode = body.get("pause_mode", "keep")
-            if not isinstance(key, str) or pause_mode not in ("keep", "wait", "abort"):
+            if not isinstance(key, str) or pause_mode not in PAUSE_MODES:
                 raise ValueError("/weights/update needs a string 'manifest_key' and a valid 'pause_mode'")
-        except _BodyTooLarge as err:
-            return _bad_request(err)
         except (ValueError, TypeError, KeyError) as err:
             return _error(400, f"/weights/update needs 'manifest_key' and an integer 'version': {err}")
         eng = engine(request)
@@ -486,27 +509,19 @@ def add_atropos_routes(app: FastAPI, *, token: str, max_body_bytes: int, model: 
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")
 
-    @app.post("/weights/sampled_versions")
-    async def sampled_versions(request: Request):
+    @weights.post("/weights/sampled_versions")
+    async def sampled_versions(body: dict = Depends(authorized_body)):
         """The weight version that generated each sequence (`weight_sync.sequence_key` of prompt +
         completion tokens), or null where this server does not know it."""
-        if (denied := refused(request)) is not None:
-            return denied
-        try:
-            keys = (await body_json(request)).get("keys")
-            if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
-                raise ValueError("/weights/sampled_versions needs 'keys': a list of strings")
-        except ValueError as err:
-            return _bad_request(err)
+        keys = body.get("keys")
+        if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
+            return _error(400, "/weights/sampled_versions needs 'keys': a list of strings")
         return JSONResponse({"versions": [state.sampled.get(k) for k in keys]})
 
-    @app.post("/weights/load_from_disk")
-    async def weights_load_from_disk(request: Request):
+    @weights.post("/weights/load_from_disk")
+    async def weights_load_from_disk(request: Request, body: dict = Depends(authorized_body)):
         """The disk round trip (fallback and benchmark baseline): reload a safetensors directory."""
-        if (denied := refused(request)) is not None:
-            return denied
         try:
-            body = await body_json(request)
             path, version = Path(str(body["path"])), int(body["version"])
             if not path.is_dir() or not any(path.glob("*.safetensors")):
                 raise ValueError(f"{path} is not a directory of .safetensors files")
@@ -534,10 +549,8 @@ def add_atropos_routes(app: FastAPI, *, token: str, max_body_bytes: int, model: 
         return JSONResponse({"status": "updated", "weight_version": version,
                              "ms": (time.perf_counter() - t0) * 1e3})
 
-    @app.post("/weights/abort")
+    @weights.post("/weights/abort", dependencies=[Depends(authorized)])
     async def weights_abort(request: Request):
-        if (denied := refused(request)) is not None:
-            return denied
         eng = engine(request)
         async with state.lock:
             if state.phase == "prepared":
@@ -545,6 +558,8 @@ def add_atropos_routes(app: FastAPI, *, token: str, max_body_bytes: int, model: 
             else:
                 await eng.resume_generation()
         return JSONResponse({"status": "idle"})
+
+    app.include_router(weights)
 
 
 SPIN_ENV = "ATROPOS_VLLM_SPIN_S"  # = atropos_core.cpu_budget.SPIN_ENV (not imported: keep this light)

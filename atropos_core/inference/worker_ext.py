@@ -5,9 +5,9 @@ vLLM's in-tree transfer engines are CUDA-only and have no gloo path. This module
 engine named by `--weight-transfer-config '{"backend": "atropos"}'`; importing it registers the
 engine.
 
-The engine joins the trainer's transfer group (`atropos_core.weight_sync.make_transfer_group`, the
-same function the trainer calls, so both ends agree on store prefix, backend and timeouts) and, per
-update, receives the tensors the JSON manifest announces and feeds them, as they arrive, to ONE
+The engine joins the trainer's transfer group (`atropos_core.weight_sync.transport.make_transfer_group`,
+the same function the trainer calls, so both ends agree on store prefix, backend and timeouts) and,
+per update, receives the tensors the JSON manifest (`atropos_core.weight_sync.protocol`) announces and feeds them, as they arrive, to ONE
 `model.load_weights` call (the model's own loader: fused qkv/gate_up, tensor-parallel slices, HF
 names). Two ways to load, picked once per server when the group forms (logged):
 
@@ -19,15 +19,16 @@ names). Two ways to load, picked once per server when the group forms (logged):
   `initialize_layerwise_reload` and `finalize_layerwise_reload` (the base class's start/finish
   hooks), which materialise each layer, load it, re-run its processing (quantisation, CPU oneDNN
   packing) and copy the result back into the original storage. Plain `load_weights` breaks there on
-  CPU after the first load (FACTS.md): the packed layers dropped their weight tensors.
+  CPU after the first load (vLLM 0.32: `'Parameter' object has no attribute 'weight_loader'`): the
+  packed layers dropped their weight tensors.
 
 CPU weight layout (`ATROPOS_CPU_WEIGHT_LAYOUT`, read at import, before the model loads; set by
 `start_vllm_server(cpu_weight_layout=...)`): `packed` (default, vLLM's own) packs every CPU linear
 weight into a oneDNN handle and drops the plain tensor, so each update re-packs the whole model;
-`plain` keeps the plain tensor and computes with `F.linear`. Measured on the 2-core box
-(`bench/bench_sync.py`, docs/weight_sync.md), 100M model: plain syncs in ~0.6x the time (no re-pack,
-no layerwise round trip) but generates ~0.55x as fast at n=16 (single-thread MKL GEMM against
-oneDNN's pre-packed kernels; equal at n=1). Generation dominates an RL step, hence the default.
+`plain` keeps the plain tensor and computes with `F.linear`. `plain` syncs faster (no re-pack, no
+layerwise round trip) but generates slower at batch sizes > 1 (MKL GEMM against oneDNN's
+pre-packed kernels; numbers in docs/weight_sync.md). Generation dominates an RL step, hence the
+default.
 
 Error path: if receiving fails mid-way (trainer gone, timeout), a layerwise reload is finalised here
 before re-raising, so layers that got nothing put their old tensors back instead of staying on the
@@ -54,18 +55,16 @@ from vllm.distributed.weight_transfer.base import (
 )
 from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
-from atropos_core.inference.launch import CPU_WEIGHT_LAYOUT_ENV, CPU_WEIGHT_LAYOUTS
-from atropos_core.weight_sync import (
+from atropos_core.inference.vllm_command import CPU_WEIGHT_LAYOUT_ENV, CPU_WEIGHT_LAYOUTS
+from atropos_core.weight_sync.protocol import (
     PIPELINE_DEPTH,
     WIRE_DTYPES,
-    broadcast_async,
     bucket_layout,
     device_id,
-    make_transfer_group,
     message_timeout,
     unpack_bucket,
-    wait_done,
 )
+from atropos_core.weight_sync.transport import broadcast_async, make_transfer_group, wait_done
 
 # Under "vllm." so the line reaches the server log: vLLM configures only its own logger tree in workers.
 logger = logging.getLogger("vllm.atropos_worker")
@@ -277,8 +276,8 @@ class AtroposWeightTransferEngine(WeightTransferEngine[AtroposInitInfo, AtroposU
         if self.group is None:
             raise RuntimeError("weight transfer group not initialised: call /weights/init first")
         # One `load_weights` call for the whole update, fed by a generator that receives as it goes:
-        # every call builds a loader that walks the whole module tree (measured on the 100M model:
-        # ~1.4 ms a call, 250 of 680 ms when each tensor had its own call).
+        # every call builds a loader that walks the whole module tree (a call per tensor cost about
+        # a third of an update; docs/weight_sync.md).
         stats = {"wait_s": 0.0}
         t0 = time.perf_counter()
         self.model.load_weights(self._received(update_info, stats))
@@ -332,9 +331,8 @@ class AtroposWeightTransferEngine(WeightTransferEngine[AtroposInitInfo, AtroposU
         """A tensor to receive one message into: a view of reused buffer `slot` (grown as needed),
         or a fresh one when `slot` is None or the message is over `POOL_MAX_BYTES`.
 
-        Why reuse: a fresh CPU buffer per tensor is first-touched by the receive, and the page faults
-        cost ~80 ms per 400 MB (measured on the 2-core box: fresh alloc+copy 109-128 ms, reused
-        31-57 ms) out of a ~400 ms update."""
+        Why reuse: a fresh CPU buffer per tensor is first-touched by the receive, and those page
+        faults were a measurable part of an update (docs/weight_sync.md)."""
         nbytes = math.prod(shape) * dtype.itemsize
         if slot is None or nbytes > POOL_MAX_BYTES:
             return torch.empty(shape, dtype=dtype, device=self.device)
@@ -358,7 +356,7 @@ class AtroposWorkerExtension:
         return isinstance(engine, AtroposWeightTransferEngine) and engine.group is not None
 
     def atropos_device_id(self) -> str:
-        """`weight_sync.device_id` of this worker's device: the trainer compares it with its own
+        """`weight_sync.protocol.device_id` of this worker's device: the trainer compares it with its own
         GPU, because NCCL refuses two ranks of one communicator on the same GPU."""
         return device_id(self.device)
 

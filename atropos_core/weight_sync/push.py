@@ -1,48 +1,32 @@
-"""Trainer side of the weight sync: new weights reach every vLLM worker in place after each step.
+"""The trainer's push: `WeightSyncConfig` and `WeightSync`, which drive every vLLM server's
+`/weights/*` routes over HTTP and broadcast the tensors on the transfer group.
 
-Design (see docs/weight_sync.md for the measured numbers):
-
-* **Control over HTTP, data over torch.distributed.** Each vLLM server (ours,
-  `atropos_core.inference.server`) exposes token-protected `/weights/*` routes. The manifest of an
-  update (names, shapes, dtypes, bucket plan, version) travels as JSON; the tensors travel by
-  `broadcast` in one process group formed by trainer rank 0 and every worker of every server (data
-  parallel replicas simply get later ranks). Nothing is pickled: neither side deserialises objects
-  from the network.
-* **One code path, two backends.** The group is built directly from a `TCPStore` as a
-  `ProcessGroupGloo` (CPU) or `ProcessGroupNCCL` (CUDA), never registered as a global group, so it
-  lives beside the trainer's own FSDP group and vLLM's internal groups. `backend="auto"` picks
-  NCCL when the trainer holds CUDA tensors, gloo otherwise.
-* **Message grouping is measured, per backend.** On gloo one broadcast per tensor beat one packed
-  message ~4.5x (the concatenation copy and one huge message; FACTS.md), so gloo sends tensor by
-  tensor (`bucket_bytes=0`). NCCL favours fewer, larger messages, so it packs consecutive tensors
-  into byte buckets (default 256 MiB) as vLLM's own NCCL engine does.
+* **Control over HTTP, data over torch.distributed.** The manifest (`protocol`) travels as JSON;
+  the tensors by broadcast from trainer rank 0 (`transport`). Data-parallel replicas simply get
+  later ranks of the group.
+* **Message grouping per backend.** gloo sends tensor by tensor (`bucket_bytes=0`): one packed
+  message was measured several times slower there (docs/weight_sync.md). NCCL packs consecutive
+  tensors into byte buckets (default `NCCL_BUCKET_BYTES`), as vLLM's own NCCL engine does.
 * **FSDP2.** `push()` runs on every trainer rank: each parameter is gathered with
   `DTensor.full_tensor()` one at a time (a collective all ranks join in the same order), rank 0
   broadcasts it and drops it, so no rank ever holds a whole-model copy (bucketing on NCCL holds at
   most one bucket). Tied embeddings need nothing special: `named_parameters()` yields a shared
   parameter once and vLLM ties `lm_head` itself.
 * **Fail once, clearly, and leave the servers serving.** An update is `prepare` (validate the
-  manifest against the served checkpoint's tensor shapes, pause generation, start the update: a
-  layerwise reload where the server does not load in place) on every server, then `apply` (the
-  server receives while rank 0 broadcasts; it then finishes, resets the prefix cache and resumes,
-  resuming on its own error path too), or `abort`
-  (resume) if anything failed before the broadcast. A bad manifest fails before a single byte is
-  broadcast. Once a server has prepared a manifest, later updates with the same names, shapes,
-  dtypes and plan (`manifest_key`) are one exchange, `/weights/update`: the server answers
-  "ready" (paused, receives posted) on a streamed first line, the trainer broadcasts, the second
-  line is the result and the served version (`sync/round_trips` says which path ran). The gloo group's timeout is short (`update_timeout_s`), because a worker that died
-  mid-broadcast otherwise hangs the trainer. Trainer ranks keep gathering in lockstep after a
+  manifest against the served checkpoint's tensor shapes, pause generation, start the update) on
+  every server, then `apply` (the server receives while rank 0 broadcasts; it then finishes,
+  resets the prefix cache and resumes, on its own error path too), or `abort` (resume) if anything
+  failed before the broadcast. A bad manifest fails before a single byte is broadcast. Once a
+  server has prepared a manifest, later updates with the same `manifest_key` are one exchange,
+  `/weights/update`: the server answers "ready" (paused, receives posted) on a streamed first
+  line, the trainer broadcasts, the second line is the result and the served version
+  (`sync/round_trips` says which path ran). Trainer ranks keep gathering in lockstep after a
   failure on rank 0 and all raise the same `WeightSyncError` at the end, so the trainer can still
   checkpoint and exit.
-
-This module never imports vLLM; `atropos_core.inference.worker_ext` imports the shared wire helpers
-(`make_transfer_group`, `plan_buckets`, `unpack_bucket`) from here, so both ends agree by
-construction.
 """
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import logging
 import socket
@@ -58,29 +42,27 @@ except ImportError:  # WeightSyncConfig serves runs without inference servers; W
     requests = None
 import torch
 
-from .checks import Between, Ge, Gt, check_fields
+from ..checks import Between, Ge, Gt, check_fields
+from .protocol import (
+    DTYPE_NAMES,
+    MAX_PIPELINE_DEPTH,
+    NCCL_BUCKET_BYTES,
+    PIPELINE_DEPTH,
+    WIRE_DTYPES,
+    WeightSyncError,
+    auth_headers,
+    build_manifest,
+    clean_param_name,
+    device_id,
+    manifest_key,
+    message_timeout,
+    pack_bucket,
+    sequence_key,
+    validate_manifest,
+)
+from .transport import broadcast_async, make_transfer_group, pick_backend, wait_done
 
 logger = logging.getLogger(__name__)
-
-#: dtypes that may appear in a manifest (the name is what travels in JSON).
-WIRE_DTYPES = {
-    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-    "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "uint8": torch.uint8,
-    "bool": torch.bool,
-}
-_DTYPE_NAMES = {v: k for k, v in WIRE_DTYPES.items()}
-#: Name segments that wrappers (torch.compile, activation checkpointing, FSDP1) insert.
-_WRAPPER_SEGMENTS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.", "module.")
-#: Default NCCL bucket (vLLM's packed NCCL engine uses buffers of the same order).
-NCCL_BUCKET_BYTES = 256 << 20
-#: Messages in flight on each side (`WeightSyncConfig.pipeline_depth`): default and upper bound,
-#: checked on both ends by `validate_manifest`.
-PIPELINE_DEPTH = 2
-MAX_PIPELINE_DEPTH = 16
-
-
-class WeightSyncError(RuntimeError):
-    """A weight update failed; the message names the server and, where known, the tensor."""
 
 
 @dataclass
@@ -130,278 +112,6 @@ class WeightSyncConfig:
         check_fields(self, "sync")
 
 
-# ----------------------------------------------------------------------------------------------
-# Wire helpers shared with the worker side (atropos_core.inference.worker_ext).
-# ----------------------------------------------------------------------------------------------
-
-def make_transfer_group(backend: str, host: str, port: int, rank: int, world_size: int,
-                        init_timeout_s: float, op_timeout_s: float, *, store=None):
-    """A process group for the transfer only, built from a TCPStore and never registered globally.
-
-    Rank 0 (the trainer) hosts the store; pass it as `store` there. Blocks until all `world_size`
-    ranks have joined (or `init_timeout_s`). Returns `(group, store)`.
-    """
-    import torch.distributed as dist
-
-    if store is None:
-        store = dist.TCPStore(host, port, world_size, is_master=False,
-                              timeout=datetime.timedelta(seconds=init_timeout_s))
-    prefixed = dist.PrefixStore("atropos_weight_sync", store)
-    timeout = datetime.timedelta(seconds=op_timeout_s)
-    if backend == "gloo":
-        opts = dist.ProcessGroupGloo._Options()
-        opts._timeout = timeout
-        # Bind to loopback when the trainer is local: the default device resolves the hostname,
-        # which need not be reachable on a locked-down machine.
-        iface_host = "127.0.0.1" if host in ("127.0.0.1", "localhost") else ""
-        opts._devices = [dist.ProcessGroupGloo.create_device(hostname=iface_host)]
-        group = dist.ProcessGroupGloo(prefixed, rank, world_size, opts)
-    elif backend == "nccl":
-        nccl_cls = getattr(dist, "ProcessGroupNCCL", None)
-        if nccl_cls is None:
-            raise WeightSyncError("backend 'nccl' requested but this torch build has no NCCL")
-        opts = nccl_cls.Options()
-        # The per-message timeout is enforced on the host (`wait_done`); the watchdog is only the
-        # backstop that frees a hung communicator, so it must not fire first: a message may be
-        # enqueued up to MAX_PIPELINE_DEPTH messages before it can run.
-        opts._timeout = datetime.timedelta(seconds=op_timeout_s * (MAX_PIPELINE_DEPTH + 2))
-        group = _nccl_group_without_teardown(nccl_cls, prefixed, rank, world_size, opts)
-    else:
-        raise ValueError(f"unknown transfer backend {backend!r}")
-    return group, store
-
-
-def device_id(device: torch.device) -> str:
-    """"cpu", or "cuda:<GPU UUID>" (what the workers report at /weights/spec)."""
-    if device.type != "cuda":
-        return "cpu"
-    return f"cuda:{torch.cuda.get_device_properties(device).uuid}"
-
-
-def pick_backend(requested: str, trainer_device: str,
-                 server_devices: dict[str, list[str] | None]) -> tuple[str, str]:
-    """The transfer backend for `requested` ("auto", "gloo", "nccl"), and why it differs from the
-    obvious choice ("" when it does not).
-
-    "auto" means NCCL when the trainer is on a GPU, except when two ranks of the group would sit on
-    one GPU (trainer and a vLLM worker colocated, or two replicas sharing a GPU): NCCL >= 2.5
-    refuses that ("Duplicate GPU detected", ncclInvalidUsage; NVIDIA/nccl#418), so gloo carries the
-    tensors through host memory instead (slower, but it works). Asking for "nccl" in that case is an
-    error raised here, before any group is formed.
-    """
-    if requested not in ("auto", "gloo", "nccl"):
-        raise ValueError(f"unknown transfer backend {requested!r}")
-    if requested == "gloo" or (requested == "auto" and not trainer_device.startswith("cuda")):
-        return "gloo", ""
-    owners: dict[str, str] = {trainer_device: "the trainer"}
-    for url, devices in server_devices.items():
-        for i, dev in enumerate(devices or []):
-            if not dev.startswith("cuda"):
-                if requested == "nccl":
-                    raise WeightSyncError(f"backend 'nccl' requested but worker {i} of {url} runs on {dev}")
-                return "gloo", f"worker {i} of {url} runs on {dev}, not a GPU"
-            if dev in owners:
-                why = (f"{owners[dev]} and worker {i} of {url} share GPU {dev.removeprefix('cuda:')}, and NCCL "
-                       f"refuses two ranks on one GPU")
-                if requested == "nccl":
-                    raise WeightSyncError(f"backend 'nccl' cannot work here: {why}; use backend 'gloo' or 'auto'")
-                return "gloo", why
-            owners[dev] = f"worker {i} of {url}"
-    return "nccl", ""
-
-
-def _nccl_group_without_teardown(nccl_cls, store, rank: int, world_size: int, opts):
-    """A ProcessGroupNCCL whose watchdog, on a timeout or NCCL error, aborts the communicator and
-    leaves the process alive (TORCH_NCCL_ASYNC_ERROR_HANDLING=2, "CleanUpOnly"). The default (3,
-    "SkipCleanUp") kills the process: inside a vLLM worker that is the whole engine, where a failed
-    update must only fail the update. The variable is read by the constructor, so it is set for
-    this group only and restored afterwards (vLLM's own groups keep their setting)."""
-    import os
-
-    key = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
-    old = os.environ.get(key)
-    os.environ[key] = "2"
-    try:
-        return nccl_cls(store, rank, world_size, opts)
-    finally:
-        if old is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = old
-
-
-def broadcast_async(group, tensor: torch.Tensor):
-    """Start broadcasting `tensor` from rank 0 of `group` (in place on the receivers); returns the
-    work handle. `tensor` must stay alive until `.wait()` returns."""
-    import torch.distributed as dist
-
-    opts = dist.BroadcastOptions()
-    opts.rootRank = 0
-    opts.rootTensor = 0
-    return group.broadcast([tensor], opts)
-
-
-#: Slowest wire speed a per-message timeout allows for (bytes/s): a message of b bytes gets
-#: `update_timeout_s + b / MIN_WIRE_BYTES_PER_S` (a 1 GB embedding 1 s more than a small tensor).
-MIN_WIRE_BYTES_PER_S = 1e9
-
-
-def message_timeout(base_s: float, nbytes: int) -> float:
-    """Timeout of one message of `nbytes`: sized per message, not per update."""
-    return base_s + nbytes / MIN_WIRE_BYTES_PER_S
-
-
-def wait_done(work, timeout_s: float, *, host_poll: bool, what: str = "message") -> None:
-    """Wait for one transfer message; with `host_poll` (NCCL) block the HOST, at most `timeout_s`.
-
-    gloo's `wait()` already blocks the host (and its group timeout is per collective). NCCL's only
-    makes the current stream wait: a loop of post-and-wait would enqueue a whole update at once,
-    every buffer alive (a second copy of the model on the worker) and NCCL's watchdog timing the
-    last message from the moment it was enqueued. Polling `is_completed()` first keeps at most the
-    caller's `pipeline_depth` messages in flight, makes the timeout one message's, and turns a hung
-    transfer into a WeightSyncError on the host before any stream is chained to it (the watchdog,
-    set to CleanUpOnly by `make_transfer_group`, then aborts the communicator without killing the
-    process). `work.wait()` afterwards orders the current stream and raises the work's own error."""
-    if host_poll:
-        deadline = time.monotonic() + timeout_s
-        pause = 5e-5
-        while not work.is_completed():
-            if time.monotonic() > deadline:
-                raise WeightSyncError(f"{what} not transferred within {timeout_s:.0f} s (per-message timeout)")
-            time.sleep(pause)
-            pause = min(pause * 2, 1e-3)
-    work.wait()
-
-
-def broadcast(group, tensor: torch.Tensor) -> None:
-    """Broadcast `tensor` from rank 0 of `group`; blocks until done."""
-    broadcast_async(group, tensor).wait()
-
-
-def plan_buckets(nbytes: Sequence[int], bucket_bytes: int) -> list[list[int]]:
-    """Split tensor indices, in order, into buckets of at most `bucket_bytes` (a bigger tensor gets
-    a bucket of its own). `bucket_bytes == 0` gives one tensor per bucket."""
-    buckets: list[list[int]] = []
-    cur: list[int] = []
-    cur_bytes = 0
-    for i, n in enumerate(nbytes):
-        if cur and (bucket_bytes == 0 or cur_bytes + n > bucket_bytes):
-            buckets.append(cur)
-            cur, cur_bytes = [], 0
-        cur.append(i)
-        cur_bytes += n
-    if cur:
-        buckets.append(cur)
-    return buckets
-
-
-def tensor_nbytes(shape: Sequence[int], dtype_name: str) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n * WIRE_DTYPES[dtype_name].itemsize
-
-
-#: Every tensor in a packed bucket starts at a multiple of this many bytes, so each can be viewed
-#: back as its dtype (a view needs its offset divisible by the element size).
-BUCKET_ALIGN = 16
-
-
-def bucket_layout(shapes: Sequence[Sequence[int]], dtype_names: Sequence[str]) -> tuple[list[int], int]:
-    """Byte offset of each tensor in a packed bucket, and the bucket's total size."""
-    offsets, off = [], 0
-    for shape, dname in zip(shapes, dtype_names):
-        offsets.append(off)
-        off += -(-tensor_nbytes(shape, dname) // BUCKET_ALIGN) * BUCKET_ALIGN
-    return offsets, off
-
-
-def pack_bucket(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The trainer's side of `unpack_bucket`: one uint8 buffer holding every tensor at its offset."""
-    offsets, total = bucket_layout([list(t.shape) for t in tensors], [_DTYPE_NAMES[t.dtype] for t in tensors])
-    buf = torch.empty(total, dtype=torch.uint8, device=tensors[0].device)
-    for off, t in zip(offsets, tensors):
-        raw = t.contiguous().view(-1).view(torch.uint8)
-        buf[off:off + raw.numel()].copy_(raw)
-    return buf
-
-
-def unpack_bucket(buf: torch.Tensor, shapes: Sequence[Sequence[int]], dtype_names: Sequence[str]
-                  ) -> list[torch.Tensor]:
-    """Views into a received uint8 bucket, one per tensor, in manifest order."""
-    offsets, _ = bucket_layout(shapes, dtype_names)
-    return [buf[off:off + tensor_nbytes(shape, dname)].view(WIRE_DTYPES[dname]).view(tuple(shape))
-            for off, shape, dname in zip(offsets, shapes, dtype_names)]
-
-
-def validate_manifest(manifest: dict, spec: dict | None, where: str) -> None:
-    """Raise ValueError naming the tensor if `manifest` does not fit the served checkpoint `spec`
-    ({"tensors": {name: {"shape", "dtype"}}, "tie_word_embeddings": bool}); also checks that the
-    manifest is internally consistent. `where` names the server in the message."""
-    names, dtypes, shapes = manifest.get("names"), manifest.get("dtypes"), manifest.get("shapes")
-    if not (isinstance(names, list) and isinstance(dtypes, list) and isinstance(shapes, list)):
-        raise ValueError(f"{where}: manifest needs lists 'names', 'dtypes', 'shapes'")
-    if not len(names) == len(dtypes) == len(shapes):
-        raise ValueError(f"{where}: manifest lists differ in length "
-                         f"({len(names)} names, {len(dtypes)} dtypes, {len(shapes)} shapes)")
-    if len(set(names)) != len(names):
-        raise ValueError(f"{where}: manifest names a tensor twice")
-    for name, dname, shape in zip(names, dtypes, shapes):
-        if not isinstance(name, str) or dname not in WIRE_DTYPES:
-            raise ValueError(f"{where}: tensor {name!r} has unsupported dtype {dname!r}")
-        if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
-            raise ValueError(f"{where}: tensor {name!r} has a bad shape {shape!r}")
-    buckets = manifest.get("buckets")
-    if not (isinstance(buckets, list) and sorted(i for b in buckets for i in b) == list(range(len(names)))):
-        raise ValueError(f"{where}: manifest 'buckets' must cover every tensor index exactly once, in order")
-    depth = manifest.get("pipeline_depth", PIPELINE_DEPTH)
-    if not (isinstance(depth, int) and 1 <= depth <= MAX_PIPELINE_DEPTH):
-        raise ValueError(f"{where}: manifest 'pipeline_depth' must be an integer in 1..{MAX_PIPELINE_DEPTH}, "
-                         f"got {depth!r}")
-    if spec is None or spec.get("tensors") is None:
-        return
-    served = spec["tensors"]
-    for name, shape in zip(names, shapes):
-        if name not in served:
-            raise ValueError(f"{where}: tensor {name!r} is not in the served model")
-        if list(served[name]["shape"]) != list(shape):
-            raise ValueError(f"{where}: tensor {name!r} has shape {list(shape)}, the served model has "
-                             f"{list(served[name]['shape'])}")
-    missing = sorted(set(served) - set(names))
-    if spec.get("tie_word_embeddings"):
-        missing = [m for m in missing if m != "lm_head.weight"]
-    if missing:
-        raise ValueError(f"{where}: update lacks {len(missing)} tensor(s) the served model has, e.g. "
-                         f"{missing[0]!r} (tied vs untied embeddings?)")
-
-
-def manifest_key(manifest: dict) -> str:
-    """What identifies a manifest apart from its version: a hash of names, dtypes, shapes, bucket
-    plan and pipeline depth. Trainer and server compute it alike; an update whose key the server
-    already holds needs one exchange (`/weights/update`) instead of prepare + apply."""
-    fields = {k: manifest.get(k) for k in ("names", "dtypes", "shapes", "buckets")}
-    fields["pipeline_depth"] = manifest.get("pipeline_depth", PIPELINE_DEPTH)
-    return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:32]
-
-
-def sequence_key(tokens: Sequence[int]) -> str:
-    """Key of one sampled sequence (prompt + completion token ids) in the server's record of which
-    weight version generated it (`/weights/sampled_versions`); both ends compute it alike."""
-    raw = ",".join(str(int(t)) for t in tokens).encode()
-    return hashlib.blake2b(raw, digest_size=12).hexdigest()
-
-
-def clean_param_name(name: str) -> str:
-    """HF parameter name of a (possibly compiled / checkpoint-wrapped) module's parameter."""
-    for seg in _WRAPPER_SEGMENTS:
-        name = name.replace(seg, "")
-    return name
-
-
-# ----------------------------------------------------------------------------------------------
-# Trainer side.
-# ----------------------------------------------------------------------------------------------
-
 class WeightSync:
     """Pushes a trainer's weights into running vLLM servers after each optimizer step.
 
@@ -423,7 +133,7 @@ class WeightSync:
         self.cfg = cfg
         self.urls = [u.rstrip("/") for u in server_urls]
         self.rank, self.world_size = rank, world_size
-        self._headers = {"Authorization": f"Bearer {token}"}
+        self._headers = auth_headers(token)
         if requests is None:
             raise ImportError("WeightSync needs the requests package (pip install requests)")
         self._session = requests.Session()
@@ -592,16 +302,13 @@ class WeightSync:
         return dtype
 
     def _manifest(self, params, version: int) -> dict:
-        names = [n for n, _ in params]
-        dtypes = [_DTYPE_NAMES[self._wire_dtype(p.dtype)] for _, p in params]
-        shapes = [list(p.shape) for _, p in params]  # a DTensor's shape is the global one: no gather
         bucket_bytes = self.cfg.bucket_bytes
         if bucket_bytes is None:
             bucket_bytes = NCCL_BUCKET_BYTES if self._backend == "nccl" else 0
-        nbytes = [tensor_nbytes(s, d) for s, d in zip(shapes, dtypes)]
-        return {"version": int(version), "names": names, "dtypes": dtypes, "shapes": shapes,
-                "buckets": plan_buckets(nbytes, bucket_bytes), "total_bytes": sum(nbytes),
-                "pipeline_depth": self.cfg.pipeline_depth}
+        # A DTensor's shape is the global one: no gather.
+        return build_manifest(version, [n for n, _ in params], [list(p.shape) for _, p in params],
+                              [DTYPE_NAMES[self._wire_dtype(p.dtype)] for _, p in params],
+                              bucket_bytes=bucket_bytes, pipeline_depth=self.cfg.pipeline_depth)
 
     def _gathered(self, params) -> Iterator[torch.Tensor]:
         """Full tensors in order; a collective on every rank for sharded (DTensor) parameters."""
@@ -841,7 +548,7 @@ class WeightSync:
             return failed
         import torch.distributed as dist
 
-        from .dist import scalar_device
+        from ..dist import scalar_device
 
         flag = torch.tensor([1.0 if failed else 0.0], device=scalar_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -855,4 +562,3 @@ class WeightSync:
             return err
         logger.error("weight sync %s failed: %r", phase, err)
         return WeightSyncError(f"weight sync {phase} failed: {err!r}")
-
