@@ -105,8 +105,20 @@ def _signal_group(pid: int, sig: int) -> None:
         pass
 
 
-def _signal_pids(pids: Sequence[int], sig: int) -> None:
-    for p in pids:
+def _start_time(pid: int) -> str | None:
+    """The start time of `pid` (field 22 of /proc/<pid>/stat), which tells a reused PID apart."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _signal_pids(pids: dict[int, str | None], sig: int) -> None:
+    """Signal each of `pids` ({pid: start time}) that is still the process it was when recorded."""
+    for p, started in pids.items():
+        if started is None or _start_time(p) != started:
+            continue  # gone, or its PID now belongs to another process
         try:
             os.kill(p, sig)
         except (ProcessLookupError, PermissionError):
@@ -192,7 +204,7 @@ class ManagedProcess:
         left after `timeout`."""
         if self.proc is None:
             return
-        tree = descendants(self.proc.pid)
+        tree = {p: _start_time(p) for p in descendants(self.proc.pid)}
         if self.proc.poll() is None:
             logger.info("stopping %s (pid %d)", self.name, self.proc.pid)
             _signal_group(self.proc.pid, signal.SIGTERM)
