@@ -372,9 +372,8 @@ def resolve_lengths(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(str(e)) from None
     if cfg.run.max_token_len is None:
         logger.info("sequence length %d (model limit, capped at 2048; set --max-token-len to change it)", n)
-    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, max_token_len=n),
-                               data=dataclasses.replace(cfg.data, max_token_len=n),
-                               atropos=dataclasses.replace(cfg.atropos, max_token_len=n))
+    # data/atropos.max_token_len follow run.max_token_len (`TrainConfig.__post_init__`).
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, max_token_len=n))
 
 
 def check_launchable(cfg: TrainConfig) -> None:
@@ -462,7 +461,6 @@ def share_launch_info(cfg: TrainConfig, services, world: int) -> tuple[TrainConf
         info = control.broadcast_control(control.message("launch", **info) if info else None)
     n = info["max_token_len"]
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=info["model"]),
-                              atropos=dataclasses.replace(cfg.atropos, url=info["atropos"], max_token_len=n),
-                              run=dataclasses.replace(cfg.run, max_token_len=n),
-                              data=dataclasses.replace(cfg.data, max_token_len=n))
+                              atropos=dataclasses.replace(cfg.atropos, url=info["atropos"]),
+                              run=dataclasses.replace(cfg.run, max_token_len=n))  # data/atropos lengths follow
     return cfg, info["token"], list(info["urls"])
