@@ -315,11 +315,14 @@ def _chunked_logprobs(hidden, weight, targets, c, per_row_t, inv_t, inv_t_rows, 
     """The `logprobs_only` loop of `chunked_loss_and_grads`: 2·N·D·V FLOPs and one row pass."""
     n = hidden.shape[0]
     logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    # `ops.logits` writes into `out` only for fp32 inputs: keep a buffer only then (otherwise it would
+    # hold the first chunk's logits beside each new chunk's).
+    reuse = hidden.dtype == weight.dtype == torch.float32 and n > c
     buf = None
     for s in range(0, n, c):
         rows = slice(s, min(s + c, n))
         z = ops.logits(hidden[rows], weight, out=None if buf is None else buf[:rows.stop - s])
-        if buf is None and rows.stop - s == c and n > c and z.dtype == torch.float32 and z.is_contiguous():
+        if reuse and buf is None and rows.stop - s == c and z.is_contiguous():
             buf = z                                  # reused by the next chunks (row_logprobs is in place)
         if per_row_t:
             z.mul_(inv_t_rows[rows].to(z.dtype).unsqueeze(1))
