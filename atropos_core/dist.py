@@ -151,6 +151,12 @@ def all_reduce_sum(x):
     return _reduce(x, dist.ReduceOp.SUM if is_dist() else None)
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of `model`'s parameters (of their local shard under FSDP2)."""
+    p = next(model.parameters())
+    return p.to_local().device if hasattr(p, "to_local") else p.device
+
+
 def all_reduce_max(x):
     """Maximum of `x` over ranks; no-op at world 1."""
     return _reduce(x, dist.ReduceOp.MAX if is_dist() else None)

@@ -51,9 +51,7 @@ def probe_ids(vocab_size: int, n: int = PROBE_LEN) -> list[int]:
 @torch.no_grad()
 def trainer_logprobs(model: nn.Module, ids: Sequence[int]) -> torch.Tensor:
     """`(len(ids)-1,)` fp64 logprob of ids[t] given ids[:t] under the trainer's model."""
-    p = next(model.parameters())
-    dev = p.to_local().device if hasattr(p, "to_local") else p.device
-    x = torch.tensor([list(ids)], dtype=torch.int64, device=dev)
+    x = torch.tensor([list(ids)], dtype=torch.int64, device=adist.model_device(model))
     logits = model(input_ids=x, use_cache=False).logits[0, :-1].double()
     lp = torch.log_softmax(logits, -1)
     return lp.gather(1, x[0, 1:, None]).squeeze(1).cpu()
@@ -80,17 +78,15 @@ def verify_served_policy(model: nn.Module, server_urls: Sequence[str], vocab_siz
     `ServedPolicyMismatch` on every rank when `d` exceeds `tolerance` (default by parameter dtype)."""
     ids = probe_ids(vocab_size)
     mine = trainer_logprobs(model, ids)
-    diff = torch.zeros((), dtype=torch.float64)
-    worst = ""
+    d, worst = 0.0, ""
     if adist.rank() == 0:
         for url in server_urls:
-            d = float((served_logprobs(url, ids) - mine).abs().max())
-            if d >= float(diff):
-                diff, worst = torch.tensor(d, dtype=torch.float64), url
-    diff = adist.all_reduce_max(diff)
-    d = float(diff)
+            d_url = float((served_logprobs(url, ids) - mine).abs().max())
+            if d_url >= d:
+                d, worst = d_url, url
+    d = float(adist.all_reduce_max(d))
     p = next(model.parameters())
-    tol = tolerance if tolerance is not None else TOLERANCE.get(p.dtype, 0.15)
+    tol = tolerance if tolerance is not None else served_tolerance(model)
     if not d <= tol:
         raise ServedPolicyMismatch(
             f"step {step}: the inference server{' ' + worst if worst else 's'} serve(s) other weights than the "

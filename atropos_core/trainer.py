@@ -62,11 +62,6 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**30
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    p = next(model.parameters())
-    return p.to_local().device if hasattr(p, "to_local") else p.device
-
-
 def _grad_norm(params: list, grad_clip: float) -> torch.Tensor:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
@@ -103,7 +98,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, mi
     if grad_clip < 0:
         raise ValueError(f"grad_clip must be >= 0, got {grad_clip}")
     t0 = time.perf_counter()
-    device = _model_device(model)
+    device = adist.model_device(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer.zero_grad(set_to_none=True)
 
