@@ -418,15 +418,14 @@ class WeightSync:
             raise
 
     def _update_one(self, url: str, body: dict, ready: Future) -> dict:
-        """One server's `/weights/update`: sets `ready` to "ready" (or "manifest_unknown", or an
-        error) as soon as the first line arrives, then returns the final answer."""
+        """One server's `/weights/update`: sets `ready` to "ready" (or "manifest_unknown") as soon as
+        the first line arrives, then returns the final answer; an error before that reaches `ready`
+        through `_update_one_or_fail`."""
         try:
             resp = self._session.post(f"{url}/weights/update", json=body, headers=self._headers, stream=True,
                                       timeout=(self.cfg.http_timeout_s, self.cfg.apply_timeout_s))
         except requests.RequestException as err:
-            e = WeightSyncError(f"vLLM server {url}: POST /weights/update failed: {err}")
-            ready.set_exception(e)
-            raise e from err
+            raise WeightSyncError(f"vLLM server {url}: POST /weights/update failed: {err}") from err
         with resp:
             if resp.status_code != 200:
                 try:
@@ -436,19 +435,15 @@ class WeightSync:
                 if resp.status_code == 409 and answer.get("code") == "manifest_unknown":
                     ready.set_result("manifest_unknown")
                     return {}
-                e = WeightSyncError(f"vLLM server {url}: POST /weights/update answered {resp.status_code}: "
-                                    f"{answer.get('error') or answer}")
-                ready.set_exception(e)
-                raise e
+                raise WeightSyncError(f"vLLM server {url}: POST /weights/update answered {resp.status_code}: "
+                                      f"{answer.get('error') or answer}")
             lines = resp.iter_lines()
             try:
                 first = json.loads(next(lines))
                 if first.get("status") != "ready":
                     raise ValueError(f"first line {first!r}")
             except (StopIteration, ValueError, requests.RequestException) as err:
-                e = WeightSyncError(f"vLLM server {url}: /weights/update did not start: {err}")
-                ready.set_exception(e)
-                raise e from None
+                raise WeightSyncError(f"vLLM server {url}: /weights/update did not start: {err}") from None
             ready.set_result("ready")
             try:
                 final = json.loads(next(lines))
