@@ -174,7 +174,7 @@ def test_push_after_optimizer_step_serves_trainer_weights(vllm_server):
         assert served_version(vllm_server.url) == v1
         assert metrics["sync/version"] == v1 and metrics["sync/ms"] > 0
         assert metrics["sync/bytes"] == sum(p.numel() * p.element_size() for p in model.parameters())
-        assert metrics["sync/round_trips"] == 2 and metrics["sync/server_version"] == v1  # prepare + apply
+        assert metrics["sync/round_trips"] == 2 and metrics["sync/server_version"] == v1  # prepare + update
         assert_serves(vllm_server.url, model)
         # A second step through the same connection: the version advances, outputs follow.
         train_step(model, seed=2)
@@ -185,6 +185,45 @@ def test_push_after_optimizer_step_serves_trainer_weights(vllm_server):
         assert_serves(vllm_server.url, model)
     finally:
         sync.close()
+    log = vllm_server.handle.process.log_path.read_text(errors="replace")
+    assert "weight updates run as one EngineCore call" in log
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("pause_mode", ["keep", "wait", "abort"])
+def test_update_while_generating(vllm_server, pause_mode):
+    """An update that arrives while a long generation runs, in each pause mode: the update lands,
+    generation resumes, and the request ends as the mode says: "keep" and "wait" deliver every
+    token (keep: the later ones sampled on the new weights, after the running sequences' KV was
+    recomputed; wait: the request drains first), "abort" cuts it short. Then the server serves the
+    new weights."""
+    from concurrent.futures import ThreadPoolExecutor
+    import time
+
+    model = load_hf(vllm_server.model_dir)
+    train_step(model, seed=20 + ["keep", "wait", "abort"].index(pause_mode))
+    sync = WeightSync(WeightSyncConfig(pause_mode=pause_mode), [vllm_server.url], vllm_server.token)
+    sync.connect()
+    body = {"prompt": {"prompt_token_ids": PROMPTS[0]}, "n": 4, "max_tokens": 500, "ignore_eos": True,
+            "temperature": 1.0, "seed": 1}
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(requests.post, f"{vllm_server.url}/generate", json=body, timeout=120)
+            time.sleep(0.15)
+            assert not running.done(), "the generation ended before the update: make it longer"
+            version = vllm_server.next_version()
+            sync.push(model, version)
+            answer = running.result()
+    finally:
+        sync.close()
+    assert served_version(vllm_server.url) == version
+    assert answer.status_code == 200, answer.text
+    lengths = [len(ids) for ids in answer.json()["token_ids"]]
+    if pause_mode == "abort":
+        assert set(answer.json()["finish_reasons"]) == {"abort"} and max(lengths) < 500, lengths
+    else:
+        assert lengths == [500] * 4
+    assert_serves(vllm_server.url, model)
 
 
 @pytest.mark.vllm
@@ -205,8 +244,8 @@ def test_push_tied_embeddings(vllm_tied_server):
     model = load_hf(vllm_tied_server.model_dir)
     assert model.config.tie_word_embeddings
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-    # The second push packs several tensors per message (the NCCL-style path) over gloo.
-    for seed, cfg in ((4, WeightSyncConfig()), (5, WeightSyncConfig(bucket_bytes=300_000))):
+    # The first push sends tensor by tensor, the second packs several tensors per message.
+    for seed, cfg in ((4, WeightSyncConfig(bucket_bytes=0)), (5, WeightSyncConfig(bucket_bytes=300_000))):
         train_step(model, seed=seed)
         metrics = push_once(vllm_tied_server, model, cfg)
         assert served_version(vllm_tied_server.url) == metrics["sync/version"]
@@ -221,7 +260,7 @@ def test_push_tied_embeddings(vllm_tied_server):
 def test_update_without_token_is_refused(vllm_server):
     manifest = {"names": [], "dtypes": [], "shapes": [], "buckets": [], "version": 1}
     version = served_version(vllm_server.url)
-    for route in ("/weights/prepare", "/weights/apply", "/weights/init", "/weights/abort"):
+    for route in ("/weights/prepare", "/weights/update", "/weights/init"):
         r = requests.post(f"{vllm_server.url}{route}", json={"manifest": manifest, "version": 1}, timeout=10)
         assert r.status_code == 401, route
         r = requests.post(f"{vllm_server.url}{route}", json={"manifest": manifest, "version": 1}, timeout=10,
@@ -339,7 +378,9 @@ def test_failed_one_exchange_update_raises_and_server_resumes(vllm_server):
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_two_replicas_join_one_group(vllm_server, vllm_second_server):
-    """Data-parallel replicas: both servers' workers join one group and receive one broadcast."""
+    """Data-parallel replicas: both servers' workers join one group and receive one broadcast. The
+    second replica runs updates as vLLM's chain of calls (`ATROPOS_ONE_CALL_UPDATE=off`), the
+    first as one EngineCore call: both serve the trainer's weights."""
     model = load_hf(vllm_server.model_dir)
     train_step(model, seed=6)
     sync = WeightSync(WeightSyncConfig(), [vllm_server.url, vllm_second_server.url], vllm_server.token)
@@ -352,6 +393,8 @@ def test_two_replicas_join_one_group(vllm_server, vllm_second_server):
     for server in (vllm_server, vllm_second_server):
         assert served_version(server.url) == version
         assert_serves(server.url, model)
+    log = vllm_second_server.handle.process.log_path.read_text(errors="replace")
+    assert "weight updates run as vLLM's chain of calls" in log
 
 
 # -- FSDP2: two trainer ranks ---------------------------------------------------------------

@@ -155,26 +155,40 @@ def test_sequence_key_depends_on_every_token():
 
 # -- the server's route guards, with no engine behind them ---------------------------------------
 
-@pytest.fixture(scope="module")
-def guarded_app(tmp_path_factory):
-    """Our routes on a bare FastAPI app, served checkpoint = a tiny safetensors directory."""
+def _engine_less_app(ckpt: Path):
+    """Our routes on a bare FastAPI app with no engine behind them, serving checkpoint `ckpt`."""
     from fastapi import FastAPI
-    from fastapi.testclient import TestClient
-    from safetensors.torch import save_file
 
-    from atropos_core.inference.server import _checkpoint_spec, add_atropos_routes
+    from atropos_core.inference.server import add_atropos_routes
+
+    app = FastAPI()
+    app.state.engine_client = None  # no engine: only answers given before one is needed are tested
+    app.middleware_stack = app.build_middleware_stack()  # as vLLM's app has by the time our routes come
+    add_atropos_routes(app, token=TOKEN, max_body_bytes=4096, model=str(ckpt))
+    return app
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A tiny safetensors directory in two shards."""
+    from safetensors.torch import save_file
 
     ckpt = tmp_path_factory.mktemp("ckpt")
     save_file({"a.weight": torch.zeros(2, 3), "b.bias": torch.zeros(5, dtype=torch.bfloat16)},
               str(ckpt / "model-00001-of-00002.safetensors"), metadata={"format": "pt"})
     save_file({"c.weight": torch.zeros(4, 2)}, str(ckpt / "model-00002-of-00002.safetensors"))
     (ckpt / "config.json").write_text(json.dumps({"tie_word_embeddings": False}))
-    app = FastAPI()
-    app.state.engine_client = None  # no engine: only answers given before one is needed are tested
-    app.middleware_stack = app.build_middleware_stack()  # as vLLM's app has by the time our routes come
-    add_atropos_routes(app, token=TOKEN, max_body_bytes=4096, model=str(ckpt))
-    with TestClient(app) as client:
-        yield client, _checkpoint_spec(str(ckpt))
+    return ckpt
+
+
+@pytest.fixture(scope="module")
+def guarded_app(checkpoint):
+    from fastapi.testclient import TestClient
+
+    from atropos_core.inference.server import _checkpoint_spec
+
+    with TestClient(_engine_less_app(checkpoint)) as client:
+        yield client, _checkpoint_spec(str(checkpoint))
 
 
 def test_checkpoint_spec_reads_every_safetensors_file(guarded_app):
@@ -185,8 +199,7 @@ def test_checkpoint_spec_reads_every_safetensors_file(guarded_app):
 
 
 ROUTES = [("GET", "/weights/spec"), ("POST", "/weights/init"), ("POST", "/weights/prepare"),
-          ("POST", "/weights/apply"), ("POST", "/weights/update"), ("POST", "/weights/abort"),
-          ("POST", "/weights/sampled_versions"), ("POST", "/weights/load_from_disk")]
+          ("POST", "/weights/update"), ("POST", "/weights/sampled_versions"), ("POST", "/weights/load_from_disk")]
 
 
 @pytest.mark.parametrize("method, route", ROUTES)
@@ -199,7 +212,7 @@ def test_every_weight_route_checks_the_token_before_the_body(guarded_app, method
     assert r.status_code == 403 and "update token" in r.json()["error"]
 
 
-@pytest.mark.parametrize("route", [r for m, r in ROUTES if m == "POST" and r != "/weights/abort"])
+@pytest.mark.parametrize("route", [r for m, r in ROUTES if m == "POST"])
 def test_weight_routes_refuse_bad_bodies(guarded_app, route):
     client, _ = guarded_app
     h = auth_headers(TOKEN)
@@ -221,9 +234,7 @@ def test_prepare_rejects_a_malformed_or_mismatched_manifest(guarded_app):
         ({"manifest": _manifest(buckets=[[0], [2], [1]])}, "in order"),
         ({"manifest": _manifest(shapes=[[3, 2], [5], [4, 2]])}, "'a.weight' has shape [3, 2], the served model has [2, 3]"),
         ({"manifest": _manifest(names=["a.weight", "b.bias", "d.weight"])}, "'d.weight' is not in the served model"),
-        ({"manifest": _manifest(), "pause_mode": "later"}, "bad pause_mode"),
-        ({"manifest": _manifest(), "watchdog_s": -1}, "watchdog_s"),
-        ({"manifest": _manifest(), "watchdog_s": "soon"}, "could not convert"),
+        ({"manifest": _manifest(version="soon")}, "manifest 'version' must be a non-negative integer"),
     ]
     for body, message in cases:
         r = client.post("/weights/prepare", json=body, headers=h)
@@ -237,14 +248,35 @@ def test_routes_that_need_no_engine_answer(guarded_app):
     assert r.status_code == 200 and r.json() == {"versions": [None]}
     r = client.post("/weights/sampled_versions", json={"keys": [1]}, headers=h)
     assert r.status_code == 400 and "list of strings" in r.json()["error"]
-    r = client.post("/weights/apply", json={}, headers=h)
-    assert r.status_code == 400 and "integer 'version'" in r.json()["error"]
-    r = client.post("/weights/apply", json={"version": 1}, headers=h)
-    assert r.status_code == 409 and "no prepared update" in r.json()["error"]
     r = client.post("/weights/update", json={"manifest_key": "k", "version": 1}, headers=h)
     assert r.status_code == 409 and r.json()["code"] == "manifest_unknown"
+    for body in ({"manifest_key": "k"}, {"manifest_key": 3, "version": 1}, {"manifest_key": "k", "version": 1,
+                                                                           "pause_mode": "later"}):
+        r = client.post("/weights/update", json=body, headers=h)
+        assert r.status_code == 400 and "/weights/update needs" in r.json()["error"], body
     r = client.post("/weights/init", json={"host": "127.0.0.1"}, headers=h)
     assert r.status_code == 400 and "/weights/init needs" in r.json()["error"]
     r = client.post("/weights/load_from_disk", json={"path": "/nonexistent", "version": 1}, headers=h)
     assert r.status_code == 400 and "not a directory of .safetensors" in r.json()["error"]
     assert client.get("/weight_version").json() == {"weight_version": 0, "phase": "idle", "last_error": None}
+
+
+def test_prepare_needs_no_engine_and_a_failed_update_is_reported_after_ready(checkpoint):
+    """`/weights/prepare` only validates and remembers (no engine is touched), answering the same
+    key the trainer computes; `/weights/update` with it streams "ready", then, when the update
+    itself fails (here: no engine at all), a result line with the error, and the server claims no
+    version until the next good update, and is idle again."""
+    from fastapi.testclient import TestClient
+
+    h = auth_headers(TOKEN)
+    with TestClient(_engine_less_app(checkpoint)) as client:
+        r = client.post("/weights/prepare", json={"manifest": _manifest()}, headers=h)
+        assert r.status_code == 200 and r.json() == {"status": "prepared", "manifest_key": manifest_key(_manifest())}
+        assert client.get("/weight_version").json()["phase"] == "idle"
+        r = client.post("/weights/update", json={"manifest_key": manifest_key(_manifest()), "version": 4}, headers=h)
+        assert r.status_code == 200
+        lines = [json.loads(line) for line in r.text.splitlines()]
+        assert lines[0] == {"status": "ready"} and len(lines) == 2, lines
+        assert lines[1]["http_status"] == 500 and "v4 failed on this server" in lines[1]["error"]
+        state = client.get("/weight_version").json()
+        assert state["weight_version"] is None and "v4 failed" in state["last_error"] and state["phase"] == "idle"

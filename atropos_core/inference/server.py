@@ -11,14 +11,16 @@ Why our own entry module rather than vLLM's dev-mode routes:
   per-launch token (env `ATROPOS_UPDATE_TOKEN`, never on the command line where `ps` shows it) as
   `Authorization: Bearer <token>`; refusals are logged with the client address. The server refuses
   to start with dev mode on. Bodies on our routes are size-limited (`--max-request-bytes`).
-* The update protocol is two-phase so a bad manifest fails before the trainer broadcasts a byte:
-  `/weights/prepare` validates the manifest against the served checkpoint's tensor shapes, pauses
-  generation and starts the update (the layerwise reload, unless the worker loads in place);
-  `/weights/apply` receives (while the trainer broadcasts), finishes, resets the prefix cache
-  (re-computing in-flight requests' KV on the new weights) and ALWAYS resumes, on the error path
-  too (a failed update otherwise leaves vLLM paused and later requests hang). `/weights/abort` and
-  a watchdog undo a prepare that is never applied (trainer died in between). `/weights/update` is
-  both in one exchange for a manifest prepared before (streamed: "ready", then the result).
+* The update protocol checks before it moves a byte: `/weights/prepare` validates a manifest
+  (names, shapes, dtypes, bucket plan) against the served checkpoint's tensors and remembers it
+  under its `manifest_key`; it pauses nothing. `/weights/update` names a remembered key and a
+  version: the answer streams "ready" as soon as the update is accepted (the trainer broadcasts no
+  byte before it, so a refused update costs nothing), then the result once the update is done:
+  generation paused, received, loaded, finished, prefix cache reset (in-flight requests recompute
+  their KV on the new weights) and generation ALWAYS resumed, on the error path too (a failed
+  update otherwise leaves vLLM paused and later requests hang). Every step after the first is
+  that one exchange. Inside the server the update is ONE call into the EngineCore
+  (`inference.engine_ext`), not vLLM's chain of seven; an EngineCore without it gets the chain.
 * `/generate` remembers which weight version produced each sequence; `/weights/sampled_versions`
   gives it back, so the trainer can log how stale its data is with unmodified environments.
 
@@ -46,6 +48,8 @@ from fastapi.routing import APIRoute
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
+from atropos_core.inference.engine_ext import ONE_CALL_SUPPORTED, ONE_CALL_UPDATE
+from atropos_core.inference.engine_ext import install as install_one_call_update
 from atropos_core.weight_sync.protocol import (
     PAUSE_MODES,
     PIPELINE_DEPTH,
@@ -128,9 +132,7 @@ class _UpdateState:
     """The server's side of the update protocol (one update at a time)."""
 
     def __init__(self) -> None:
-        self.phase = "idle"          # idle | prepared | applying
-        self.manifest: dict | None = None
-        self.prepare_id = ""
+        self.phase = "idle"          # idle | applying
         self.version: int | None = 0  # None after a failed update: the weights are in an unknown state
         self.last_error: str | None = None
         self.lock = asyncio.Lock()
@@ -138,6 +140,8 @@ class _UpdateState:
         # the same names, shapes, dtypes and plan needs only `/weights/update`, one exchange.
         self.known_key: str | None = None
         self.known_manifest: dict | None = None
+        # Whether the EngineCore has `engine_ext`'s one-call update (asked at the first /weights/init).
+        self.one_call: bool | None = None
         # weight_sync.sequence_key(prompt + completion) -> the version that generated it
         self.sampled: "OrderedDict[str, int]" = OrderedDict()
 
@@ -165,10 +169,6 @@ def _checkpoint_spec(model: str) -> dict:
                 tensors[name] = {"shape": list(sl.get_shape()), "dtype": sl.get_dtype()}
     spec["tensors"] = tensors
     return spec
-
-
-class _BodyTooLarge(ValueError):
-    pass
 
 
 class _Refused(Exception):
@@ -211,12 +211,33 @@ async def _pause(eng, mode: str) -> None:
     await core.pause_scheduler_async(mode=mode, clear_cache=True)
 
 
+async def _has_one_call_update(eng) -> bool:
+    """Whether the EngineCore has `engine_ext`'s one-call update (installed by this module)."""
+    try:
+        return bool(await eng.engine_core.call_utility_async(ONE_CALL_SUPPORTED))
+    except Exception as err:  # noqa: BLE001 - then vLLM's chain of calls does the update
+        logger.info("the EngineCore has no one-call weight update: %s", err)
+        return False
+
+
+async def _chain_update(eng, manifest: dict, version: int, pause_mode: str) -> None:
+    """An update as vLLM's AsyncLLM drives it, call by call: pause, start, receive, finish and
+    set the version, reset the prefix cache, resume (always)."""
+    from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
+
+    await _pause(eng, pause_mode)
+    try:
+        await eng.start_weight_update()
+        await eng.update_weights(request=WeightTransferUpdateRequest(update_info=manifest))
+        await eng.finish_weight_update(str(version))
+        if not await eng.reset_prefix_cache(reset_running_requests=True):
+            logger.warning("prefix cache was not reset after the update to v%d", version)
+    finally:
+        await eng.resume_generation()
+
+
 def _error(status: int, msg: str) -> JSONResponse:
     return JSONResponse({"error": msg}, status_code=status)
-
-
-def _bad_request(err: Exception) -> JSONResponse:
-    return _error(413 if isinstance(err, _BodyTooLarge) else 400, str(err))
 
 
 def add_atropos_routes(app: FastAPI, *, token: str, max_body_bytes: int, model: str) -> None:
@@ -245,28 +266,27 @@ def add_atropos_routes(app: FastAPI, *, token: str, max_body_bytes: int, model: 
         raise _Refused(401 if why == "no token" else 403, "weight routes need the update token")
 
     async def body_json(request: Request) -> dict:
+        """The body as a JSON object, or `_Refused`: 413 over the size limit, 400 when it is not one."""
         length = request.headers.get("content-length", "")
         if length.isdigit() and int(length) > max_body_bytes:
-            raise _BodyTooLarge(f"request body over {max_body_bytes} bytes")
+            raise _Refused(413, f"request body over {max_body_bytes} bytes")
         raw = await request.body()
         if len(raw) > max_body_bytes:
-            raise _BodyTooLarge(f"request body over {max_body_bytes} bytes")
+            raise _Refused(413, f"request body over {max_body_bytes} bytes")
         try:
             data = json.loads(raw or b"{}")
         except RecursionError:
-            raise ValueError("request body nests too deeply") from None
+            raise _Refused(400, "request body nests too deeply") from None
+        except ValueError as err:
+            raise _Refused(400, str(err)) from None
         if not isinstance(data, dict):
-            raise ValueError("request body must be a JSON object")
+            raise _Refused(400, "request body must be a JSON object")
         return data
 
     async def authorized_body(request: Request) -> dict:
-        """Dependency of the `/weights/*` routes that take a body: the token, then the body as a
-        JSON object (413 over the size limit, 400 when it is not a JSON object)."""
+        """Dependency of the `/weights/*` routes that take a body: the token, then the body."""
         await authorized(request)
-        try:
-            return await body_json(request)
-        except ValueError as err:
-            raise _Refused(413 if isinstance(err, _BodyTooLarge) else 400, str(err)) from None
+        return await body_json(request)
 
     def engine(request: Request):
         return request.app.state.engine_client
@@ -288,6 +308,9 @@ def add_atropos_routes(app: FastAPI, *, token: str, max_body_bytes: int, model: 
 
         try:
             body = await body_json(request)
+        except _Refused as err:
+            return _error(err.status, str(err))
+        try:
             engine_prompt, kwargs, unknown = parse_generate_request(body)
             unknown -= ignored_keys_logged
             if unknown:
@@ -295,7 +318,7 @@ def add_atropos_routes(app: FastAPI, *, token: str, max_body_bytes: int, model: 
                 logger.warning("/generate ignores request keys %s", sorted(unknown))
             params = SamplingParams(output_kind=RequestOutputKind.FINAL_ONLY, **kwargs)
         except (ValueError, TypeError, AssertionError) as err:  # vLLM asserts on some combinations
-            return _bad_request(err)
+            return _error(400, str(err))
         final = None
         try:
             async for out in engine(request).generate(engine_prompt, params, f"atropos-{uuid.uuid4().hex}"):
@@ -358,72 +381,40 @@ def add_atropos_routes(app: FastAPI, *, token: str, max_body_bytes: int, model: 
             except Exception as err:  # noqa: BLE001 - reported to the trainer
                 logger.exception("joining the weight-transfer group failed")
                 return _error(500, f"joining the weight-transfer group failed: {err}")
+        if state.one_call is None:
+            state.one_call = await _has_one_call_update(engine(request))
+            logger.info("weight updates run as %s", "one EngineCore call" if state.one_call else "vLLM's chain of calls")
         return JSONResponse({"status": "joined"})
 
-    async def _undo_prepare(eng, why: str) -> None:
-        try:
-            await eng.finish_weight_update()  # nothing was loaded: every layer gets its tensors back
-        except Exception:  # noqa: BLE001
-            logger.exception("finishing the aborted update failed")
-        finally:
-            await eng.resume_generation()
-            state.phase, state.manifest = "idle", None
-            logger.warning("pending weight update undone: %s", why)
-
-    async def _watchdog(eng, prepare_id: str, after_s: float) -> None:
-        await asyncio.sleep(after_s)
-        async with state.lock:
-            if state.phase == "prepared" and state.prepare_id == prepare_id:
-                await _undo_prepare(eng, f"not applied within {after_s:.0f} s")
-
     @weights.post("/weights/prepare")
-    async def weights_prepare(request: Request, body: dict = Depends(authorized_body)):
+    async def weights_prepare(body: dict = Depends(authorized_body)):
+        """Validate a manifest against the served checkpoint and remember it: `/weights/update`
+        then names it by the `manifest_key` answered here. Pauses nothing."""
         try:
             manifest = body.get("manifest")
             if not isinstance(manifest, dict):
                 raise ValueError("/weights/prepare needs a 'manifest' object")
             validate_manifest(manifest, spec, "this server")
-            pause_mode = body.get("pause_mode", "keep")
-            if pause_mode not in PAUSE_MODES:
-                raise ValueError(f"bad pause_mode {pause_mode!r}")
-            watchdog_s = float(body.get("watchdog_s", 120.0))
-            if not 0 < watchdog_s < float("inf"):
-                raise ValueError(f"'watchdog_s' must be a positive number of seconds, got {watchdog_s}")
-            version = int(manifest.get("version", 0))
+            known = {k: manifest[k] for k in ("names", "dtypes", "shapes", "buckets")}
+            known["pipeline_depth"] = manifest.get("pipeline_depth", PIPELINE_DEPTH)
+            known["version"] = int(manifest.get("version", 0))
         except (ValueError, TypeError) as err:
             return _error(400, str(err))
-        eng = engine(request)
         async with state.lock:
             if state.phase != "idle":
                 return _error(409, f"an update is {state.phase}")
-            await _pause(eng, pause_mode)
-            try:
-                await eng.start_weight_update()
-            except Exception as err:  # noqa: BLE001
-                await eng.resume_generation()
-                logger.exception("start_weight_update failed")
-                return _error(500, f"start_weight_update failed: {err}")
-            state.phase = "prepared"
-            state.manifest = {k: manifest[k] for k in ("names", "dtypes", "shapes", "buckets")}
-            state.manifest["version"] = version
-            state.manifest["pipeline_depth"] = manifest.get("pipeline_depth", PIPELINE_DEPTH)
-            state.known_key = manifest_key(state.manifest)
-            state.known_manifest = dict(state.manifest)
-            state.prepare_id = uuid.uuid4().hex
-            asyncio.get_running_loop().create_task(_watchdog(eng, state.prepare_id, watchdog_s))
+            state.known_key, state.known_manifest = manifest_key(known), known
         return JSONResponse({"status": "prepared", "manifest_key": state.known_key})
 
-    async def _apply(eng, manifest: dict, version: int) -> tuple[int, dict]:
-        """Receive, finish, reset the prefix cache, ALWAYS resume; the caller holds the lock and
-        has set phase "applying". Returns (HTTP status, answer)."""
-        from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
-
+    async def _apply(eng, manifest: dict, version: int, pause_mode: str) -> tuple[int, dict]:
+        """The whole update on an accepted request (the caller holds the lock and has set phase
+        "applying"); generation is paused and ALWAYS resumed inside. Returns (HTTP status, answer)."""
         t0 = time.perf_counter()
         try:
-            await eng.update_weights(request=WeightTransferUpdateRequest(update_info=manifest))
-            await eng.finish_weight_update(str(version))
-            if not await eng.reset_prefix_cache(reset_running_requests=True):
-                logger.warning("prefix cache was not reset after the update to v%d", version)
+            if state.one_call:
+                await eng.engine_core.call_utility_async(ONE_CALL_UPDATE, manifest, str(version), pause_mode)
+            else:
+                await _chain_update(eng, manifest, version, pause_mode)
             state.version, state.last_error = version, None
         except Exception as err:  # noqa: BLE001 - reported to the trainer
             state.version = None
@@ -431,35 +422,17 @@ def add_atropos_routes(app: FastAPI, *, token: str, max_body_bytes: int, model: 
             logger.exception("weight update to v%d failed", version)
             return 500, {"error": f"weight update to v{version} failed on this server: {err}"}
         finally:
-            await eng.resume_generation()
-            state.phase, state.manifest = "idle", None
+            state.phase = "idle"
         ms = (time.perf_counter() - t0) * 1e3
         logger.info("weights updated to v%d in %.0f ms", version, ms)
         return 200, {"status": "updated", "weight_version": version, "ms": ms}
 
-    @weights.post("/weights/apply")
-    async def weights_apply(request: Request, body: dict = Depends(authorized_body)):
-        try:
-            version = int(body["version"])
-        except (ValueError, TypeError, KeyError) as err:
-            return _error(400, f"/weights/apply needs an integer 'version': {err}")
-        eng = engine(request)
-        async with state.lock:
-            if state.phase != "prepared" or state.manifest is None:
-                return _error(409, f"no prepared update (phase {state.phase})")
-            if version != state.manifest["version"]:
-                return _error(400, f"version {version} differs from the prepared {state.manifest['version']}")
-            state.phase = "applying"
-            code, answer = await _apply(eng, state.manifest, version)
-        return JSONResponse(answer, status_code=code)
-
     @weights.post("/weights/update")
     async def weights_update(request: Request, body: dict = Depends(authorized_body)):
-        """Prepare and apply in one exchange, for an update whose manifest this server already
-        knows (`manifest_key` from the last `/weights/prepare`; only the version changes). The
-        answer streams two JSON lines: `{"status": "ready"}` once generation is paused and the
-        workers wait for the broadcast (the trainer sends no byte before it), then the result of
-        the update. 409 `manifest_unknown` (nothing paused): the trainer falls back to prepare+apply."""
+        """One update of a manifest prepared before (`manifest_key`; only the version changes).
+        The answer streams two JSON lines: `{"status": "ready"}` once the update is accepted (the
+        trainer sends no byte before it), then the result. Refusals come before "ready", as a
+        plain 4xx: 409 `manifest_unknown` (the trainer prepares and asks again), 409 busy, 400."""
         try:
             key, version = body.get("manifest_key"), int(body["version"])
             pause_mode = body.get("pause_mode", "keep")
@@ -469,32 +442,19 @@ def add_atropos_routes(app: FastAPI, *, token: str, max_body_bytes: int, model: 
             return _error(400, f"/weights/update needs 'manifest_key' and an integer 'version': {err}")
         eng = engine(request)
         await state.lock.acquire()
-        try:
-            if state.phase != "idle":
-                state.lock.release()
-                return _error(409, f"an update is {state.phase}")
-            if key != state.known_key or state.known_manifest is None:
-                state.lock.release()
-                return JSONResponse({"error": "manifest unknown here: prepare it first", "code": "manifest_unknown"},
-                                    status_code=409)
-            await _pause(eng, pause_mode)
-            try:
-                await eng.start_weight_update()
-            except Exception as err:  # noqa: BLE001
-                await eng.resume_generation()
-                state.lock.release()
-                logger.exception("start_weight_update failed")
-                return _error(500, f"start_weight_update failed: {err}")
-        except BaseException:
-            if state.lock.locked():
-                state.lock.release()
-            raise
+        if state.phase != "idle":
+            state.lock.release()
+            return _error(409, f"an update is {state.phase}")
+        if key != state.known_key or state.known_manifest is None:
+            state.lock.release()
+            return JSONResponse({"error": "manifest unknown here: prepare it first", "code": "manifest_unknown"},
+                                status_code=409)
         state.phase = "applying"
         manifest = dict(state.known_manifest, version=version)
 
         async def run() -> tuple[int, dict]:
             try:
-                return await _apply(eng, manifest, version)
+                return await _apply(eng, manifest, version, pause_mode)
             finally:
                 state.lock.release()
 
@@ -526,7 +486,7 @@ def add_atropos_routes(app: FastAPI, *, token: str, max_body_bytes: int, model: 
             if not path.is_dir() or not any(path.glob("*.safetensors")):
                 raise ValueError(f"{path} is not a directory of .safetensors files")
         except (ValueError, TypeError, KeyError) as err:
-            return _bad_request(err) if isinstance(err, ValueError) else _error(400, f"needs 'path', 'version': {err}")
+            return _error(400, str(err) if isinstance(err, ValueError) else f"needs 'path', 'version': {err}")
         eng = engine(request)
         async with state.lock:
             if state.phase != "idle":
@@ -548,16 +508,6 @@ def add_atropos_routes(app: FastAPI, *, token: str, max_body_bytes: int, model: 
                 state.phase = "idle"
         return JSONResponse({"status": "updated", "weight_version": version,
                              "ms": (time.perf_counter() - t0) * 1e3})
-
-    @weights.post("/weights/abort", dependencies=[Depends(authorized)])
-    async def weights_abort(request: Request):
-        eng = engine(request)
-        async with state.lock:
-            if state.phase == "prepared":
-                await _undo_prepare(eng, "aborted by the trainer")
-            else:
-                await eng.resume_generation()
-        return JSONResponse({"status": "idle"})
 
     app.include_router(weights)
 
@@ -631,6 +581,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 quiet_idle_readers()
+if __name__ in ("__main__", "__mp_main__"):  # the server's API process, or a child vLLM spawned from it
+    install_one_call_update()
 
 if __name__ == "__main__":
     main()

@@ -349,11 +349,24 @@ class AtroposWeightTransferEngine(WeightTransferEngine[AtroposInitInfo, AtroposU
 
 class AtroposWorkerExtension:
     """Mixed into vLLM's worker by `--worker-extension-cls`; importing this module is its job (it
-    registers the engine). It adds two RPCs: readiness, and which device the worker computes on."""
+    registers the engine). It adds RPCs: readiness, a whole update in one call, and which device the
+    worker computes on."""
 
     def atropos_weight_transfer_ready(self) -> bool:
         engine = getattr(self, "weight_transfer_engine", None)
         return isinstance(engine, AtroposWeightTransferEngine) and engine.group is not None
+
+    def atropos_update(self, update_info: dict) -> None:
+        """A whole update in one RPC (`engine_ext.atropos_update` sends it): the worker's own start,
+        receive-and-load and finish, then its encoder cache dropped (cached encoder outputs were
+        computed with the old weights). A failure while receiving has already finalised a
+        layerwise reload (`AtroposWeightTransferEngine.update_weights`)."""
+        self.start_weight_update()
+        self.update_weights(update_info)
+        self.finish_weight_update()
+        reset_encoder = getattr(self, "reset_encoder_cache", None)
+        if callable(reset_encoder):
+            reset_encoder()
 
     def atropos_device_id(self) -> str:
         """`weight_sync.protocol.device_id` of this worker's device: the trainer compares it with its own

@@ -31,6 +31,10 @@ DTYPE_NAMES = {v: k for k, v in WIRE_DTYPES.items()}
 _WRAPPER_SEGMENTS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.", "module.")
 #: Default NCCL bucket (vLLM's packed NCCL engine uses buffers of the same order).
 NCCL_BUCKET_BYTES = 256 << 20
+#: Default gloo bucket: a small model goes as one message (each message costs a wait on the worker,
+#: which loads the previous one in between), a big one in buckets of this size. Measured on both
+#: sizes in docs/loop-speed-2026-12-01.md (2026-12-02, one-call update).
+GLOO_BUCKET_BYTES = 16 << 20
 #: Messages in flight on each side (`WeightSyncConfig.pipeline_depth`): default and upper bound,
 #: checked on both ends by `validate_manifest`.
 PIPELINE_DEPTH = 2
@@ -184,7 +188,7 @@ def validate_manifest(manifest: dict, spec: dict | None, where: str) -> None:
 def manifest_key(manifest: dict) -> str:
     """What identifies a manifest apart from its version: a hash of names, dtypes, shapes, bucket
     plan and pipeline depth. Trainer and server compute it alike; an update whose key the server
-    already holds needs one exchange (`/weights/update`) instead of prepare + apply."""
+    already holds needs one exchange (`/weights/update`), without a prepare first."""
     fields = {k: manifest.get(k) for k in ("names", "dtypes", "shapes", "buckets")}
     fields["pipeline_depth"] = manifest.get("pipeline_depth", PIPELINE_DEPTH)
     return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:32]

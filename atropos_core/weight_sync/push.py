@@ -4,25 +4,25 @@
 * **Control over HTTP, data over torch.distributed.** The manifest (`protocol`) travels as JSON;
   the tensors by broadcast from trainer rank 0 (`transport`). Data-parallel replicas simply get
   later ranks of the group.
-* **Message grouping per backend.** gloo sends tensor by tensor (`bucket_bytes=0`): one packed
-  message was measured several times slower there (docs/weight_sync.md). NCCL packs consecutive
-  tensors into byte buckets (default `NCCL_BUCKET_BYTES`), as vLLM's own NCCL engine does.
+* **Message grouping per backend.** Consecutive tensors are packed into byte buckets, one
+  message each: on gloo of at most `GLOO_BUCKET_BYTES` (a small model is one message; per-tensor
+  messages each cost a wait on the worker, measured in docs/loop-speed-2026-12-01.md), on NCCL
+  `NCCL_BUCKET_BYTES`, as vLLM's own NCCL engine does. A tensor over the size goes alone, uncopied.
 * **FSDP2.** `push()` runs on every trainer rank: each parameter is gathered with
   `DTensor.full_tensor()` one at a time (a collective all ranks join in the same order), rank 0
   broadcasts it and drops it, so no rank ever holds a whole-model copy (bucketing on NCCL holds at
   most one bucket). Tied embeddings need nothing special: `named_parameters()` yields a shared
   parameter once and vLLM ties `lm_head` itself.
-* **Fail once, clearly, and leave the servers serving.** An update is `prepare` (validate the
-  manifest against the served checkpoint's tensor shapes, pause generation, start the update) on
-  every server, then `apply` (the server receives while rank 0 broadcasts; it then finishes,
-  resets the prefix cache and resumes, on its own error path too), or `abort` (resume) if anything
-  failed before the broadcast. A bad manifest fails before a single byte is broadcast. Once a
-  server has prepared a manifest, later updates with the same `manifest_key` are one exchange,
-  `/weights/update`: the server answers "ready" (paused, receives posted) on a streamed first
-  line, the trainer broadcasts, the second line is the result and the served version
-  (`sync/round_trips` says which path ran). Trainer ranks keep gathering in lockstep after a
-  failure on rank 0 and all raise the same `WeightSyncError` at the end, so the trainer can still
-  checkpoint and exit.
+* **Fail once, clearly, and leave the servers serving.** The first update `prepare`s its
+  manifest on every server (validated against the served checkpoint's tensors, remembered under
+  its `manifest_key`; nothing is paused), so a bad manifest fails before a single byte is
+  broadcast. Every update is then ONE exchange per server, `/weights/update`: the server answers
+  "ready" on a streamed first line once it has accepted the update, the trainer broadcasts while
+  the server pauses, receives, loads, resets its prefix cache and resumes (on its own error path
+  too), and the second line is the result and the served version (`sync/round_trips`: 2 when a
+  prepare ran first, else 1). Trainer ranks keep gathering in lockstep after a failure on rank 0
+  and all raise the same `WeightSyncError` at the end, so the trainer can still checkpoint and
+  exit.
 """
 from __future__ import annotations
 
@@ -46,6 +46,7 @@ from ..checks import Between, Ge, Gt, check_fields
 from .protocol import (
     DTYPE_NAMES,
     MAX_PIPELINE_DEPTH,
+    GLOO_BUCKET_BYTES,
     NCCL_BUCKET_BYTES,
     PIPELINE_DEPTH,
     WIRE_DTYPES,
@@ -81,16 +82,15 @@ class WeightSyncConfig:
     update_timeout_s: Annotated[float, Gt(0)] = 30.0
     """Per-message timeout of the transfer (gloo: the group's per-collective timeout; NCCL: enforced
     on the host for each message, `wait_done`, with at most `pipeline_depth` messages in flight, so
-    it never times a whole update), and the servers' watchdog for a prepared update that never gets
-    applied. Short on purpose: a dead worker otherwise hangs the trainer."""
+    it never times a whole update). Short on purpose: a dead worker otherwise hangs the trainer."""
     http_timeout_s: Annotated[float, Gt(0)] = 30.0
-    """Timeout of the control calls that do not wait for the broadcast (spec, prepare, abort)."""
+    """Timeout of the control calls that do not wait for the broadcast (spec, init's answer, prepare)."""
     apply_timeout_s: Annotated[float, Gt(0)] = 600.0
     """Upper bound on one whole update on a server (receive + load + finish); failures inside it are
     caught sooner by the group's timeout, this only bounds a server that hangs afterwards."""
     bucket_bytes: Annotated[int, Ge(0)] | None = None
-    """Bytes per broadcast message. 0 sends tensor by tensor; None picks per backend (0 on gloo,
-    `NCCL_BUCKET_BYTES` on NCCL; measured, see the module docstring)."""
+    """Bytes per broadcast message. 0 sends tensor by tensor; None picks per backend
+    (`GLOO_BUCKET_BYTES` on gloo, `NCCL_BUCKET_BYTES` on NCCL; see the module docstring)."""
     pipeline_depth: Annotated[int, Between(1, MAX_PIPELINE_DEPTH)] = PIPELINE_DEPTH
     """Messages in flight on each side (sent in the manifest, so both ends agree). 2 posts message
     i+1 before the worker loads message i into vLLM (and before rank 0 gathers the next), so the
@@ -143,8 +143,7 @@ class WeightSync:
         self._specs: dict[str, dict] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._listen_sock: socket.socket | None = None
-        self._known: dict[str, str] = {}  # url -> manifest_key the server holds (after a good update)
-        self._pending_keys: dict[str, str] = {}  # keys the servers answered at the last prepare
+        self._known_key: str | None = None  # the manifest_key every server answered at the last prepare
 
     # -- HTTP -----------------------------------------------------------------------------------
     def _call(self, url: str, route: str, body: dict | None = None, timeout: float | None = None,
@@ -304,7 +303,7 @@ class WeightSync:
     def _manifest(self, params, version: int) -> dict:
         bucket_bytes = self.cfg.bucket_bytes
         if bucket_bytes is None:
-            bucket_bytes = NCCL_BUCKET_BYTES if self._backend == "nccl" else 0
+            bucket_bytes = NCCL_BUCKET_BYTES if self._backend == "nccl" else GLOO_BUCKET_BYTES
         # A DTensor's shape is the global one: no gather.
         return build_manifest(version, [n for n, _ in params], [list(p.shape) for _, p in params],
                               [DTYPE_NAMES[self._wire_dtype(p.dtype)] for _, p in params],
@@ -335,16 +334,23 @@ class WeightSync:
         err: BaseException | None = None
         manifest: dict = {}
         updates: list[Future] | None = None
+        round_trips = 1
         if self.rank == 0:
             manifest = self._manifest(params, version)
             try:
                 if self._group is None:
                     raise WeightSyncError("transfer group is closed (an earlier update failed?): reconnect")
                 key = manifest_key(manifest)
-                if all(self._known.get(url) == key for url in self.urls):
-                    updates = self._start_updates(key, version)  # None: a server forgot it
-                if updates is None:
-                    self._prepare(manifest)
+                if self._known_key != key:
+                    self._prepare(manifest, key)
+                    round_trips = 2
+                updates = self._start_updates(key, version)
+                if updates is None:  # a server forgot the manifest (restarted?): prepare it once more
+                    self._prepare(manifest, key)
+                    round_trips = 2
+                    updates = self._start_updates(key, version)
+                    if updates is None:
+                        raise WeightSyncError("a server does not know the manifest it has just prepared")
             except BaseException as e:  # noqa: BLE001 - re-raised on every rank below
                 err = e
         phases = {"sync/prepare_ms": (time.perf_counter() - t0) * 1e3}  # rank 0 fills in the rest
@@ -361,33 +367,33 @@ class WeightSync:
         out = {"sync/ms": ms, "sync/bytes": nbytes, "sync/version": int(version)}
         if self.rank == 0:
             out.update(phases)
-            out["sync/round_trips"] = 1 if updates is not None else 2
+            out["sync/round_trips"] = round_trips
             logger.info("pushed weights v%d: %.1f MB in %.0f ms (%s)", version, nbytes / 1e6, ms,
                         ", ".join(f"{k.removeprefix('sync/')} {v:.0f}" for k, v in phases.items()))
         return out
 
-    def _prepare(self, manifest: dict) -> None:
+    def _prepare(self, manifest: dict, key: str) -> None:
+        """Have every server validate and remember `manifest` (nothing is paused); `key` is its
+        `manifest_key`, which each server must answer alike."""
         if self.cfg.validate_shapes:
             for url in self.urls:
                 try:
                     validate_manifest(manifest, self._specs.get(url), f"vLLM server {url}")
                 except ValueError as e:
                     raise WeightSyncError(str(e)) from None
-        body = {"manifest": manifest, "pause_mode": self.cfg.pause_mode,
-                "watchdog_s": self.cfg.update_timeout_s + 30}
-        self._known.clear()
-        futures = self._run_on_servers(lambda url: self._call(url, "/weights/prepare", body), wait=False)
-        try:
-            answers = self._raise_first(futures)
-        except WeightSyncError:
-            self._abort_all()
-            raise
-        self._pending_keys = {url: a.get("manifest_key") for url, a in zip(self.urls, answers)}
+        self._known_key = None
+        answers = self._raise_first(self._run_on_servers(
+            lambda url: self._call(url, "/weights/prepare", {"manifest": manifest}), wait=False))
+        for url, answer in zip(self.urls, answers):
+            if answer.get("manifest_key") != key:
+                raise WeightSyncError(f"vLLM server {url} keys the manifest {answer.get('manifest_key')!r}, this "
+                                      f"trainer {key!r}: the two run different versions of atropos_core")
+        self._known_key = key
 
     def _start_updates(self, key: str, version: int) -> list[Future] | None:
-        """Start `/weights/update` (prepare + apply in one exchange) on every server; return once
-        each has answered "ready" (paused, receives posted), with futures of their final answers.
-        None when a server does not know the manifest (nothing was paused: prepare instead)."""
+        """Start `/weights/update` on every server; return once each has answered "ready" (the
+        update is accepted), with futures of their final answers. None when no server knows the
+        manifest (nothing was started: prepare it)."""
         body = {"manifest_key": key, "version": int(version), "pause_mode": self.cfg.pause_mode}
         readies: list[Future] = []
         finals: list[Future] = []
@@ -398,10 +404,10 @@ class WeightSync:
         try:
             states = self._raise_first(readies)
         except WeightSyncError:
-            self._known.clear()
+            self._known_key = None
             raise
         if "manifest_unknown" in states:
-            self._known.clear()
+            self._known_key = None
             if states.count("manifest_unknown") != len(states):  # cannot happen unless servers restarted
                 self._raise_first(finals)
                 raise WeightSyncError("some servers started the update and some did not know its manifest; "
@@ -454,27 +460,13 @@ class WeightSync:
                                   f"{final.get('error')}")
         return final
 
-    def _abort_all(self) -> None:
-        """Resume every server that may have been paused by a prepare (best effort)."""
-        for url in self.urls:
-            try:
-                self._call(url, "/weights/abort", {})
-            except WeightSyncError as e:
-                logger.warning("could not abort the pending update on %s: %s", url, e)
-
     def _stream(self, params, manifest: dict, version: int, phases: dict[str, float],
-                applies: list[Future] | None = None) -> BaseException | None:
-        """Rank 0: start `apply` on every server (unless `applies`, the running one-exchange
-        updates, are given), then broadcast. Keeps gathering after a failure so the other trainer
-        ranks are never left waiting in an all-gather. Records "sync/send_ms", "sync/finish_ms"
-        and "sync/server_version" (the lowest version the servers answered) in `phases`."""
+                applies: list[Future]) -> BaseException | None:
+        """Rank 0: broadcast while the servers' updates (`applies`, their final answers) run.
+        Keeps gathering after a failure so the other trainer ranks are never left waiting in an
+        all-gather. Records "sync/send_ms", "sync/finish_ms" and "sync/server_version" (the lowest
+        version the servers answered) in `phases`."""
         t_start = time.perf_counter()
-        pending = self._pending_keys if applies is None else dict(self._known)
-        if applies is None:
-            applies = self._run_on_servers(
-                lambda url: self._call(url, "/weights/apply", {"version": int(version)},
-                                       timeout=self.cfg.apply_timeout_s),
-                wait=False)
         gathered = self._gathered(params)
         err: BaseException | None = None
         current = None
@@ -510,7 +502,7 @@ class WeightSync:
             self._group = None
         t_sent = time.perf_counter()
         if err is not None:
-            self._known.clear()
+            self._known_key = None
             # The server's own error (e.g. it rejected or lost the update) is the better message.
             for url, f in zip(self.urls, applies):
                 try:
@@ -522,9 +514,8 @@ class WeightSync:
             answers = self._raise_first(applies)
             versions = [a.get("weight_version") for a in answers]
             phases["sync/server_version"] = min(versions) if None not in versions else -1
-            self._known = {url: k for url, k in pending.items() if k}
         except WeightSyncError as e:
-            self._known.clear()
+            self._known_key = None
             return e
         finally:
             done = time.perf_counter()
