@@ -21,7 +21,9 @@ class MicroBatch:
     `layout == "padded"`: one sequence per row, right-padded; `attention_mask` is 1 on real tokens.
     `layout == "packed"`: several sequences per row; `position_ids` restart at 0 at each sequence
     start; `cu_seqlens` (int32, flattened over rows) and `max_seqlen` give the boundaries to
-    flash-attention's varlen kernel (`atropos_core.loss`).
+    flash-attention's varlen kernel (`atropos_core.loss`). `max_seqlen` is a host int known where
+    the micro-batch is built; left 0 beside a CPU `cu_seqlens` it is derived here, once, from
+    those host values (never later from a device copy: that would be a host sync per forward).
     """
 
     input_ids: torch.Tensor                 # (R, T) int64
@@ -46,6 +48,12 @@ class MicroBatch:
     distill_ids: Optional[torch.Tensor] = None     # (R, T, k) int64 teacher top-k ids for targets[r, t];
                                                    # -1 where the row has no teacher (or is not trained)
     distill_logprobs: Optional[torch.Tensor] = None  # (R, T, k) float32 teacher logprobs at those ids
+
+    def __post_init__(self):
+        cu = self.cu_seqlens
+        if self.layout == "packed" and not self.max_seqlen and cu is not None and cu.device.type == "cpu" \
+                and cu.numel() > 1:
+            self.max_seqlen = int(cu.diff().max())
 
     @property
     def num_trained_tokens(self) -> int:

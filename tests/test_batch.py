@@ -93,6 +93,30 @@ def test_packed_cu_seqlens_are_what_flash_attention_derives():
     assert varlen_kwargs(flash, padded.micro_batches[0]) == {}
 
 
+def test_varlen_kwargs_never_read_max_seqlen_off_the_device():
+    """A packed micro-batch built without `max_seqlen` beside a CPU `cu_seqlens` gets it at
+    construction; moved to a device (meta: reading any value back raises, where a real device would
+    sync the host) `varlen_kwargs` still hands over the boundaries. One built on a device without it
+    is a clear error, not a hidden sync per micro-batch."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from atropos_core.loss import varlen_kwargs
+
+    rng = random.Random(12)
+    cfg = DataConfig(max_token_len=64, vocab_size=VOCAB, layout="packed", max_tokens_per_micro_batch=200)
+    mb = build_train_batch([make_group(rng, n=4, vocab=VOCAB) for _ in range(2)], cfg).micro_batches[0]
+    assert mb.num_sequences > 1
+    flash = SimpleNamespace(config=SimpleNamespace(_attn_implementation="flash_attention_2"))
+    longest = int(mb.cu_seqlens.diff().max())
+    hand_built = dataclasses.replace(mb, max_seqlen=0)
+    assert hand_built.max_seqlen == longest
+    kw = varlen_kwargs(flash, hand_built.to("meta"))
+    assert kw["max_length_q"] == kw["max_length_k"] == longest and kw["cu_seq_lens_q"].is_meta
+    with pytest.raises(ValueError, match="needs max_seqlen"):
+        varlen_kwargs(flash, dataclasses.replace(mb.to("meta"), max_seqlen=0))
+
+
 def test_plan_respects_budget_and_balances():
     rng = random.Random(3)
     for padded in (True, False):
