@@ -123,7 +123,7 @@ class BatchFields:
     distill_k: int = 0
 
 
-def shift_sequence(s: CheckedSeq, adv: np.ndarray, seq_id: int, cfg: DataConfig, fields: BatchFields) -> _Row:
+def shift_sequence(s: CheckedSeq, adv: np.ndarray, seq_id: int, fields: BatchFields) -> _Row:
     m = s.trained[1:]
     lp = lambda a: np.where(m, a[1:], 0.0) if a is not None else None  # noqa: E731 - prompt 1.0s go
     d_ids = d_lps = None
@@ -144,16 +144,17 @@ def shift_sequence(s: CheckedSeq, adv: np.ndarray, seq_id: int, cfg: DataConfig,
                 temperature=s.temperature or 0.0, distill_ids=d_ids, distill_logprobs=d_lps)
 
 
-def make_micro_batch(rows: list[_Row], cfg: DataConfig, fields: Optional[BatchFields] = None) -> MicroBatch:
-    fields = fields or BatchFields(old=bool(cfg.use_inference_logprobs), ref=cfg.use_ref_logprobs)
+def make_micro_batch(rows: list[_Row], cfg: DataConfig, fields: BatchFields) -> MicroBatch:
     with_old, with_ref = fields.old, fields.ref
+    lengths = [len(r.input_ids) for r in rows]
+    cu = None
     if cfg.layout == "packed":
-        T = sum(len(r.input_ids) for r in rows)
-        shape = (1, T)
-        placements = [(r, 0, off) for r, off in zip(rows, np.cumsum([0] + [len(r.input_ids) for r in rows[:-1]]))]
+        ends = np.cumsum(lengths).tolist()       # the one sum: row offsets and cu_seqlens
+        shape = (1, ends[-1])
+        placements = [(r, 0, end - n) for r, n, end in zip(rows, lengths, ends)]
+        cu = torch.tensor([0] + ends, dtype=torch.int32)
     else:
-        T = max(len(r.input_ids) for r in rows)
-        shape = (len(rows), T)
+        shape = (len(rows), max(lengths))
         placements = [(r, k, 0) for k, r in enumerate(rows)]
     input_ids = torch.full(shape, cfg.pad_token_id, dtype=torch.int64)
     targets = torch.zeros(shape, dtype=torch.int64)
@@ -171,7 +172,7 @@ def make_micro_batch(rows: list[_Row], cfg: DataConfig, fields: Optional[BatchFi
     d_lps = torch.zeros(shape + (k,), dtype=torch.float32) if k else None
     for r, row, off in placements:
         n = len(r.input_ids)
-        sl = (row, slice(int(off), int(off) + n))
+        sl = (row, slice(off, off + n))
         input_ids[sl] = torch.from_numpy(r.input_ids)
         targets[sl] = torch.from_numpy(r.targets)
         loss_mask[sl] = torch.from_numpy(r.loss_mask)
@@ -189,14 +190,10 @@ def make_micro_batch(rows: list[_Row], cfg: DataConfig, fields: Optional[BatchFi
         if k:
             d_ids[sl] = torch.from_numpy(r.distill_ids)
             d_lps[sl] = torch.from_numpy(r.distill_logprobs).to(torch.float32)
-    cu, longest = None, 0
-    if cfg.layout == "packed":
-        cu = torch.tensor([0] + np.cumsum([len(r.input_ids) for r in rows]).tolist(), dtype=torch.int32)
-        longest = max(len(r.input_ids) for r in rows)
     return MicroBatch(input_ids=input_ids, targets=targets, loss_mask=loss_mask, advantages=advantages,
                       attention_mask=attention_mask, position_ids=position_ids, old_logprobs=old,
-                      ref_logprobs=ref, layout=cfg.layout, cu_seqlens=cu, max_seqlen=longest,
-                      num_sequences=len(rows),
+                      ref_logprobs=ref, layout=cfg.layout, cu_seqlens=cu,
+                      max_seqlen=max(lengths) if cu is not None else 0, num_sequences=len(rows),
                       sequence_ids=sequence_ids, behaviour_mask=bmask, temperature=temp,
                       distill_ids=d_ids, distill_logprobs=d_lps)
 
