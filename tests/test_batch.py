@@ -172,6 +172,23 @@ def test_split_for_ranks_equal_counts_and_balance():
         assert [[_content(mb) for mb in s] for s in mine] != [[_content(mb) for mb in s] for s in mine[::-1]]
 
 
+def test_one_empty_micro_batch_pads_ranks_in_data_and_trainer():
+    """`split_for_ranks`'s filler mirrors its batch's layout and optional fields; the trainer's
+    (`empty_micro_batch()`: a rank may have nothing to mirror) is padded with none. Both come from
+    `types.empty_micro_batch`: one attended token, nothing trained."""
+    from atropos_core.trainer import empty_micro_batch
+
+    cfg = DataConfig(max_token_len=64, vocab_size=VOCAB, layout="packed", use_inference_logprobs=True,
+                     use_ref_logprobs=True)
+    mbs = build_train_batch(good_groups(6, k=1), cfg).micro_batches
+    filler, plain = split_for_ranks(mbs, len(mbs) + 1, pad_token_id=7)[-1][-1], empty_micro_batch()
+    assert filler.layout == "packed" and filler.cu_seqlens.tolist() == [0, 1] and filler.max_seqlen == 1
+    assert int(filler.input_ids) == 7 and filler.ref_logprobs is not None and filler.behaviour_mask is not None
+    assert plain.layout == "padded" and plain.cu_seqlens is None and plain.ref_logprobs is plain.old_logprobs is None
+    for mb in (filler, plain):
+        assert mb.input_ids.shape == (1, 1) and mb.num_trained_tokens == 0 and mb.num_tokens == 1
+        assert mb.num_sequences == 0 and int(mb.sequence_ids) == -1
+
 def test_json_and_tensor_round_trip_keep_nan():
     groups = good_groups(5, k=2)
     groups[0]["scores"][0] = float("nan")

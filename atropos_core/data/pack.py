@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ..types import MicroBatch
+from ..types import MicroBatch, empty_micro_batch
 from .config import DataConfig
 from .validate import CheckedSeq
 
@@ -198,26 +198,6 @@ def make_micro_batch(rows: list[_Row], cfg: DataConfig, fields: BatchFields) -> 
                       distill_ids=d_ids, distill_logprobs=d_lps)
 
 
-
-def _dummy_like(mb: MicroBatch, pad_token_id: int) -> MicroBatch:
-    """A 1×1 micro-batch that trains nothing. Its one token is attended (attention_mask 1): a row
-    with no attended key gives NaN attention, and NaN × 0 is still NaN in the loss."""
-    zeros = lambda dt: torch.zeros((1, 1), dtype=dt)  # noqa: E731
-    return MicroBatch(
-        input_ids=torch.full((1, 1), pad_token_id, dtype=torch.int64),
-        targets=zeros(torch.int64), loss_mask=zeros(torch.float32), advantages=zeros(torch.float32),
-        attention_mask=torch.ones((1, 1), dtype=torch.int64), position_ids=zeros(torch.int64),
-        old_logprobs=zeros(torch.float32) if mb.old_logprobs is not None else None,
-        ref_logprobs=zeros(torch.float32) if mb.ref_logprobs is not None else None,
-        behaviour_mask=zeros(torch.bool) if mb.behaviour_mask is not None else None,
-        temperature=zeros(torch.float32) if mb.temperature is not None else None,
-        distill_ids=torch.full((1, 1) + mb.distill_ids.shape[2:], -1, dtype=torch.int64) if mb.distill_ids is not None else None,
-        distill_logprobs=torch.zeros((1, 1) + mb.distill_ids.shape[2:]) if mb.distill_ids is not None else None,
-        layout=mb.layout, cu_seqlens=torch.tensor([0, 1], dtype=torch.int32) if mb.layout == "packed" else None,
-        max_seqlen=1 if mb.layout == "packed" else 0,
-        num_sequences=0, sequence_ids=torch.full((1, 1), -1, dtype=torch.int64))
-
-
 def split_for_ranks(micro_batches: Sequence[MicroBatch], world_size: int,
                     pad_token_id: int = 0) -> list[list[MicroBatch]]:
     """Share micro-batches between ranks, balanced by token slots (rows × length), with the SAME
@@ -240,7 +220,7 @@ def split_for_ranks(micro_batches: Sequence[MicroBatch], world_size: int,
     out = []
     for share in shares:
         mbs = [micro_batches[i] for i in sorted(share)]
-        mbs += [_dummy_like(micro_batches[0], pad_token_id) for _ in range(per_rank - len(mbs))]
+        mbs += [empty_micro_batch(micro_batches[0], pad_token_id) for _ in range(per_rank - len(mbs))]
         out.append(mbs)
     return out
 
