@@ -129,14 +129,21 @@ def varlen_kwargs(model: nn.Module, mb: MicroBatch) -> dict:
     (`cu_seq_lens_q/k`, `max_length_q/k`), or {} where the attention would not use them: padded
     rows, and sdpa/eager, which build their block-diagonal mask from `position_ids`. Without them
     flash_attention_2 re-derives the same boundaries from `position_ids` in every layer (a
-    `nonzero` and a max: host syncs per layer)."""
+    `nonzero` and a max: host syncs per layer). `max_seqlen` must be known on the host (set where
+    the micro-batch is built, or derived from a CPU `cu_seqlens`, `MicroBatch`): reading it off a
+    device `cu_seqlens` here would be a host sync per micro-batch, so a packed micro-batch without
+    it is an error."""
     from transformers.utils.generic import is_flash_attention_requested
 
     impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
     if mb.layout != "packed" or mb.cu_seqlens is None \
             or not is_flash_attention_requested(requested_attention_implementation=impl):
         return {}
-    longest = mb.max_seqlen or int(mb.cu_seqlens.diff().max())
+    longest = mb.max_seqlen
+    if longest <= 0:
+        raise ValueError(f"a packed MicroBatch needs max_seqlen (its longest sequence, a host int) for "
+                         f"{impl}'s varlen kernel; build it with max_seqlen=..., or with cu_seqlens on the CPU "
+                         f"(then it is derived)")
     cu = mb.cu_seqlens.to(mb.input_ids.device, torch.int32)
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 

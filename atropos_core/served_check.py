@@ -6,14 +6,16 @@ weights; a stale tied `lm_head` on CPU was one we hit). Right after a push, the 
 fixed probe of `PROBE_LEN` token ids with its own model (one small forward, full logits: 32 × V) and
 asks each server for the same ids' `prompt_logprobs` (our `/generate`, greedy, one new token). The
 largest absolute difference is the metric `sync/verify_max_abs_diff`; above the dtype's tolerance
-the run stops with `ServedPolicyMismatch`. Raw logits on both sides (vLLM's prompt logprobs are not
-tempered). Under FSDP every rank runs the forward (a collective), rank 0 asks the servers and the
-verdict is shared, so all ranks stop together.
+the run stops with `ServedPolicyMismatch`; so it does when any logprob, a server's or the trainer's,
+is not finite (`probe_difference`: a NaN would never compare as the worst). Raw logits on both
+sides (vLLM's prompt logprobs are not tempered). Under FSDP every rank runs the forward (a
+collective), rank 0 asks the servers and the verdict is shared, so all ranks stop together.
 """
 from __future__ import annotations
 
 import logging
-from typing import Optional, Sequence
+import math
+from typing import Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -70,27 +72,54 @@ def served_logprobs(url: str, ids: Sequence[int], timeout_s: float = 60.0) -> to
     return torch.tensor([float(entries[t][str(ids[t])]) for t in range(1, len(ids))], dtype=torch.float64)
 
 
+TRAINER = "the trainer"
+
+
+def probe_difference(mine: torch.Tensor, served: Mapping[str, torch.Tensor]) -> tuple[float, str]:
+    """`(d, culprit)`: the largest |served - mine| over the servers (`{url: logprobs}`) and its url.
+
+    Any non-finite logprob makes `d = inf` (a NaN never compares larger than anything, so a plain
+    max would pass a server that returns NaN); `culprit` is then `TRAINER` when the trainer's own
+    logprobs are not finite, else the first server whose are not."""
+    if not bool(torch.isfinite(mine).all()):
+        return math.inf, TRAINER
+    d, worst = 0.0, ""
+    for url, theirs in served.items():
+        if not bool(torch.isfinite(theirs).all()):
+            return math.inf, url
+        d_url = float((theirs - mine).abs().max())
+        if d_url > d or not worst:
+            d, worst = d_url, url
+    return d, worst
+
+
+def _mismatch_message(step: int, d: float, worst: str, tol: float, dtype: torch.dtype) -> str:
+    if math.isinf(d):
+        if worst == TRAINER:
+            what = "the trainer's own probe logprobs are not finite (NaN/inf): its weights or forward are broken"
+        else:
+            who = f"the inference server {worst}" if worst else "an inference server (or rank 0's trainer)"
+            what = f"{who} returned non-finite probe logprobs (NaN/inf)"
+        return f"step {step}: {what}; stopping. sync.verify_every=0 disables this check"
+    return (f"step {step}: the inference server{' ' + worst if worst else 's'} serve(s) other weights than the "
+            f"trainer's: probe logprobs differ by up to {d:.3g} (tolerance {tol:g} for {dtype}). The weight "
+            f"sync is broken (a tensor not updated, e.g. a tied lm_head); stopping. sync.verify_every=0 "
+            f"disables this check")
+
+
 def verify_served_policy(model: nn.Module, server_urls: Sequence[str], vocab_size: int, *, step: int,
                          tolerance: Optional[float] = None) -> dict:
     """Compare the trainer's and every server's logprobs of the probe; `{"sync/verify_max_abs_diff": d}`.
 
     Every rank must call it (the trainer's forward is collective under FSDP). Raises
-    `ServedPolicyMismatch` on every rank when `d` exceeds `tolerance` (default by parameter dtype)."""
+    `ServedPolicyMismatch` on every rank when `d` exceeds `tolerance` (default by parameter dtype)
+    or any logprob, the trainer's or a server's, is not finite."""
     ids = probe_ids(vocab_size)
     mine = trainer_logprobs(model, ids)
-    d, worst = 0.0, ""
-    if adist.rank() == 0:
-        for url in server_urls:
-            d_url = float((served_logprobs(url, ids) - mine).abs().max())
-            if d_url >= d:
-                d, worst = d_url, url
+    served = {url: served_logprobs(url, ids) for url in server_urls} if adist.rank() == 0 else {}
+    d, worst = probe_difference(mine, served)
     d = float(adist.all_reduce_max(d))
-    p = next(model.parameters())
     tol = tolerance if tolerance is not None else served_tolerance(model)
     if not d <= tol:
-        raise ServedPolicyMismatch(
-            f"step {step}: the inference server{' ' + worst if worst else 's'} serve(s) other weights than the "
-            f"trainer's: probe logprobs differ by up to {d:.3g} (tolerance {tol:g} for {p.dtype}). The weight "
-            f"sync is broken (a tensor not updated, e.g. a tied lm_head); stopping. sync.verify_every=0 "
-            f"disables this check")
+        raise ServedPolicyMismatch(_mismatch_message(step, d, worst, tol, next(model.parameters()).dtype))
     return {"sync/verify_max_abs_diff": d}

@@ -28,7 +28,7 @@ from torch import nn
 
 from . import dist as adist
 from .loss import LossConfig, micro_batch_loss
-from .types import MicroBatch
+from .types import MicroBatch, empty_micro_batch
 
 logger = logging.getLogger(__name__)
 
@@ -37,15 +37,6 @@ __all__ = ["train_step", "global_token_count", "peak_memory_gb", "empty_micro_ba
 _STAT_KEYS = ("tokens", "entropy_sum", "clip_sum", "logprob_sum", "kl_sum", "logprob_diff_sum",
               "mismatch_k3_sum", "behaviour_tokens", "is_weight_sum", "is_truncated_tokens", "is_masked_tokens",
               "is_sequences", "is_flagged_sequences", "distill_kl_sum", "distill_top1_sum", "distill_tokens")
-
-
-def empty_micro_batch() -> MicroBatch:
-    """A 1×1 micro-batch with nothing trained: runs the model's collectives, adds zero gradient."""
-    z = torch.zeros(1, 1, dtype=torch.int64)
-    f = torch.zeros(1, 1, dtype=torch.float32)
-    return MicroBatch(input_ids=z, targets=z.clone(), loss_mask=f, advantages=f.clone(),
-                      attention_mask=torch.ones(1, 1, dtype=torch.int64), position_ids=z.clone(),
-                      sequence_ids=torch.full((1, 1), -1, dtype=torch.int64))
 
 
 def global_token_count(micro_batches: Sequence[MicroBatch]) -> float:

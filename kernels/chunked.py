@@ -144,18 +144,8 @@ class TorchOps:
     def row_stats(z: torch.Tensor, targets: torch.Tensor, inv_t: float):
         """`(lse, logp, entropy, buf)`: the first three (C,) fp32 for softmax(z·inv_t); `buf` is
         whatever this backend hands on to `dlogits` (here: the probabilities). May overwrite z."""
-        z = z.float() if z.dtype != torch.float32 else z.contiguous()
-        if inv_t != 1.0:
-            z.mul_(inv_t)
+        z, lse, logp = TorchOps._log_softmax_rows(z, targets, inv_t)
         c, v = z.shape
-        rows = torch.arange(c, device=z.device)
-        z_t = z[rows, targets]
-        # In place: log_softmax works row by row (max, sum of exp, then write), so out=z is safe;
-        # it replaces logsumexp + subtract + a [C, V] temporary (docs/kernels.md: the largest
-        # non-GEMM cost on CPU).
-        torch.log_softmax(z, 1, out=z)
-        logp = z[rows, targets]
-        lse = z_t - logp  # rounding ~eps·|logp|: the error logp itself carries
         entropy = torch.empty(c, dtype=torch.float32, device=z.device)
         r = max(1, min(c, ENTROPY_BLOCK_BYTES // (4 * max(v, 1))))
         scratch = torch.empty(r, v, dtype=torch.float32, device=z.device)
@@ -171,14 +161,23 @@ class TorchOps:
     def row_logprobs(z: torch.Tensor, targets: torch.Tensor, inv_t: float):
         """`(lse, logp)`, each (C,) fp32, of softmax(z·inv_t): `row_stats` without the entropy and
         probability pass (the first pass of GSPO / sequence-level IS needs only logp). May overwrite z."""
+        return TorchOps._log_softmax_rows(z, targets, inv_t)[1:]
+
+    @staticmethod
+    def _log_softmax_rows(z: torch.Tensor, targets: torch.Tensor, inv_t: float):
+        """`(z, lse, logp)`: the fp32 chunk turned into log_softmax(z·inv_t) in place (a copy where
+        z was not fp32), and the (C,) log-sum-exp and target logprobs."""
         z = z.float() if z.dtype != torch.float32 else z.contiguous()
         if inv_t != 1.0:
             z.mul_(inv_t)
         rows = torch.arange(z.shape[0], device=z.device)
         z_t = z[rows, targets]
-        torch.log_softmax(z, 1, out=z)               # one fused row pass, in place (see row_stats)
+        # In place: log_softmax works row by row (max, sum of exp, then write), so out=z is safe;
+        # it replaces logsumexp + subtract + a [C, V] temporary (docs/kernels.md: the largest
+        # non-GEMM cost on CPU).
+        torch.log_softmax(z, 1, out=z)
         logp = z[rows, targets]
-        return z_t - logp, logp
+        return z, z_t - logp, logp  # lse rounding ~eps·|logp|: the error logp itself carries
 
     @staticmethod
     def dlogits(p: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor, inv_t: float,
@@ -265,9 +264,9 @@ def chunked_loss_and_grads(
     c = chunk_size or default_chunk_size(n, v, hidden.device, hidden.dtype)
     dev = hidden.device
     if logprobs_only:
-        return _chunked_logprobs(hidden, weight, targets, c, per_row_t, inv_t, inv_t_rows, ops), None, None, None
+        need_grad_hidden = need_grad_weight = False
     logp = torch.empty(n, dtype=torch.float32, device=dev)
-    entropy = torch.empty_like(logp)
+    entropy = None if logprobs_only else torch.empty_like(logp)
     grad_h = torch.empty_like(hidden) if need_grad_hidden else None
     acc_w = out_w = None
     if need_grad_weight:
@@ -277,12 +276,22 @@ def chunked_loss_and_grads(
             acc_w = torch.empty(v, d, dtype=torch.float32, device=dev)
         if n == 0:  # no chunk runs: the gradient is zero
             (out_w if out_w is not None else acc_w).zero_()
+    # logprobs_only: one logits buffer reused across chunks, kept only for fp32 inputs, the only ones
+    # `ops.logits` writes into `out` (otherwise it would hold the first chunk's logits beside each
+    # new chunk's). The full pass keeps none: row_stats hands its chunk on as `buf` to dlogits.
+    reuse = logprobs_only and hidden.dtype == weight.dtype == torch.float32 and n > c
+    z_buf = None
     for s in range(0, n, c):
         rows = slice(s, min(s + c, n))
         h_c = hidden[rows]
-        z = ops.logits(h_c, weight)
+        z = ops.logits(h_c, weight, out=None if z_buf is None else z_buf[:rows.stop - s])
+        if reuse and z_buf is None and rows.stop - s == c and z.is_contiguous():
+            z_buf = z                                # reused by the next chunks (row_logprobs is in place)
         if per_row_t:
             z.mul_(inv_t_rows[rows].to(z.dtype).unsqueeze(1))
+        if logprobs_only:                            # 2·N·D·V FLOPs and one row pass in all
+            _, logp[rows] = ops.row_logprobs(z, targets[rows], inv_t)
+            continue
         if gather_ids is not None:
             ids_c = gather_ids[rows]
             z_k = z.gather(1, ids_c).float()
@@ -310,21 +319,3 @@ def chunked_loss_and_grads(
             ops.accumulate_dw(acc_w, dz, h_c, first=s == 0, out=out_w if rows.stop == n else None)
     return logp, entropy, grad_h, (out_w if out_w is not None else acc_w)
 
-
-def _chunked_logprobs(hidden, weight, targets, c, per_row_t, inv_t, inv_t_rows, ops) -> torch.Tensor:
-    """The `logprobs_only` loop of `chunked_loss_and_grads`: 2·N·D·V FLOPs and one row pass."""
-    n = hidden.shape[0]
-    logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    # `ops.logits` writes into `out` only for fp32 inputs: keep a buffer only then (otherwise it would
-    # hold the first chunk's logits beside each new chunk's).
-    reuse = hidden.dtype == weight.dtype == torch.float32 and n > c
-    buf = None
-    for s in range(0, n, c):
-        rows = slice(s, min(s + c, n))
-        z = ops.logits(hidden[rows], weight, out=None if buf is None else buf[:rows.stop - s])
-        if reuse and buf is None and rows.stop - s == c and z.is_contiguous():
-            buf = z                                  # reused by the next chunks (row_logprobs is in place)
-        if per_row_t:
-            z.mul_(inv_t_rows[rows].to(z.dtype).unsqueeze(1))
-        _, logp[rows] = ops.row_logprobs(z, targets[rows], inv_t)
-    return logp

@@ -93,6 +93,30 @@ def test_packed_cu_seqlens_are_what_flash_attention_derives():
     assert varlen_kwargs(flash, padded.micro_batches[0]) == {}
 
 
+def test_varlen_kwargs_never_read_max_seqlen_off_the_device():
+    """A packed micro-batch built without `max_seqlen` beside a CPU `cu_seqlens` gets it at
+    construction; moved to a device (meta: reading any value back raises, where a real device would
+    sync the host) `varlen_kwargs` still hands over the boundaries. One built on a device without it
+    is a clear error, not a hidden sync per micro-batch."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from atropos_core.loss import varlen_kwargs
+
+    rng = random.Random(12)
+    cfg = DataConfig(max_token_len=64, vocab_size=VOCAB, layout="packed", max_tokens_per_micro_batch=200)
+    mb = build_train_batch([make_group(rng, n=4, vocab=VOCAB) for _ in range(2)], cfg).micro_batches[0]
+    assert mb.num_sequences > 1
+    flash = SimpleNamespace(config=SimpleNamespace(_attn_implementation="flash_attention_2"))
+    longest = int(mb.cu_seqlens.diff().max())
+    hand_built = dataclasses.replace(mb, max_seqlen=0)
+    assert hand_built.max_seqlen == longest
+    kw = varlen_kwargs(flash, hand_built.to("meta"))
+    assert kw["max_length_q"] == kw["max_length_k"] == longest and kw["cu_seq_lens_q"].is_meta
+    with pytest.raises(ValueError, match="needs max_seqlen"):
+        varlen_kwargs(flash, dataclasses.replace(mb.to("meta"), max_seqlen=0))
+
+
 def test_plan_respects_budget_and_balances():
     rng = random.Random(3)
     for padded in (True, False):
@@ -147,6 +171,23 @@ def test_split_for_ranks_equal_counts_and_balance():
         assert [[_content(mb) for mb in s] for s in mine] == [[_content(mb) for mb in s] for s in theirs]
         assert [[_content(mb) for mb in s] for s in mine] != [[_content(mb) for mb in s] for s in mine[::-1]]
 
+
+def test_one_empty_micro_batch_pads_ranks_in_data_and_trainer():
+    """`split_for_ranks`'s filler mirrors its batch's layout and optional fields; the trainer's
+    (`empty_micro_batch()`: a rank may have nothing to mirror) is padded with none. Both come from
+    `types.empty_micro_batch`: one attended token, nothing trained."""
+    from atropos_core.trainer import empty_micro_batch
+
+    cfg = DataConfig(max_token_len=64, vocab_size=VOCAB, layout="packed", use_inference_logprobs=True,
+                     use_ref_logprobs=True)
+    mbs = build_train_batch(good_groups(6, k=1), cfg).micro_batches
+    filler, plain = split_for_ranks(mbs, len(mbs) + 1, pad_token_id=7)[-1][-1], empty_micro_batch()
+    assert filler.layout == "packed" and filler.cu_seqlens.tolist() == [0, 1] and filler.max_seqlen == 1
+    assert int(filler.input_ids) == 7 and filler.ref_logprobs is not None and filler.behaviour_mask is not None
+    assert plain.layout == "padded" and plain.cu_seqlens is None and plain.ref_logprobs is plain.old_logprobs is None
+    for mb in (filler, plain):
+        assert mb.input_ids.shape == (1, 1) and mb.num_trained_tokens == 0 and mb.num_tokens == 1
+        assert mb.num_sequences == 0 and int(mb.sequence_ids) == -1
 
 def test_json_and_tensor_round_trip_keep_nan():
     groups = good_groups(5, k=2)

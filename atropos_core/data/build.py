@@ -61,7 +61,7 @@ def build_train_batch(groups: Sequence, cfg: DataConfig, log_drops: bool = True)
     advs = compute_advantages(parsed, cfg)
     fields, field_metrics = _batch_fields(seqs, cfg, log_drops)
     metrics.update(field_metrics)
-    rows = [shift_sequence(s, a, k, cfg, fields) for k, (s, a) in enumerate(zip(seqs, advs))]
+    rows = [shift_sequence(s, a, k, fields) for k, (s, a) in enumerate(zip(seqs, advs))]
     plan = plan_micro_batches([len(r.input_ids) for r in rows], cfg.max_tokens_per_micro_batch,
                               padded=cfg.layout == "padded")
     mbs = [make_micro_batch([rows[i] for i in idx], cfg, fields) for idx in plan]

@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ..types import MicroBatch
+from ..types import MicroBatch, empty_micro_batch
 from .config import DataConfig
 from .validate import CheckedSeq
 
@@ -123,7 +123,7 @@ class BatchFields:
     distill_k: int = 0
 
 
-def shift_sequence(s: CheckedSeq, adv: np.ndarray, seq_id: int, cfg: DataConfig, fields: BatchFields) -> _Row:
+def shift_sequence(s: CheckedSeq, adv: np.ndarray, seq_id: int, fields: BatchFields) -> _Row:
     m = s.trained[1:]
     lp = lambda a: np.where(m, a[1:], 0.0) if a is not None else None  # noqa: E731 - prompt 1.0s go
     d_ids = d_lps = None
@@ -144,16 +144,17 @@ def shift_sequence(s: CheckedSeq, adv: np.ndarray, seq_id: int, cfg: DataConfig,
                 temperature=s.temperature or 0.0, distill_ids=d_ids, distill_logprobs=d_lps)
 
 
-def make_micro_batch(rows: list[_Row], cfg: DataConfig, fields: Optional[BatchFields] = None) -> MicroBatch:
-    fields = fields or BatchFields(old=bool(cfg.use_inference_logprobs), ref=cfg.use_ref_logprobs)
+def make_micro_batch(rows: list[_Row], cfg: DataConfig, fields: BatchFields) -> MicroBatch:
     with_old, with_ref = fields.old, fields.ref
+    lengths = [len(r.input_ids) for r in rows]
+    cu = None
     if cfg.layout == "packed":
-        T = sum(len(r.input_ids) for r in rows)
-        shape = (1, T)
-        placements = [(r, 0, off) for r, off in zip(rows, np.cumsum([0] + [len(r.input_ids) for r in rows[:-1]]))]
+        ends = np.cumsum(lengths).tolist()       # the one sum: row offsets and cu_seqlens
+        shape = (1, ends[-1])
+        placements = [(r, 0, end - n) for r, n, end in zip(rows, lengths, ends)]
+        cu = torch.tensor([0] + ends, dtype=torch.int32)
     else:
-        T = max(len(r.input_ids) for r in rows)
-        shape = (len(rows), T)
+        shape = (len(rows), max(lengths))
         placements = [(r, k, 0) for k, r in enumerate(rows)]
     input_ids = torch.full(shape, cfg.pad_token_id, dtype=torch.int64)
     targets = torch.zeros(shape, dtype=torch.int64)
@@ -171,7 +172,7 @@ def make_micro_batch(rows: list[_Row], cfg: DataConfig, fields: Optional[BatchFi
     d_lps = torch.zeros(shape + (k,), dtype=torch.float32) if k else None
     for r, row, off in placements:
         n = len(r.input_ids)
-        sl = (row, slice(int(off), int(off) + n))
+        sl = (row, slice(off, off + n))
         input_ids[sl] = torch.from_numpy(r.input_ids)
         targets[sl] = torch.from_numpy(r.targets)
         loss_mask[sl] = torch.from_numpy(r.loss_mask)
@@ -189,36 +190,12 @@ def make_micro_batch(rows: list[_Row], cfg: DataConfig, fields: Optional[BatchFi
         if k:
             d_ids[sl] = torch.from_numpy(r.distill_ids)
             d_lps[sl] = torch.from_numpy(r.distill_logprobs).to(torch.float32)
-    cu, longest = None, 0
-    if cfg.layout == "packed":
-        cu = torch.tensor([0] + np.cumsum([len(r.input_ids) for r in rows]).tolist(), dtype=torch.int32)
-        longest = max(len(r.input_ids) for r in rows)
     return MicroBatch(input_ids=input_ids, targets=targets, loss_mask=loss_mask, advantages=advantages,
                       attention_mask=attention_mask, position_ids=position_ids, old_logprobs=old,
-                      ref_logprobs=ref, layout=cfg.layout, cu_seqlens=cu, max_seqlen=longest,
-                      num_sequences=len(rows),
+                      ref_logprobs=ref, layout=cfg.layout, cu_seqlens=cu,
+                      max_seqlen=max(lengths) if cu is not None else 0, num_sequences=len(rows),
                       sequence_ids=sequence_ids, behaviour_mask=bmask, temperature=temp,
                       distill_ids=d_ids, distill_logprobs=d_lps)
-
-
-
-def _dummy_like(mb: MicroBatch, pad_token_id: int) -> MicroBatch:
-    """A 1×1 micro-batch that trains nothing. Its one token is attended (attention_mask 1): a row
-    with no attended key gives NaN attention, and NaN × 0 is still NaN in the loss."""
-    zeros = lambda dt: torch.zeros((1, 1), dtype=dt)  # noqa: E731
-    return MicroBatch(
-        input_ids=torch.full((1, 1), pad_token_id, dtype=torch.int64),
-        targets=zeros(torch.int64), loss_mask=zeros(torch.float32), advantages=zeros(torch.float32),
-        attention_mask=torch.ones((1, 1), dtype=torch.int64), position_ids=zeros(torch.int64),
-        old_logprobs=zeros(torch.float32) if mb.old_logprobs is not None else None,
-        ref_logprobs=zeros(torch.float32) if mb.ref_logprobs is not None else None,
-        behaviour_mask=zeros(torch.bool) if mb.behaviour_mask is not None else None,
-        temperature=zeros(torch.float32) if mb.temperature is not None else None,
-        distill_ids=torch.full((1, 1) + mb.distill_ids.shape[2:], -1, dtype=torch.int64) if mb.distill_ids is not None else None,
-        distill_logprobs=torch.zeros((1, 1) + mb.distill_ids.shape[2:]) if mb.distill_ids is not None else None,
-        layout=mb.layout, cu_seqlens=torch.tensor([0, 1], dtype=torch.int32) if mb.layout == "packed" else None,
-        max_seqlen=1 if mb.layout == "packed" else 0,
-        num_sequences=0, sequence_ids=torch.full((1, 1), -1, dtype=torch.int64))
 
 
 def split_for_ranks(micro_batches: Sequence[MicroBatch], world_size: int,
@@ -243,7 +220,7 @@ def split_for_ranks(micro_batches: Sequence[MicroBatch], world_size: int,
     out = []
     for share in shares:
         mbs = [micro_batches[i] for i in sorted(share)]
-        mbs += [_dummy_like(micro_batches[0], pad_token_id) for _ in range(per_rank - len(mbs))]
+        mbs += [empty_micro_batch(micro_batches[0], pad_token_id) for _ in range(per_rank - len(mbs))]
         out.append(mbs)
     return out
 
