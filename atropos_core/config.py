@@ -51,7 +51,7 @@ from .data import DataConfig
 from .checks import Between, Ge, OneOf, check_fields, choices_of
 from .checkpoint import CheckpointConfig
 from .client import AtroposConfig
-from .inference.vllm_command import CPU_WEIGHT_LAYOUTS, check_user_vllm_args
+from .inference.vllm_command import CPU_WEIGHT_LAYOUT_CHOICES, check_user_vllm_args
 from .loss import LossConfig
 from .metrics import LoggingConfig
 from .model import ModelConfig, OptimConfig
@@ -116,10 +116,10 @@ class InferenceConfig:
     """GPU machines: where the servers run (`atropos_core.placement`). "auto": the GPUs after the
     trainer ranks' (colocated with the trainer, logged, when none are left); "colocate"; or a list
     of physical GPU ids such as "4,5,6,7" or "4-7" (tensor-parallel-size of them per server)."""
-    cpu_weight_layout: Annotated[str, OneOf(CPU_WEIGHT_LAYOUTS)] = "packed"
-    """CPU servers only: "packed" is vLLM's oneDNN pre-packing (faster generation, every sync
-    re-packs); "plain" keeps plain tensors that each sync copies into in place (faster sync).
-    The measured trade-off: docs/weight_sync.md."""
+    cpu_weight_layout: Annotated[str, OneOf(CPU_WEIGHT_LAYOUT_CHOICES)] = "auto"
+    """CPU servers only: "packed" is vLLM's oneDNN pre-packing (faster generation on big models,
+    every sync re-packs); "plain" keeps plain tensors that each sync copies into in place (faster
+    sync); "auto" is plain up to 32 MiB of weights, packed above. Measured: docs/weight_sync.md."""
 
     def __post_init__(self):
         check_fields(self, "inference")

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Sequence
 from . import control
 from .config import ConfigError, TrainConfig, preset_note
 from .cpu_budget import env_names
-from .inference.vllm_command import (CPU_WEIGHT_LAYOUT_ENV, CPU_WEIGHT_LAYOUTS, new_update_token, served_name_from,
+from .inference.vllm_command import (CPU_WEIGHT_LAYOUT_ENV, new_update_token, resolve_cpu_weight_layout, served_name_from,
                                      vllm_server_command)
 from .model_source import ModelSourceError, resolve_max_token_len, resolve_model_path
 from .procs import ManagedProcess, ServiceError, free_port, port_in_use, venv_bin
@@ -69,7 +69,7 @@ def start_vllm_server(model_dir: str | Path, *, port: int, log_dir: str | Path, 
                       update_token: str, extra_args: Sequence[str] = (), timeout: float = 300.0,
                       dtype: str = "float32", max_model_len: int = 512, kv_cache_gib: int = 1,
                       enforce_eager: bool = True, env: dict[str, str] | None = None,
-                      name: str = "vllm", cpu_weight_layout: str = "packed",
+                      name: str = "vllm", cpu_weight_layout: str = "auto",
                       served_model_name: str | None = None,
                       cpus: tuple[int, ...] | None = None) -> VLLMServerHandle:
     """Start our vLLM server on `host:port` and wait until `/health` answers 200.
@@ -77,12 +77,14 @@ def start_vllm_server(model_dir: str | Path, *, port: int, log_dir: str | Path, 
     Fails fast with the log tail (`procs.ServiceError`) if the process dies while starting.
     `update_token` is the secret the trainer's `WeightSync` sends; generate it with
     `new_update_token()`. `kv_cache_gib` sets `VLLM_CPU_KVCACHE_SPACE` and `cpu_weight_layout`
-    ("plain" or "packed") how linear weights are held (CPU only; see `worker_ext`). `env` and
+    ("plain", "packed" or "auto": `resolve_cpu_weight_layout`) how linear weights are held (CPU
+    only; see `worker_ext`). `env` and
     `cpus` (the process tree's affinity) come from `cpu_budget` when a run starts the server.
     """
-    if cpu_weight_layout not in CPU_WEIGHT_LAYOUTS:
-        raise ValueError(f"start_vllm_server: cpu_weight_layout must be one of {CPU_WEIGHT_LAYOUTS}, "
-                         f"got {cpu_weight_layout!r}")
+    try:
+        cpu_weight_layout, why = resolve_cpu_weight_layout(cpu_weight_layout, model_dir)
+    except ValueError as err:
+        raise ValueError(f"start_vllm_server: {err}") from None
     if len(update_token) < 16:
         raise ValueError("start_vllm_server: update_token must be at least 16 characters")
     if host not in ("127.0.0.1", "localhost", "::1"):
@@ -94,6 +96,7 @@ def start_vllm_server(model_dir: str | Path, *, port: int, log_dir: str | Path, 
     cmd = vllm_server_command(model_dir, port=port, host=host, dtype=dtype, max_model_len=max_model_len,
                               enforce_eager=enforce_eager, extra_args=extra_args, served_model_name=served_model_name)
     proc = ManagedProcess(name, cmd, Path(log_dir) / f"{name}_{port}.log", env=child_env, cpus=cpus).start()
+    logger.info("vLLM server %s: CPU weight layout %s (%s; used on CPU only)", name, cpu_weight_layout, why)
     url = f"http://{host}:{port}"
     try:
         proc.wait_http(f"{url}/health", timeout)
@@ -249,7 +252,7 @@ class RunServices:
 
     def start_inference(self, model_dir: str, *, num_servers: int = 1, port: int = 0, host: str = "127.0.0.1",
                         timeout: float = 300.0, extra_args: Sequence[str] = (), dtype: str = "float32",
-                        enforce_eager: bool = True, cpu_weight_layout: str = "packed", max_model_len: int = 512,
+                        enforce_eager: bool = True, cpu_weight_layout: str = "auto", max_model_len: int = 512,
                         served_model_name: str | None = None, server_envs: Sequence[dict] | None = None,
                         server_extra_args: Sequence[Sequence[str]] | None = None) -> list[str]:
         """Start `num_servers` replicas (one after the other) and write their resolved command lines,

@@ -14,7 +14,7 @@ import pytest
 import requests
 import torch
 
-from atropos_core.inference.vllm_command import vllm_server_command
+from atropos_core.inference.vllm_command import AUTO_PLAIN_MAX_BYTES, resolve_cpu_weight_layout, vllm_server_command
 from atropos_core.weight_sync import WeightSync, WeightSyncConfig
 from tests.fixtures.vllm_server import hf_token_logprobs, vllm_generate
 
@@ -48,6 +48,23 @@ def test_command_binds_loopback_and_keeps_token_off_argv(tmp_path):
     assert cmd[cmd.index("--logprobs-mode") + 1] == "processed_logprobs"
     mine = vllm_server_command(tmp_path, port=1234, extra_args=["--logprobs-mode", "raw_logits"])
     assert mine.count("--logprobs-mode") == 1 and mine[-1] == "raw_logits"
+
+
+def test_auto_cpu_weight_layout_follows_the_checkpoint_size(tmp_path):
+    small, big, empty = tmp_path / "small", tmp_path / "big", tmp_path / "empty"
+    for d in (small, big, empty):
+        d.mkdir()
+    (small / "model.safetensors").write_bytes(b"\0" * 1000)
+    for i in range(2):  # sharded: the shards' sizes add up
+        with open(big / f"model-0000{i}.safetensors", "wb") as f:
+            f.truncate(AUTO_PLAIN_MAX_BYTES // 2 + 1)
+    assert resolve_cpu_weight_layout("auto", small)[0] == "plain"
+    assert resolve_cpu_weight_layout("auto", big) == ("packed", "auto: 32.0 MiB of weights, over 32 MiB")
+    assert resolve_cpu_weight_layout("auto", empty)[0] == "packed"
+    assert resolve_cpu_weight_layout("auto", tmp_path / "missing")[0] == "packed"
+    assert resolve_cpu_weight_layout("plain", big) == ("plain", "asked for")
+    with pytest.raises(ValueError, match="cpu_weight_layout must be one of"):
+        resolve_cpu_weight_layout("fast", small)
 
 
 def test_logprobs_at_temperature_match_the_trainer(vllm_server):

@@ -27,6 +27,32 @@ TRANSFER_CONFIG = '{"backend": "atropos"}'
 #: How a CPU server holds linear weights (see `worker_ext`), and the variable that tells the workers.
 CPU_WEIGHT_LAYOUTS = ("packed", "plain")
 CPU_WEIGHT_LAYOUT_ENV = "ATROPOS_CPU_WEIGHT_LAYOUT"
+#: What a user may ask for: a layout, or "auto" (`resolve_cpu_weight_layout`).
+CPU_WEIGHT_LAYOUT_CHOICES = ("auto", *CPU_WEIGHT_LAYOUTS)
+#: "auto" picks "plain" for a checkpoint up to this many bytes, "packed" above.
+AUTO_PLAIN_MAX_BYTES = 32 << 20
+
+
+def resolve_cpu_weight_layout(layout: str, model_dir: str | Path) -> tuple[str, str]:
+    """(layout, why) for a CPU server of the checkpoint in `model_dir`.
+
+    "auto" is the trade-off measured at both ends of the model sizes we run (docs/weight_sync.md,
+    docs/loop-speed-2026-12-01.md): on a 1.8 MB model oneDNN's pre-packing generates no faster
+    than plain GEMMs while re-packing makes every sync ~1.5x slower, so small models get "plain";
+    on a 400 MB model pre-packed GEMMs generate up to 2x faster at 16 sequences, so big ones get
+    "packed". Where between the two the crossover lies is not measured; the cut is at
+    `AUTO_PLAIN_MAX_BYTES` of safetensors. Without safetensors to size, vLLM's own "packed"."""
+    if layout not in CPU_WEIGHT_LAYOUT_CHOICES:
+        raise ValueError(f"cpu_weight_layout must be one of {CPU_WEIGHT_LAYOUT_CHOICES}, got {layout!r}")
+    if layout != "auto":
+        return layout, "asked for"
+    files = list(Path(model_dir).glob("*.safetensors")) if Path(model_dir).is_dir() else []
+    if not files:
+        return "packed", "auto: no safetensors files to size the model by"
+    nbytes = sum(f.stat().st_size for f in files)
+    pick = "plain" if nbytes <= AUTO_PLAIN_MAX_BYTES else "packed"
+    return pick, f"auto: {nbytes / 2**20:.1f} MiB of weights, {'up to' if pick == 'plain' else 'over'} " \
+                 f"{AUTO_PLAIN_MAX_BYTES >> 20} MiB"
 
 
 #: vLLM flags that the run sets from its own config fields (the launcher, the trainer and the
