@@ -10,11 +10,21 @@ the run stops with `ServedPolicyMismatch`; so it does when any logprob, a server
 is not finite (`probe_difference`: a NaN would never compare as the worst). Raw logits on both
 sides (vLLM's prompt logprobs are not tempered). Under FSDP every rank runs the forward (a
 collective), rank 0 asks the servers and the verdict is shared, so all ranks stop together.
+
+Overlapped with the next step (`start_served_check` → `PendingCheck.result()`): the trainer's
+forward runs right after the push, on the weights just pushed; the servers' requests run on a
+worker thread while the driver waits for the next batch and trains; the driver takes the verdict
+before its next push (so the servers still serve the weights being checked) and after the last
+step. The servers' side was most of the check's cost (an HTTP request and a prefill per server, ~25
+ms of a 45 ms step on the tiny model, docs/loop-speed-2026-12-01.md), and it is now off the step's
+critical path. So `sync/verify_max_abs_diff` logged at step N is the check of the weights pushed
+at step N-1, and a mismatch stops the run one step later than a blocking check would.
 """
 from __future__ import annotations
 
 import logging
 import math
+from concurrent.futures import Executor, Future
 from typing import Mapping, Optional, Sequence
 
 import torch
@@ -107,19 +117,48 @@ def _mismatch_message(step: int, d: float, worst: str, tol: float, dtype: torch.
             f"disables this check")
 
 
-def verify_served_policy(model: nn.Module, server_urls: Sequence[str], vocab_size: int, *, step: int,
-                         tolerance: Optional[float] = None) -> dict:
-    """Compare the trainer's and every server's logprobs of the probe; `{"sync/verify_max_abs_diff": d}`.
+class PendingCheck:
+    """A started check of the weights pushed at `step`: the trainer's logprobs, taken then, and
+    (rank 0) the servers' answers, on their way. `result()` on every rank gives the verdict."""
 
-    Every rank must call it (the trainer's forward is collective under FSDP). Raises
-    `ServedPolicyMismatch` on every rank when `d` exceeds `tolerance` (default by parameter dtype)
-    or any logprob, the trainer's or a server's, is not finite."""
+    def __init__(self, step: int, mine: torch.Tensor, served: Optional[Future], tolerance: float,
+                 dtype: torch.dtype) -> None:
+        self.step, self._mine, self._served, self._tol, self._dtype = step, mine, served, tolerance, dtype
+
+    def result(self) -> dict:
+        """`{"sync/verify_max_abs_diff": d}`, or `ServedPolicyMismatch` on every rank when `d` exceeds
+        the tolerance or any logprob, the trainer's or a server's, is not finite. Every rank must
+        call it at the same point (one all-reduce)."""
+        served = self._served.result() if self._served is not None else {}
+        d, worst = probe_difference(self._mine, served)
+        d = float(adist.all_reduce_max(d))
+        if not d <= self._tol:
+            raise ServedPolicyMismatch(_mismatch_message(self.step, d, worst, self._tol, self._dtype))
+        return {"sync/verify_max_abs_diff": d}
+
+
+def start_served_check(model: nn.Module, server_urls: Sequence[str], vocab_size: int, *, step: int,
+                       tolerance: Optional[float] = None, executor: Optional[Executor] = None) -> PendingCheck:
+    """Score the probe with the trainer's model now (every rank: a collective under FSDP) and, on
+    rank 0, ask every server for it on `executor` (None: now, in this thread). Take the verdict with
+    `.result()` before the servers' weights change again."""
     ids = probe_ids(vocab_size)
     mine = trainer_logprobs(model, ids)
-    served = {url: served_logprobs(url, ids) for url in server_urls} if adist.rank() == 0 else {}
-    d, worst = probe_difference(mine, served)
-    d = float(adist.all_reduce_max(d))
+    served: Optional[Future] = None
+    if adist.rank() == 0:
+        def ask() -> dict:
+            return {url: served_logprobs(url, ids) for url in server_urls}
+
+        if executor is not None:
+            served = executor.submit(ask)
+        else:
+            served = Future()
+            served.set_result(ask())
     tol = tolerance if tolerance is not None else served_tolerance(model)
-    if not d <= tol:
-        raise ServedPolicyMismatch(_mismatch_message(step, d, worst, tol, next(model.parameters()).dtype))
-    return {"sync/verify_max_abs_diff": d}
+    return PendingCheck(step, mine, served, tol, next(model.parameters()).dtype)
+
+
+def verify_served_policy(model: nn.Module, server_urls: Sequence[str], vocab_size: int, *, step: int,
+                         tolerance: Optional[float] = None) -> dict:
+    """`start_served_check(...).result()` in one call: the check, blocking."""
+    return start_served_check(model, server_urls, vocab_size, step=step, tolerance=tolerance).result()

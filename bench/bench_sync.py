@@ -5,8 +5,8 @@ layout of the server ("plain": loads in place; "packed": vLLM's oneDNN packing, 
 starts our vLLM server and measures, in the same run:
   * `generate_n1`, `generate_n16`: tokens/s of one /generate call (64 tokens each, ignore_eos), the
     other side of the layout trade-off;
-  * `atropos_sync`: `WeightSync.push` end to end (HTTP prepare, broadcast, load into vLLM, finish,
-    prefix-cache reset, resume), tensor by tensor on gloo;
+  * `atropos_sync`: `WeightSync.push` end to end (the one-exchange `/weights/update`, broadcast in
+    the default gloo buckets, load into vLLM, finish, prefix-cache reset, resume);
   * `raw_gloo`: a bare broadcast of the same tensors (same shapes, dtypes, order) from rank 0 to one
     receiving process with preallocated buffers, nothing loaded: the floor for the transport. Its
     rounds alternate with the syncs, each after a `SETTLE_S` pause (see there);
@@ -21,8 +21,8 @@ docs/loop-speed-2026-12-01.md (the tiny model's per-update target).
     python bench/bench_sync.py [--models tiny,100m] [--layouts plain,packed] [--repeats 5] [--cpu-budget off]
 
 `sync_prepare` / `sync_send` / `sync_finish` rows are the push's phases (`sync/*_ms`); with the
-manifest unchanged after the first push, prepare is the wait for the one-exchange `/weights/update`
-to answer "ready".
+manifest unchanged after the first push, prepare is the wait for `/weights/update` to answer
+"ready". `--buckets 0` adds a block sent tensor by tensor.
 """
 from __future__ import annotations
 

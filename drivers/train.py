@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import signal
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
@@ -32,7 +33,7 @@ from atropos_core.metrics import MetricsLogger  # noqa: E402
 from atropos_core.services import ServiceError, launch_services, share_launch_info  # noqa: E402
 from atropos_core.model import apply_fsdp, build_optimizer, load_model_and_tokenizer  # noqa: E402
 from atropos_core.steptime import StepClock  # noqa: E402
-from atropos_core.served_check import served_tolerance, verify_served_policy  # noqa: E402
+from atropos_core.served_check import served_tolerance, start_served_check  # noqa: E402
 from atropos_core.trainer import train_step  # noqa: E402
 from atropos_core.weight_sync import WeightSync  # noqa: E402
 
@@ -99,6 +100,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM ends the run like Ctrl-C
     torch.manual_seed(cfg.run.seed + rank)
     services, sync, model, step, saved_step, safe_to_save, rc = None, None, None, 0, 0, False, 1
+    check_pool = ThreadPoolExecutor(1, thread_name_prefix="served-check")  # its thread starts on first use
     try:
         if rank == 0:
             cfg, services = launch_services(cfg, device, budget)  # model dir, API, vLLM, env
@@ -127,6 +129,7 @@ def main(argv=None) -> int:
         log = MetricsLogger(cfg.logging, run_config=to_dict(cfg))
         safe_to_save, nonfinite_streak = True, 0
         clock = StepClock()  # perf/*_s: where each step's wall time went; they add up to perf/step_s
+        checking = None  # the served-policy check of the last push; its server side runs on check_pool
         while step < cfg.run.steps:
             clock.lap("other")
             groups = fetch_groups_or_stop(client, services, world, device) if client else receive_groups_or_stop(device)
@@ -150,10 +153,14 @@ def main(argv=None) -> int:
                 raise RuntimeError(f"{nonfinite_streak} consecutive steps had a non-finite loss or gradient "
                                    f"(run.max_nonfinite_steps={cfg.run.max_nonfinite_steps}); stopping")
             if sync:
+                if checking is not None:  # the last push's check, done before this push changes the servers
+                    m.update(checking.result())
+                    checking = None
                 m.update(sync.push(model, step))  # incl. sync/server_version, what the servers now serve
                 if cfg.sync.verify_every and step % cfg.sync.verify_every == 0:  # the served policy, checked
-                    m.update(verify_served_policy(model, server_urls, cfg.data.vocab_size, step=step,
-                                                  tolerance=served_tolerance(model, cfg.sync.wire_dtype)))
+                    checking = start_served_check(model, server_urls, cfg.data.vocab_size, step=step,
+                                                  tolerance=served_tolerance(model, cfg.sync.wire_dtype),
+                                                  executor=check_pool)
                 clock.lap("sync")
             m.update(batch_metrics(batch), **env_metrics(groups), **(client.metrics() if client else {}))
             if stale is not None:
@@ -166,6 +173,8 @@ def main(argv=None) -> int:
                                 keep_last=cfg.checkpoint.keep_last)
                 saved_step = step
             clock.lap("log")
+        if checking is not None:
+            checking.result()
         log.plot()
         rc = 0
     except KeyboardInterrupt:
@@ -190,6 +199,7 @@ def main(argv=None) -> int:
                                 keep_last=cfg.checkpoint.keep_last)
         except Exception as e:  # noqa: BLE001
             logger.error("could not save the final checkpoint: %s", e)
+        check_pool.shutdown(wait=False, cancel_futures=True)
         if sync:
             sync.close()
         if services:

@@ -15,7 +15,7 @@ import torch
 
 from atropos_core.model import ModelConfig, load_model_and_tokenizer
 from atropos_core.served_check import (TRAINER, ServedPolicyMismatch, probe_difference, probe_ids, served_tolerance,
-                                       trainer_logprobs, verify_served_policy)
+                                       start_served_check, trainer_logprobs, verify_served_policy)
 from atropos_core.weight_sync.protocol import auth_headers
 
 
@@ -35,6 +35,28 @@ def test_matching_weights_pass_and_a_stale_head_stops(vllm_server):
         model.get_output_embeddings().weight.mul_(1.5)
     with pytest.raises(ServedPolicyMismatch, match="other weights"):
         verify_served_policy(model, [vllm_server.url], vocab, step=2, tolerance=tol)
+
+
+@pytest.mark.vllm
+def test_an_overlapped_check_judges_the_weights_it_started_with(vllm_server):
+    """The driver starts the check right after a push and takes the verdict one train step later:
+    the trainer's side is scored at the start, so the optimizer step in between (here: a changed
+    lm_head) does not count against the servers; a check started after the change does fail."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    r = requests.post(f"{vllm_server.url}/weights/load_from_disk", headers=auth_headers(vllm_server.token),
+                      json={"path": str(vllm_server.model_dir), "version": vllm_server.next_version()}, timeout=300)
+    assert r.status_code == 200, r.text
+    model, _ = load_model_and_tokenizer(ModelConfig(path=str(vllm_server.model_dir), attn_implementation="sdpa"),
+                                        torch.device("cpu"))
+    vocab = model.get_input_embeddings().weight.shape[0]
+    with ThreadPoolExecutor(1) as pool:
+        pending = start_served_check(model, [vllm_server.url], vocab, step=7, executor=pool)
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(1.5)  # the next step's update, before the verdict
+        assert pending.result()["sync/verify_max_abs_diff"] < 1e-4
+        with pytest.raises(ServedPolicyMismatch, match="step 8: .* other weights"):
+            start_served_check(model, [vllm_server.url], vocab, step=8, executor=pool).result()
 
 
 @pytest.mark.vllm
