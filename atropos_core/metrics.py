@@ -4,7 +4,12 @@ Why this shape: the step line is what a person watches (always the same columns,
 the terminal compares steps); metrics.jsonl is what tools read (every metric, slash-namespaced,
 one JSON object per step, appended and flushed so a killed run keeps its history); curves.png is
 redrawn from the in-memory history every `plot_every` steps with matplotlib's Agg backend (no
-display needed). wandb is imported only when enabled, so a run never needs it installed.
+display needed), on a worker thread: a redraw takes ~0.35 s on the 2-core box, which on the
+training thread cost the demo ~8 s of its 120 steps (docs/loop-speed-2026-12-01.md). Only
+matplotlib's object API is used there (`Figure`, no pyplot state), a redraw that comes due while
+one is running is skipped (the next one, or the last at `close()`, has those steps), and
+`plot()`/`close()` draw in the caller's thread after the worker is done. wandb is imported only
+when enabled, so a run never needs it installed.
 
 Keys the step line reads (missing ones print as "-"): `loss/total`, `reward/mean`, `kl/mean`,
 `clip/frac`, `grad/norm`, `perf/tokens_per_s` (else `perf/train_tokens_per_s`),
@@ -17,6 +22,7 @@ import logging
 import math
 import os
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional, TextIO
@@ -96,6 +102,8 @@ class MetricsLogger:
         self.cfg = cfg
         self.active = adist.is_main()
         self._no_plot_noted = False
+        self._plotter: Optional[ThreadPoolExecutor] = None
+        self._plotting: Optional[Future] = None
         self.stream = stream or sys.stdout
         self.history: list[dict] = []
         self._wandb = None
@@ -125,29 +133,46 @@ class MetricsLogger:
         # The one line per step is this logger's output channel (the driver's console), not a log.
         print(format_step_line(step, metrics), file=self.stream, flush=True)
         if self.cfg.plot_every and step % self.cfg.plot_every == 0:
-            self.plot()
+            self._plot_in_background()
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in rec.items() if isinstance(v, (int, float))}, step=int(step))
 
+    def _plot_in_background(self) -> None:
+        if self._plotting is not None and not self._plotting.done():
+            return  # a redraw is running: the next one has these steps too
+        if self._plotter is None:
+            self._plotter = ThreadPoolExecutor(1, thread_name_prefix="curves")
+        self._plotting = self._plotter.submit(self._draw_logged, list(self.history))
+
+    def _draw_logged(self, history: list[dict]) -> None:
+        try:
+            self._draw(history)
+        except Exception:  # noqa: BLE001 - a failed picture must not stop training
+            logger.exception("could not redraw %s", self.run_dir / "curves.png")
+
     def plot(self) -> Optional[Path]:
-        """Redraw `<run dir>/curves.png` from the history (atomically replaced)."""
+        """Redraw `<run dir>/curves.png` from the whole history now (atomically replaced), after
+        any background redraw has finished."""
         if not self.active or not self.history:
             return None
+        if self._plotting is not None:
+            self._plotting.result()
+        return self._draw(self.history)
+
+    def _draw(self, history: list[dict]) -> Optional[Path]:
         try:
-            import matplotlib
+            from matplotlib.figure import Figure
         except ImportError:
             if not self._no_plot_noted:
                 logger.info("matplotlib is not installed: no %s (metrics.jsonl has every value)",
                             self.run_dir / "curves.png")
                 self._no_plot_noted = True
             return None
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(2, 2, figsize=(10, 6.5))
+        fig = Figure(figsize=(10, 6.5))
+        axes = fig.subplots(2, 2)
         for ax, (title, keys) in zip(axes.flat, _PANELS):
             xs, ys = [], []
-            for rec in self.history:
+            for rec in history:
                 v = _pick(rec, keys)
                 if isinstance(v, (int, float)) and math.isfinite(v):
                     xs.append(rec["step"])
@@ -161,8 +186,7 @@ class MetricsLogger:
         fig.tight_layout()
         out = self.run_dir / "curves.png"
         tmp = self.run_dir / ".curves.tmp.png"
-        fig.savefig(tmp, dpi=90)
-        plt.close(fig)
+        fig.savefig(tmp, dpi=90, format="png")
         os.replace(tmp, out)
         return out
 
@@ -171,6 +195,8 @@ class MetricsLogger:
             return
         if self.history and self.cfg.plot_every:
             self.plot()
+        if self._plotter is not None:
+            self._plotter.shutdown(wait=True)
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None
