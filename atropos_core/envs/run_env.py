@@ -11,29 +11,12 @@ environment's code and atroposlib are not changed; one compatibility default is 
   for `tokens` and a two-entry mask (seen with transformers 5.19; the API then refuses the group).
   Here a call that does not pass `return_dict` gets `return_dict=False` again, the 4.x behaviour
   that atroposlib was written for; a caller that asks for a dict still gets one.
-
-And one speed default, for an environment whose trainer keeps up with it:
-
-* atroposlib 0.4.0's `BaseEnv.env_manager` asks the API for its status, then sleeps a fixed 0.1 s,
-  before it starts the next group's rollouts. With `max_batches_offpolicy=1` it may start only once
-  the trainer has taken the queued batch, so a trainer faster than that waits ~50 ms on average
-  for the environment just to notice (measured: the largest part of the echo task's wait for data,
-  docs/loop-speed-2026-12-01.md). Here that one wait is `$ATROPOS_ENV_POLL_S` (default
-  `ENV_POLL_S`); other sleeps are untouched. A poll is one small HTTP request to the API, so this
-  costs the API and the environment a few percent of a core, not a spinning thread.
 """
 from __future__ import annotations
 
 import functools
-import os
 import runpy
 import sys
-
-#: Seconds between the environment manager's status polls (atroposlib's own: 0.1).
-ENV_POLL_S = 0.02
-ENV_POLL_ENV = "ATROPOS_ENV_POLL_S"
-#: The fixed wait atroposlib 0.4.0's env manager loop ends each round with.
-_ATROPOSLIB_LOOP_WAIT_S = 0.1
 
 
 def restore_chat_template_ids() -> None:
@@ -54,52 +37,11 @@ def restore_chat_template_ids() -> None:
     PreTrainedTokenizerBase.apply_chat_template = apply_chat_template
 
 
-class _PollingAsyncio:
-    """`asyncio` as atroposlib's `envs.base` module sees it: everything the real module has, except
-    that its env manager's fixed 0.1 s wait between status polls is `poll_s`."""
-
-    def __init__(self, real, poll_s: float) -> None:
-        self._real, self._poll_s = real, poll_s
-
-    def __getattr__(self, name: str):
-        return getattr(self._real, name)
-
-    def sleep(self, delay, *args, **kwargs):
-        if delay == _ATROPOSLIB_LOOP_WAIT_S:
-            delay = self._poll_s
-        return self._real.sleep(delay, *args, **kwargs)
-
-
-def shorten_status_poll(environ=os.environ) -> float | None:
-    """Make atroposlib's env manager poll the API every `$ATROPOS_ENV_POLL_S` s (default
-    `ENV_POLL_S`) instead of 0.1 s. Returns the interval applied, None when left alone (a value
-    that is not a positive number, or an atroposlib without that module)."""
-    import asyncio
-
-    raw = environ.get(ENV_POLL_ENV, "")
-    try:
-        poll_s = float(raw) if raw else ENV_POLL_S
-    except ValueError:
-        return None
-    if not 0 < poll_s < float("inf"):
-        return None
-    try:
-        from atroposlib.envs import base
-    except ImportError:
-        return None
-    real = getattr(base.asyncio, "_real", base.asyncio)
-    if real is not asyncio:
-        return None
-    base.asyncio = _PollingAsyncio(real, poll_s)
-    return poll_s
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-"):
         sys.exit("usage: python -m atropos_core.envs.run_env MODULE serve [--env.* ...] [--openai.* ...]")
     restore_chat_template_ids()
-    shorten_status_poll()
     module, rest = argv[0], argv[1:]
     sys.argv = [module, *rest]
     runpy.run_module(module, run_name="__main__", alter_sys=True)
