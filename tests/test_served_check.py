@@ -19,15 +19,20 @@ from atropos_core.served_check import (TRAINER, ServedPolicyMismatch, probe_diff
 from atropos_core.weight_sync.protocol import auth_headers
 
 
+def _checkpoint_served(server):
+    """(the checkpoint's model, its vocabulary size), with `server` brought back to serving the
+    checkpoint (the session's server may serve weights another test pushed)."""
+    r = requests.post(f"{server.url}/weights/load_from_disk", headers=auth_headers(server.token),
+                      json={"path": str(server.model_dir), "version": server.next_version()}, timeout=300)
+    assert r.status_code == 200, r.text
+    model, _ = load_model_and_tokenizer(ModelConfig(path=str(server.model_dir), attn_implementation="sdpa"),
+                                        torch.device("cpu"))
+    return model, model.get_input_embeddings().weight.shape[0]
+
+
 @pytest.mark.vllm
 def test_matching_weights_pass_and_a_stale_head_stops(vllm_server):
-    # The session's server may serve weights another test pushed: bring it back to the checkpoint.
-    r = requests.post(f"{vllm_server.url}/weights/load_from_disk", headers=auth_headers(vllm_server.token),
-                      json={"path": str(vllm_server.model_dir), "version": vllm_server.next_version()}, timeout=300)
-    assert r.status_code == 200, r.text
-    model, _ = load_model_and_tokenizer(ModelConfig(path=str(vllm_server.model_dir), attn_implementation="sdpa"),
-                                        torch.device("cpu"))
-    vocab = model.get_input_embeddings().weight.shape[0]
+    model, vocab = _checkpoint_served(vllm_server)
     tol = served_tolerance(model)
     m = verify_served_policy(model, [vllm_server.url], vocab, step=1, tolerance=tol)
     assert 0 <= m["sync/verify_max_abs_diff"] < 1e-4
@@ -44,12 +49,7 @@ def test_an_overlapped_check_judges_the_weights_it_started_with(vllm_server):
     lm_head) does not count against the servers; a check started after the change does fail."""
     from concurrent.futures import ThreadPoolExecutor
 
-    r = requests.post(f"{vllm_server.url}/weights/load_from_disk", headers=auth_headers(vllm_server.token),
-                      json={"path": str(vllm_server.model_dir), "version": vllm_server.next_version()}, timeout=300)
-    assert r.status_code == 200, r.text
-    model, _ = load_model_and_tokenizer(ModelConfig(path=str(vllm_server.model_dir), attn_implementation="sdpa"),
-                                        torch.device("cpu"))
-    vocab = model.get_input_embeddings().weight.shape[0]
+    model, vocab = _checkpoint_served(vllm_server)
     with ThreadPoolExecutor(1) as pool:
         pending = start_served_check(model, [vllm_server.url], vocab, step=7, executor=pool)
         with torch.no_grad():
