@@ -280,3 +280,77 @@ def test_prepare_needs_no_engine_and_a_failed_update_is_reported_after_ready(che
         assert lines[1]["http_status"] == 500 and "v4 failed on this server" in lines[1]["error"]
         state = client.get("/weight_version").json()
         assert state["weight_version"] is None and "v4 failed" in state["last_error"] and state["phase"] == "idle"
+
+
+# -- the EngineCore side of a one-call update, on a protocol double of the engine ---------------
+
+class _Engine:
+    """What `engine_ext.atropos_update` calls on vLLM's EngineCore, recorded; `fail` names the
+    call that raises, `pending` makes the pause wait (a Future, as vLLM's does for in-flight work)."""
+
+    def __init__(self, fail: str = "", pending: bool = False):
+        from concurrent.futures import Future
+
+        self.calls: list[str] = []
+        self.fail = fail
+        self.pause_future = Future() if pending else None
+        self.version = "default"
+        self.scheduler = self
+
+    def _call(self, name: str):
+        self.calls.append(name)
+        if self.fail == name:
+            raise RuntimeError(f"{name} broke")
+
+    def pause_scheduler(self, mode, clear_cache):
+        self._call(f"pause:{mode}:{clear_cache}")
+        return self.pause_future
+
+    def collective_rpc(self, method, kwargs=None):
+        self._call(f"rpc:{method}:v{kwargs['update_info']['version']}")
+
+    def reset_prefix_cache(self, reset_running_requests=False):
+        self._call(f"reset_prefix:{reset_running_requests}")
+        return True
+
+    def reset_encoder_cache(self):
+        self._call("reset_encoder")
+
+    def set_weight_version(self, version):
+        self._call("version")
+        self.version = version
+
+    def resume_scheduler(self):
+        self._call("resume")
+
+
+def test_one_call_update_runs_in_order_and_always_resumes():
+    from atropos_core.inference.engine_ext import WORKER_UPDATE_RPC, atropos_update
+
+    info = {"version": 7}
+    eng = _Engine()
+    assert atropos_update(eng, info, "7", "keep") == {"weight_version": "7"}
+    assert eng.calls == ["pause:keep:False", f"rpc:{WORKER_UPDATE_RPC}:v7", "reset_prefix:True", "reset_encoder",
+                         "version", "resume"] and eng.version == "7"
+    for broken in ("pause:keep:False", f"rpc:{WORKER_UPDATE_RPC}:v7", "reset_prefix:True"):
+        eng = _Engine(fail=broken)
+        with pytest.raises(RuntimeError, match="broke"):
+            atropos_update(eng, info, "7", "keep")
+        assert eng.calls[-1] == "resume" and eng.calls.count("resume") == 1, eng.calls
+        assert eng.version == "default", "a failed update must not claim the new version"
+
+
+def test_one_call_update_waits_for_a_pending_pause():
+    from atropos_core.inference.engine_ext import atropos_update
+
+    eng = _Engine(pending=True)
+    answer = atropos_update(eng, {"version": 3}, "3", "wait")
+    assert not answer.done() and eng.calls == ["pause:wait:False"]  # nothing loaded before the pause completes
+    eng.pause_future.set_result(None)                                # the engine went idle
+    assert answer.result(timeout=1) == {"weight_version": "3"} and eng.calls[-1] == "resume"
+    eng = _Engine(pending=True)
+    answer = atropos_update(eng, {"version": 3}, "3", "wait")
+    eng.pause_future.set_exception(RuntimeError("pause broke"))
+    with pytest.raises(RuntimeError, match="pause broke"):
+        answer.result(timeout=1)
+    assert eng.calls == ["pause:wait:False", "resume"]
