@@ -57,9 +57,12 @@ class RepeatEnv(BaseEnv):
 
     @classmethod
     def config_init(cls) -> Tuple[RepeatEnvConfig, List[APIServerConfig]]:
+        # 16 groups in flight: the demo's batch (128 sequences of 8 per group) in one wave of requests
+        # that vLLM batches, not atroposlib's default 8 per server in two (wait for data 0.19 -> 0.12 s
+        # a step, docs/loop-speed-2026-12-01.md).
         env = RepeatEnvConfig(group_size=8, use_wandb=False, wandb_name="repeat_word", max_token_length=64,
                               max_batches_offpolicy=1, ensure_scores_are_not_same=False, total_steps=1000,
-                              include_messages=False, steps_per_eval=10**9)
+                              include_messages=False, steps_per_eval=10**9, max_num_workers_per_node=16)
         server = APIServerConfig(server_type="vllm", model_name="default", api_key="local",
                                  base_url="http://127.0.0.1:9001/v1", num_requests_for_eval=1, timeout=120)
         return env, [server]
