@@ -423,3 +423,20 @@ def test_duplicate_groups_dropped_but_their_scores_reported():
     assert batch.metrics["data/duplicate_sequences"] == 2 * len(a["scores"])
     assert batch.metrics["data/duplicate_score_sum"] == pytest.approx(2 * sum(a["scores"]))
     assert sorted(batch.scores) == sorted(a["scores"] + b["scores"])
+
+
+def test_repeated_groups_are_said_once_not_warned_per_group(caplog, monkeypatch):
+    """Late in a run most groups of a converged policy repeat: one info line per process, no
+    warning per group (the demo printed 466 of them), while bad data is still warned about."""
+    import atropos_core.data.validate as validate
+
+    monkeypatch.setattr(validate, "_duplicates_noted", False)
+    rng = random.Random(8)
+    a = make_group(rng)
+    bad = dict(make_group(rng), scores=[math.nan] * len(a["scores"]))
+    with caplog.at_level(logging.DEBUG, logger="atropos_core.data.validate"):
+        for _ in range(3):
+            build_train_batch([a, copy.deepcopy(a), copy.deepcopy(a), bad], DataConfig(vocab_size=50))
+    said = [r for r in caplog.records if "repeats an earlier one" in r.getMessage()]
+    assert [r.levelno for r in said] == [logging.INFO] + [logging.DEBUG] * 5
+    assert sum(r.levelno == logging.WARNING for r in caplog.records) == 3  # the bad group, each batch

@@ -267,11 +267,17 @@ def _group_digest(seqs: list[CheckedSeq]) -> bytes:
     return h.digest()
 
 
+#: Whether this process has said that repeated groups are trained once (said once per process).
+_duplicates_noted = False
+
+
 def filter_groups(groups: Sequence, cfg: DataConfig,
                   log_drops: bool = True) -> tuple[list[dict], list[list[CheckedSeq]], dict]:
     """Drop bad groups whole. Returns (kept groups, their parsed sequences, metrics) where metrics
     has `data/dropped` (total) and `data/dropped/<reason>` for each reason that occurred. Each drop
-    is logged as a warning, or at debug level with `log_drops=False` (ranks other than 0)."""
+    of bad data is logged as a warning, or at debug level with `log_drops=False` (ranks other than
+    0); a repeated group (valid data of a converged policy) is said once per process at info level,
+    then only counted."""
     kept, parsed, drops, seen = [], [], Counter(), set()
     dup_score_sum, dup_seqs = 0.0, 0
     for gi, group in enumerate(groups):
@@ -288,6 +294,14 @@ def filter_groups(groups: Sequence, cfg: DataConfig,
         except BadGroup as e:
             drops[e.reason] += 1
             env = group.get("env_id") if isinstance(group, dict) else None
+            if e.reason == "duplicate":
+                # Valid data, and every batch of a converged policy has some: said once, then counted.
+                global _duplicates_noted
+                level = logging.INFO if log_drops and not _duplicates_noted else logging.DEBUG
+                _duplicates_noted = _duplicates_noted or log_drops
+                logger.log(level, "group %d of the batch (env_id=%s) repeats an earlier one (%s): it is trained "
+                           "once; later repeats are only counted, in data/dropped/duplicate", gi, env, e)
+                continue
             logger.log(logging.WARNING if log_drops else logging.DEBUG,
                        "dropping group %d of the batch (env_id=%s): %s", gi, env, e)
             continue
