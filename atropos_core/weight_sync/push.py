@@ -368,8 +368,10 @@ class WeightSync:
         if self.rank == 0:
             out.update(phases)
             out["sync/round_trips"] = round_trips
-            logger.info("pushed weights v%d: %.1f MB in %.0f ms (%s)", version, nbytes / 1e6, ms,
-                        ", ".join(f"{k.removeprefix('sync/')} {v:.0f}" for k, v in phases.items()))
+            # At info when a prepare ran (the first push); every push's phases are in its metrics.
+            logger.log(logging.INFO if round_trips > 1 else logging.DEBUG,
+                       "pushed weights v%d: %.1f MB in %.0f ms (%s)", version, nbytes / 1e6, ms,
+                       ", ".join(f"{k.removeprefix('sync/')} {v:.0f}" for k, v in phases.items()))
         return out
 
     def _prepare(self, manifest: dict, key: str) -> None:
