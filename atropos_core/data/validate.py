@@ -281,29 +281,29 @@ def filter_groups(groups: Sequence, cfg: DataConfig,
     kept, parsed, drops, seen = [], [], Counter(), set()
     dup_score_sum, dup_seqs = 0.0, 0
     for gi, group in enumerate(groups):
+        env = group.get("env_id") if isinstance(group, dict) else None
         try:
             seqs = _check_group(group, cfg)
-            digest = _group_digest(seqs)
-            if digest in seen:
-                # A converged policy samples identical groups for real (8 equal right answers), so a
-                # duplicate is valid data we do not train on twice: its scores still count in the
-                # reward statistics (`data/duplicate_*`), or reward would fall as the policy improves.
-                dup_score_sum += sum(s.score for s in seqs)
-                dup_seqs += len(seqs)
-                raise BadGroup("duplicate", "same tokens, masks and scores as an earlier group of this batch")
         except BadGroup as e:
             drops[e.reason] += 1
-            env = group.get("env_id") if isinstance(group, dict) else None
-            if e.reason == "duplicate":
-                # Valid data, and every batch of a converged policy has some: said once, then counted.
-                global _duplicates_noted
-                level = logging.INFO if log_drops and not _duplicates_noted else logging.DEBUG
-                _duplicates_noted = _duplicates_noted or log_drops
-                logger.log(level, "group %d of the batch (env_id=%s) repeats an earlier one (%s): it is trained "
-                           "once; later repeats are only counted, in data/dropped/duplicate", gi, env, e)
-                continue
             logger.log(logging.WARNING if log_drops else logging.DEBUG,
                        "dropping group %d of the batch (env_id=%s): %s", gi, env, e)
+            continue
+        digest = _group_digest(seqs)
+        if digest in seen:
+            # A converged policy samples identical groups for real (8 equal right answers), so a
+            # duplicate is valid data we do not train on twice: its scores still count in the
+            # reward statistics (`data/duplicate_*`), or reward would fall as the policy improves.
+            # Every batch of a converged policy has some: said once per process, then counted.
+            global _duplicates_noted
+            drops["duplicate"] += 1
+            dup_score_sum += sum(s.score for s in seqs)
+            dup_seqs += len(seqs)
+            logger.log(logging.INFO if log_drops and not _duplicates_noted else logging.DEBUG,
+                       "group %d of the batch (env_id=%s) repeats an earlier one (same tokens, masks and "
+                       "scores): it is trained once; later repeats are only counted, in data/dropped/duplicate",
+                       gi, env)
+            _duplicates_noted = _duplicates_noted or log_drops
             continue
         seen.add(digest)
         kept.append(group)

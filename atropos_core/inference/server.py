@@ -395,9 +395,9 @@ def add_atropos_routes(app: FastAPI, *, token: str, max_body_bytes: int, model: 
             if not isinstance(manifest, dict):
                 raise ValueError("/weights/prepare needs a 'manifest' object")
             validate_manifest(manifest, spec, "this server")
+            # What `manifest_key` hashes; `/weights/update` adds each update's version.
             known = {k: manifest[k] for k in ("names", "dtypes", "shapes", "buckets")}
             known["pipeline_depth"] = manifest.get("pipeline_depth", PIPELINE_DEPTH)
-            known["version"] = int(manifest.get("version", 0))
         except (ValueError, TypeError) as err:
             return _error(400, str(err))
         async with state.lock:

@@ -84,7 +84,8 @@ class WeightSyncConfig:
     on the host for each message, `wait_done`, with at most `pipeline_depth` messages in flight, so
     it never times a whole update). Short on purpose: a dead worker otherwise hangs the trainer."""
     http_timeout_s: Annotated[float, Gt(0)] = 30.0
-    """Timeout of the control calls that do not wait for the broadcast (spec, init's answer, prepare)."""
+    """Timeout of the control calls that do not wait for the broadcast (spec, prepare, sampled versions),
+    and of connecting for an update."""
     apply_timeout_s: Annotated[float, Gt(0)] = 600.0
     """Upper bound on one whole update on a server (receive + load + finish); failures inside it are
     caught sooner by the group's timeout, this only bounds a server that hangs afterwards."""
@@ -341,16 +342,15 @@ class WeightSync:
                 if self._group is None:
                     raise WeightSyncError("transfer group is closed (an earlier update failed?): reconnect")
                 key = manifest_key(manifest)
-                if self._known_key != key:
-                    self._prepare(manifest, key)
-                    round_trips = 2
-                updates = self._start_updates(key, version)
-                if updates is None:  # a server forgot the manifest (restarted?): prepare it once more
-                    self._prepare(manifest, key)
-                    round_trips = 2
-                    updates = self._start_updates(key, version)
-                    if updates is None:
-                        raise WeightSyncError("a server does not know the manifest it has just prepared")
+                for _ in range(2):  # a second time when a server forgot the manifest (restarted?)
+                    if self._known_key != key:
+                        self._prepare(manifest, key)
+                        round_trips = 2
+                    updates = self._start_updates(key, version)  # None (and key forgotten): prepare again
+                    if updates is not None:
+                        break
+                else:
+                    raise WeightSyncError("a server does not know the manifest it has just prepared")
             except BaseException as e:  # noqa: BLE001 - re-raised on every rank below
                 err = e
         phases = {"sync/prepare_ms": (time.perf_counter() - t0) * 1e3}  # rank 0 fills in the rest
