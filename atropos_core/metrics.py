@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import sys
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,7 +126,7 @@ class MetricsLogger:
         """Print the step line, append to metrics.jsonl, redraw curves.png when due, push to wandb."""
         if not self.active:
             return
-        rec = {"step": int(step)}
+        rec = {"step": int(step), "time": time.time()}  # wall clock (Unix s) when the step was logged
         rec.update({k: _jsonable(v) for k, v in metrics.items()})
         self.history.append(rec)
         self._jsonl.write(json.dumps(rec, sort_keys=True) + "\n")

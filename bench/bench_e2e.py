@@ -103,7 +103,7 @@ def echo_model(work: Path, seed: int) -> Path:
                             hidden_size=ECHO["hidden_size"], num_layers=ECHO["num_layers"], seed=seed)
 
 
-def ours_echo(work: Path, seed: int, steps: int, offpolicy: int = 1) -> dict:
+def ours_echo(work: Path, seed: int, steps: int, offpolicy: int = 1, extra: tuple = ()) -> dict:
     model = echo_model(work, seed)
     run_dir = work / f"ours_s{seed}"
     run_driver(run_dir, steps, [
@@ -111,11 +111,11 @@ def ours_echo(work: Path, seed: int, steps: int, offpolicy: int = 1) -> dict:
         "--env.module", "bench.echo_env", "--env.group_size", str(ECHO["group"]),
         "--atropos.batch_size", str(ECHO["prompts"] * ECHO["group"]),
         "--env.extra_args", f"--env.max_new_tokens {ECHO['new_tokens']} --env.seed {seed} "
-                            f"--env.max_batches_offpolicy {offpolicy}"])
+                            f"--env.max_batches_offpolicy {offpolicy}", *extra])
     return summarize(run_dir)
 
 
-def trl_echo(work: Path, seed: int, steps: int, offpolicy: int = 1) -> dict | None:
+def trl_echo(work: Path, seed: int, steps: int, offpolicy: int = 1, extra: tuple = ()) -> dict | None:
     try:
         import trl  # noqa: F401
     except ImportError:
@@ -135,7 +135,7 @@ def _fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
-def main_echo(steps: int, seeds: list[int], offpolicy: int = 1, systems=("ours", "trl")) -> int:
+def main_echo(steps: int, seeds: list[int], offpolicy: int = 1, systems=("ours", "trl"), extra: tuple = ()) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench_echo_"))
     meta = run_meta()
     rows = []
@@ -143,7 +143,7 @@ def main_echo(steps: int, seeds: list[int], offpolicy: int = 1, systems=("ours",
         if system not in systems:
             continue
         for seed in seeds:
-            r = fn(work, seed, steps, offpolicy)
+            r = fn(work, seed, steps, offpolicy, extra)
             if r is not None:
                 task = "echo" if offpolicy == 1 else f"echo offpolicy={offpolicy}"
                 rows.append({**meta, **r, "task": task, "system": system, "seed": seed})
@@ -178,7 +178,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.task == "echo":
         return main_echo(args.steps or 300, [int(s) for s in (args.seeds or "0,1").split(",")], args.offpolicy,
-                         tuple(args.systems.split(",")))
+                         tuple(args.systems.split(",")), tuple(args.driver_args))
     if args.run_dir is not None:
         row = {**run_meta(), **summarize(args.run_dir), "task": "default", "system": "ours"}
         append_rows(ROOT / "bench" / "results" / "e2e.csv", FIELDS, [row])
