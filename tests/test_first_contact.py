@@ -365,8 +365,8 @@ def test_every_malformed_generate_request_gets_a_4xx(vllm_server):
 def test_both_model_lengths_start_and_serve_the_data_length(tmp_path, model_4096):
     """The 256-position model with the length unset (its limit, 256) and the 4096-position one with
     --max-token-len 1024: each server serves prompt + completion up to that length, never past it.
-    The two servers start side by side (a cold start is mostly one process importing at a time:
-    two at once take little longer than one on 2 cores) and are checked one after the other."""
+    The two servers start side by side (a cold start is mostly one process importing at a time: on
+    2 cores two at once are ready well before two in turn would be), then are checked in turn."""
     from concurrent.futures import ThreadPoolExecutor
 
     m256 = build_model(tmp_path / "m256", 256)
@@ -376,6 +376,7 @@ def test_both_model_lengths_start_and_serve_the_data_length(tmp_path, model_4096
         assert n == expect
         cases.append((model, n, RunServices(tmp_path / f"run{n}")))
     try:
+        # Started from worker threads, the servers get no PDEATHSIG (`procs`): `finally` stops them.
         with ThreadPoolExecutor(len(cases)) as pool:
             starts = [pool.submit(services.start_inference, str(model), max_model_len=n, timeout=400)
                       for model, n, services in cases]
