@@ -104,8 +104,11 @@ class AtroposConfig:
     """First pause between polls; it doubles each time up to backoff_max_s. Short: the API has no
     blocking /batch, so a batch that lands just after a poll waits for the next one (a poll on
     loopback costs ~1 ms; 0.05 s + 0.1 s jitter added ~0.1 s to every step of a fast loop)."""
-    backoff_max_s: Annotated[float, Gt(0), Finite()] = 1.0
-    """Longest pause between two polls (also the worst latency added to a batch that is ready)."""
+    backoff_max_s: Annotated[float, Gt(0), Finite()] = 0.02
+    """Longest pause between two polls, and so the worst latency added to a batch that is ready.
+    Short, because an empty poll is cheap for both sides (a fraction of a millisecond of the API's
+    CPU) while every step waits up to this long after its batch is complete; with 1 s, an
+    environment taking 2 s per batch had ~0.3 s added to each step (docs/loop-speed-2026-12-01.md)."""
     backoff_jitter_s: Annotated[float, Ge(0)] = 0.005
     """Random extra pause in [0, this] added to each wait, so many clients do not poll in step."""
     log_every_s: Annotated[float, Gt(0), Finite()] = 30.0

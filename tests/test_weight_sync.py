@@ -190,6 +190,34 @@ def test_push_after_optimizer_step_serves_trainer_weights(vllm_server):
 
 
 @pytest.mark.vllm
+def test_update_after_the_server_closed_the_idle_connection(vllm_server):
+    """Updates keep one HTTP connection per server open; a server closes an idle one after its
+    keep-alive timeout (uvicorn's, a few seconds), as between two slow steps. The next update
+    notices, reconnects and lands in one exchange."""
+    import select
+    import time
+
+    model = load_hf(vllm_server.model_dir)
+    sync = WeightSync(WeightSyncConfig(), [vllm_server.url], vllm_server.token)
+    sync.connect()
+    try:
+        train_step(model, seed=31)
+        sync.push(model, vllm_server.next_version())
+        sock = sync._channels[vllm_server.url]._conn.sock
+        assert sock is not None, "the update's connection was not kept open"
+        deadline = time.monotonic() + 30
+        while not select.select([sock], [], [], 0.2)[0]:  # readable between exchanges = closed by the server
+            assert time.monotonic() < deadline, "the server kept the idle connection open for 30 s"
+        train_step(model, seed=32)
+        v = vllm_server.next_version()
+        m = sync.push(model, v)
+        assert served_version(vllm_server.url) == v and m["sync/round_trips"] == 1
+        assert_serves(vllm_server.url, model)
+    finally:
+        sync.close()
+
+
+@pytest.mark.vllm
 @pytest.mark.parametrize("pause_mode", ["keep", "wait", "abort"])
 def test_update_while_generating(vllm_server, pause_mode):
     """An update that arrives while a long generation runs, in each pause mode: the update lands,

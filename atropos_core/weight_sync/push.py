@@ -27,14 +27,17 @@
 from __future__ import annotations
 
 import datetime
+import http.client
 import json
 import logging
+import select
 import socket
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from collections import deque
 from dataclasses import dataclass
 from typing import Annotated, Any, Iterator, Literal, Sequence
+from urllib.parse import urlsplit
 
 try:
     import requests
@@ -113,6 +116,97 @@ class WeightSyncConfig:
         check_fields(self, "sync")
 
 
+class _UpdateChannel:
+    """One server's kept-alive HTTP/1.1 connection for its `/weights/update` exchanges, on the
+    standard library's `http.client`: the trainer waits for the first line of every update before
+    it sends a byte, and `requests` costs that wait about a millisecond of its own per exchange
+    (measured in docs/loop-speed-2026-12-01.md). Driven from the pushing thread, one update at a
+    time; any error closes the connection and the next exchange opens a new one."""
+
+    def __init__(self, url: str, headers: dict[str, str], connect_timeout_s: float) -> None:
+        parts = urlsplit(url)
+        cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        self.url = url
+        self._path = parts.path.rstrip("/") + "/weights/update"
+        self._conn = cls(parts.hostname, parts.port, timeout=connect_timeout_s)
+        self._headers = dict(headers, **{"Content-Type": "application/json"})
+        self._resp: http.client.HTTPResponse | None = None
+
+    def _drop_if_closed(self) -> None:
+        """Reconnect when the server closed the idle connection (its keep-alive timeout): a
+        readable socket between two exchanges can only be an EOF."""
+        sock = self._conn.sock
+        if sock is not None and select.select([sock], [], [], 0)[0]:
+            self._conn.close()
+
+    def send(self, body: dict) -> None:
+        """Send the request (all servers' requests go out before any answer is read)."""
+        try:
+            if self._resp is not None:  # the last exchange was left unfinished: start afresh
+                self.close()
+            self._drop_if_closed()
+            self._conn.request("POST", self._path, body=json.dumps(body).encode(), headers=self._headers)
+        except (OSError, http.client.HTTPException) as err:
+            self.close()
+            raise WeightSyncError(f"vLLM server {self.url}: POST /weights/update failed: {err}") from err
+
+    def first(self) -> str:
+        """Read the answer up to its first line: "ready", or "manifest_unknown" (a 409 asking for a
+        prepare); any other answer raises `WeightSyncError`."""
+        try:
+            resp = self._conn.getresponse()
+            if resp.status != 200:
+                raw = resp.read().decode(errors="replace")
+                try:
+                    answer = json.loads(raw)
+                except ValueError:
+                    answer = {"error": raw}
+                if resp.status == 409 and isinstance(answer, dict) and answer.get("code") == "manifest_unknown":
+                    return "manifest_unknown"
+                detail = answer.get("error") if isinstance(answer, dict) else None
+                raise WeightSyncError(f"vLLM server {self.url}: POST /weights/update answered {resp.status}: "
+                                      f"{detail or answer}")
+            line = json.loads(resp.readline())
+        except (OSError, http.client.HTTPException, ValueError) as err:
+            self.close()
+            raise WeightSyncError(f"vLLM server {self.url}: /weights/update did not start: {err}") from err
+        except WeightSyncError:
+            self.close()
+            raise
+        if not isinstance(line, dict) or line.get("status") != "ready":
+            self.close()
+            raise WeightSyncError(f"vLLM server {self.url}: /weights/update did not start: first line {line!r}")
+        self._resp = resp
+        return "ready"
+
+    def result(self, timeout: float | None = None) -> dict:
+        """The started update's result (its second line), waiting up to `timeout` seconds (default:
+        the connection's timeout); raises `WeightSyncError` when the server reports a failure."""
+        resp, self._resp = self._resp, None
+        try:
+            if resp is None:
+                raise ValueError("no update was started")
+            if self._conn.sock is not None and timeout is not None:
+                self._conn.sock.settimeout(timeout)
+            line = resp.readline()
+            resp.read()  # the end of the chunked body, so the connection can be used again
+            if self._conn.sock is not None:
+                self._conn.sock.settimeout(self._conn.timeout)
+            final = json.loads(line)
+        except (OSError, http.client.HTTPException, ValueError) as err:
+            self.close()
+            raise WeightSyncError(f"vLLM server {self.url}: /weights/update gave no result: {err}") from err
+        if not isinstance(final, dict) or final.get("http_status", 200) != 200:
+            detail = final.get("error") if isinstance(final, dict) else final
+            raise WeightSyncError(f"vLLM server {self.url}: /weights/update answered "
+                                  f"{final.get('http_status') if isinstance(final, dict) else '?'}: {detail}")
+        return final
+
+    def close(self) -> None:
+        self._resp = None
+        self._conn.close()
+
+
 class WeightSync:
     """Pushes a trainer's weights into running vLLM servers after each optimizer step.
 
@@ -145,6 +239,7 @@ class WeightSync:
         self._pool: ThreadPoolExecutor | None = None
         self._listen_sock: socket.socket | None = None
         self._known_key: str | None = None  # the manifest_key every server answered at the last prepare
+        self._channels = {url: _UpdateChannel(url, self._headers, cfg.http_timeout_s) for url in self.urls}
 
     # -- HTTP -----------------------------------------------------------------------------------
     def _call(self, url: str, route: str, body: dict | None = None, timeout: float | None = None,
@@ -291,6 +386,8 @@ class WeightSync:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
         self._session.close()
+        for channel in self._channels.values():
+            channel.close()
 
     # -- push -----------------------------------------------------------------------------------
     def _params(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
@@ -334,7 +431,7 @@ class WeightSync:
         params = self._params(model)
         err: BaseException | None = None
         manifest: dict = {}
-        updates: list[Future] | None = None
+        updates: list[_UpdateChannel] | None = None
         round_trips = 1
         if self.rank == 0:
             manifest = self._manifest(params, version)
@@ -392,78 +489,45 @@ class WeightSync:
                                       f"trainer {key!r}: the two run different versions of atropos_core")
         self._known_key = key
 
-    def _start_updates(self, key: str, version: int) -> list[Future] | None:
+    def _start_updates(self, key: str, version: int) -> list[_UpdateChannel] | None:
         """Start `/weights/update` on every server; return once each has answered "ready" (the
-        update is accepted), with futures of their final answers. None when no server knows the
-        manifest (nothing was started: prepare it)."""
+        update is accepted), with the channels whose `result()` is each one's final answer. None
+        when no server knows the manifest (nothing was started: prepare it). On the caller's
+        thread: every request is sent before any answer is read, and the results are read after
+        the broadcast, so no thread hand-off sits on the path (nothing reads a server's socket
+        during the broadcast; its result waits in the socket until then)."""
         body = {"manifest_key": key, "version": int(version), "pause_mode": self.cfg.pause_mode}
-        readies: list[Future] = []
-        finals: list[Future] = []
-        for url in self.urls:
-            ready: Future = Future()
-            readies.append(ready)
-            finals.append(self._pool.submit(self._update_one_or_fail, url, body, ready))
+        channels = [self._channels[url] for url in self.urls]
         try:
-            states = self._raise_first(readies)
+            for channel in channels:
+                channel.send(body)
+            states = []
+            for channel in channels:
+                try:
+                    states.append(channel.first())
+                except WeightSyncError as err:
+                    states.append(err)
+            failed = [s for s in states if isinstance(s, WeightSyncError)]
+            if failed:
+                raise failed[0]
         except WeightSyncError:
+            # Servers that did answer "ready" get no byte: their receive times out and they resume.
+            for channel in channels:
+                channel.close()
             self._known_key = None
             raise
         if "manifest_unknown" in states:
             self._known_key = None
             if states.count("manifest_unknown") != len(states):  # cannot happen unless servers restarted
-                self._raise_first(finals)
+                for channel in channels:
+                    channel.close()
                 raise WeightSyncError("some servers started the update and some did not know its manifest; "
                                       "their receive times out and they resume: reconnect")
             return None
-        return finals
-
-    def _update_one_or_fail(self, url: str, body: dict, ready: Future) -> dict:
-        try:
-            return self._update_one(url, body, ready)
-        except BaseException as err:
-            if not ready.done():  # never leave push() waiting for a "ready" that cannot come
-                ready.set_exception(err)
-            raise
-
-    def _update_one(self, url: str, body: dict, ready: Future) -> dict:
-        """One server's `/weights/update`: sets `ready` to "ready" (or "manifest_unknown") as soon as
-        the first line arrives, then returns the final answer; an error before that reaches `ready`
-        through `_update_one_or_fail`."""
-        try:
-            resp = self._session.post(f"{url}/weights/update", json=body, headers=self._headers, stream=True,
-                                      timeout=(self.cfg.http_timeout_s, self.cfg.apply_timeout_s))
-        except requests.RequestException as err:
-            raise WeightSyncError(f"vLLM server {url}: POST /weights/update failed: {err}") from err
-        with resp:
-            if resp.status_code != 200:
-                try:
-                    answer = resp.json()
-                except ValueError:
-                    answer = {"error": resp.text}
-                if resp.status_code == 409 and answer.get("code") == "manifest_unknown":
-                    ready.set_result("manifest_unknown")
-                    return {}
-                raise WeightSyncError(f"vLLM server {url}: POST /weights/update answered {resp.status_code}: "
-                                      f"{answer.get('error') or answer}")
-            lines = resp.iter_lines()
-            try:
-                first = json.loads(next(lines))
-                if first.get("status") != "ready":
-                    raise ValueError(f"first line {first!r}")
-            except (StopIteration, ValueError, requests.RequestException) as err:
-                raise WeightSyncError(f"vLLM server {url}: /weights/update did not start: {err}") from None
-            ready.set_result("ready")
-            try:
-                final = json.loads(next(lines))
-            except (StopIteration, ValueError, requests.RequestException) as err:
-                raise WeightSyncError(f"vLLM server {url}: /weights/update gave no result: {err}") from None
-        if final.get("http_status", 200) != 200:
-            raise WeightSyncError(f"vLLM server {url}: /weights/update answered {final.get('http_status')}: "
-                                  f"{final.get('error')}")
-        return final
+        return channels
 
     def _stream(self, params, manifest: dict, version: int, phases: dict[str, float],
-                applies: list[Future]) -> BaseException | None:
+                applies: list[_UpdateChannel]) -> BaseException | None:
         """Rank 0: broadcast while the servers' updates (`applies`, their final answers) run.
         Keeps gathering after a failure so the other trainer ranks are never left waiting in an
         all-gather. Records "sync/send_ms", "sync/finish_ms" and "sync/server_version" (the lowest
@@ -506,14 +570,25 @@ class WeightSync:
         if err is not None:
             self._known_key = None
             # The server's own error (e.g. it rejected or lost the update) is the better message.
-            for url, f in zip(self.urls, applies):
-                try:
-                    f.result(timeout=self.cfg.update_timeout_s + 10)
-                except BaseException as server_err:  # noqa: BLE001
-                    return WeightSyncError(f"{server_err} (trainer side: {err!r} at tensor {current!r})")
-            return WeightSyncError(f"sending tensor {current!r} failed: {err!r}")
+            try:
+                for channel in applies:
+                    try:
+                        channel.result(timeout=self.cfg.update_timeout_s + 10)
+                    except WeightSyncError as server_err:
+                        return WeightSyncError(f"{server_err} (trainer side: {err!r} at tensor {current!r})")
+                return WeightSyncError(f"sending tensor {current!r} failed: {err!r}")
+            finally:
+                for channel in applies:
+                    channel.close()
         try:
-            answers = self._raise_first(applies)
+            answers, first_err = [], None
+            for channel in applies:  # every server's answer is read, so each connection stays usable
+                try:
+                    answers.append(channel.result(timeout=self.cfg.apply_timeout_s))
+                except WeightSyncError as e:
+                    first_err = first_err or e
+            if first_err is not None:
+                raise first_err
             versions = [a.get("weight_version") for a in answers]
             phases["sync/server_version"] = min(versions) if None not in versions else -1
         except WeightSyncError as e:
