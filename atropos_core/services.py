@@ -190,10 +190,10 @@ def environment_command(module: str, *, api_url: str, inference_urls: Sequence[s
         if config_path is None:
             raise ValueError("environment_command: several inference servers need a config_path for the YAML")
         entries = []
+        # One probe per module (a child process importing atroposlib, seconds), not one per server.
+        server_type = user_openai["server_type"] if "server_type" in user_openai else env_server_type(module)
         for url in inference_urls:
-            entry = dict(server, base_url=f"{url.rstrip('/')}/v1")
-            if "server_type" not in user_openai:
-                entry["server_type"] = env_server_type(module)
+            entry = dict(server, base_url=f"{url.rstrip('/')}/v1", server_type=server_type)
             entry.update(user_openai)
             entries.append(entry)
         config_path.parent.mkdir(parents=True, exist_ok=True)

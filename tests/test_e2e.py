@@ -1,13 +1,18 @@
 """End to end through the real parts: `drivers/train.py` with the Atropos API, vLLM, an
 environment and the trainer as separate processes.
 
-- `test_default_run_short`: the no-argument run, shortened to a few steps: it finishes, every step
-  is in metrics.jsonl with the documented keys, the vLLM server reports the trainer's step as its
-  weight version after every sync, and nothing is left running.
+- `test_default_run_learns` (slow): the full default run (`python drivers/train.py`, only `--out`
+  differs); mean reward over the last 10 steps is at least twice that of the first 10 and at least
+  0.5, within 10 minutes.
+- `test_default_run_records_every_step`: the same run (one run, `default_run`, checked by both
+  tests: a run of its own cost a vLLM cold start for what this run shows at every step): it
+  finishes, every step is in metrics.jsonl with the documented keys, the vLLM server reports the
+  trainer's step as its weight version after every sync, one step line per step on stdout,
+  config.json, curves.png, the periodic checkpoints pruned to `keep_last`, and nothing is left
+  running. (A final checkpoint off the `every` boundary: `test_synthetic.py`; saved on the way out
+  of a failed or interrupted run: `test_reliability.py`.)
 - `test_user_env_against_external_api`: an unmodified atroposlib environment defined here (not the
   built-in one) feeds a driver started with `--atropos-url` and `--inference-port`.
-- `test_default_run_learns` (slow): the full default run; mean reward over the last 10 steps is at
-  least twice that of the first 10 and at least 0.5, within 10 minutes.
 - `test_offpolicy_metrics_env_ahead`: the default run with the environment allowed 4 batches
   ahead: every step carries the off-policy metrics (docs/offpolicy.md) and the staleness, the
   data really was stale on some steps, and every value is finite and in its range.
@@ -32,15 +37,27 @@ REQUIRED_KEYS = ["step", "loss/total", "reward/mean", "advantage/mean", "entropy
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
-def test_default_run_short(tmp_path):
-    run_dir = tmp_path / "run"
-    inf_port = free_port()
-    proc = subprocess.run(TRAIN + ["--steps", "3", "--out", str(run_dir), "--inference-port", str(inf_port),
-                                   "--checkpoint.every", "2"],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """The product promise's run: `python drivers/train.py` with no arguments but `--out` (a
+    temporary run dir), once for the module: (completed process, run dir, wall seconds)."""
+    tmp = tmp_path_factory.mktemp("default_run")
+    run_dir = tmp / "run"
+    t0 = time.monotonic()
+    proc = subprocess.run(TRAIN + ["--out", str(run_dir)], capture_output=True, text=True, timeout=900, cwd=tmp)
+    return proc, run_dir, time.monotonic() - t0
+
+
+def test_default_run_records_every_step(default_run):
+    from atropos_core.config import DEMO_PRESET
+
+    proc, run_dir, _ = default_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    cfg = json.loads((run_dir / "config.json").read_text())
+    steps, every, keep = cfg["run"]["steps"], cfg["checkpoint"]["every"], cfg["checkpoint"]["keep_last"]
+    assert steps == DEMO_PRESET["run.steps"] and every == DEMO_PRESET["checkpoint.every"] and keep >= 1
     rows = read_metrics(run_dir)
-    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
     for r in rows:
         missing = [k for k in REQUIRED_KEYS if k not in r]
         assert not missing, f"step {r['step']} lacks {missing}"
@@ -52,13 +69,15 @@ def test_default_run_short(tmp_path):
         assert r["perf/train_s"] >= r["perf/train_step_s"] > 0 and r["perf/sync_s"] * 1e3 >= r["sync/ms"]
     # One fixed-order line per step on stdout.
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("step ")]
-    assert len(lines) == 3 and all("reward" in ln and "sync ms" in ln for ln in lines)
-    cfg = json.loads((run_dir / "config.json").read_text())
-    assert cfg["run"]["steps"] == 3
+    assert len(lines) == steps and all("reward" in ln and "sync ms" in ln for ln in lines)
     assert (run_dir / "curves.png").stat().st_size > 0
+    # Every `every` steps and at the end (here the same step), the last `keep_last` of them kept.
+    saved = sorted({*range(every, steps + 1, every), steps})[-keep:]
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step-"))
-    assert ckpts == ["step-00000002", "step-00000003"]
+    assert ckpts == [f"step-{s:08d}" for s in saved]
     api_port = int(cfg["atropos"]["url"].rsplit(":", 1)[1])
+    commands = (run_dir / "vllm_commands.txt").read_text().split()
+    inf_port = int(commands[commands.index("--port") + 1])
     assert_nothing_left(run_dir, [inf_port, api_port])
 
 
@@ -143,13 +162,10 @@ def test_user_env_against_external_api(tmp_path, tiny_model_dir):
     assert_nothing_left(run_dir, [inf_port])
 
 
-def test_default_run_learns(tmp_path):
+def test_default_run_learns(default_run):
     """The product promise: `python drivers/train.py` with no arguments learns, on 2 CPU cores,
     within 10 minutes. Only `--out` differs from the plain command (a temporary run dir)."""
-    run_dir = tmp_path / "run"
-    t0 = time.monotonic()
-    proc = subprocess.run(TRAIN + ["--out", str(run_dir)], capture_output=True, text=True, timeout=900, cwd=tmp_path)
-    wall = time.monotonic() - t0
+    proc, run_dir, wall = default_run
     assert proc.returncode == 0, proc.stderr[-5000:]
     rewards = [r["reward/mean"] for r in read_metrics(run_dir)]
     first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10

@@ -364,14 +364,25 @@ def test_every_malformed_generate_request_gets_a_4xx(vllm_server):
 @pytest.mark.slow
 def test_both_model_lengths_start_and_serve_the_data_length(tmp_path, model_4096):
     """The 256-position model with the length unset (its limit, 256) and the 4096-position one with
-    --max-token-len 1024: each server serves prompt + completion up to that length, never past it."""
+    --max-token-len 1024: each server serves prompt + completion up to that length, never past it.
+    The two servers start side by side (a cold start is mostly one process importing at a time: on
+    2 cores two at once are ready well before two in turn would be), then are checked in turn."""
+    from concurrent.futures import ThreadPoolExecutor
+
     m256 = build_model(tmp_path / "m256", 256)
+    cases = []
     for model, requested, expect in ((m256, None, 256), (model_4096, 1024, 1024)):
         n = resolve_max_token_len(requested, model)
         assert n == expect
-        services = RunServices(tmp_path / f"run{n}")
-        try:
-            services.start_inference(str(model), max_model_len=n, timeout=400)
+        cases.append((model, n, RunServices(tmp_path / f"run{n}")))
+    try:
+        # Started from worker threads, the servers get no PDEATHSIG (`procs`): `finally` stops them.
+        with ThreadPoolExecutor(len(cases)) as pool:
+            starts = [pool.submit(services.start_inference, str(model), max_model_len=n, timeout=400)
+                      for model, n, services in cases]
+            for start in starts:
+                start.result()
+        for model, n, services in cases:
             url = services.inference_urls[0]
             served = requests.get(f"{url}/v1/models", timeout=10).json()["data"][0]
             assert served["max_model_len"] == n
@@ -390,7 +401,8 @@ def test_both_model_lengths_start_and_serve_the_data_length(tmp_path, model_4096
             assert over.status_code == 400 and f"maximum model length of {n}" in over.text, over.text[:300]
             cmd = (tmp_path / f"run{n}" / "vllm_commands.txt").read_text().split()
             assert cmd[cmd.index("--max-model-len") + 1] == str(n)
-        finally:
+    finally:
+        for _, _, services in cases:
             services.stop_all()
 
 

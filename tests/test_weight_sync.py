@@ -265,23 +265,28 @@ def test_packed_buckets_give_the_same_weights(vllm_server):
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_push_tied_embeddings(vllm_tied_server):
-    """Tied embeddings, in place ("plain" CPU layout, reused receive buffers) and through the
-    layerwise reload ("packed"): two real steps, each followed by a push (tensor by tensor, then
-    packed buckets), and vLLM serves the trainer's weights after each."""
-    model = load_hf(vllm_tied_server.model_dir)
-    assert model.config.tie_word_embeddings
-    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-    # The first push sends tensor by tensor, the second packs several tensors per message.
-    for seed, cfg in ((4, WeightSyncConfig(bucket_bytes=0)), (5, WeightSyncConfig(bucket_bytes=300_000))):
-        train_step(model, seed=seed)
-        metrics = push_once(vllm_tied_server, model, cfg)
-        assert served_version(vllm_tied_server.url) == metrics["sync/version"]
-        assert_serves(vllm_tied_server.url, model)
-    layout = vllm_tied_server.cpu_weight_layout
-    expected = "in place" if layout == "plain" else "layerwise"
-    log = vllm_tied_server.handle.process.log_path.read_text(errors="replace")
-    assert f"weight updates load {expected}" in log, f"the {layout} server did not load {expected}"
+class TestTiedEmbeddings:
+    """Both layouts' servers (`vllm_tied_servers`) live while this class runs, and only then."""
+
+    @pytest.mark.parametrize("layout", ["plain", "packed"])
+    def test_push_tied_embeddings(self, vllm_tied_servers, layout):
+        """Tied embeddings, in place ("plain" CPU layout, reused receive buffers) and through the
+        layerwise reload ("packed"): two real steps, each followed by a push (tensor by tensor, then
+        packed buckets), and vLLM serves the trainer's weights after each."""
+        vllm_tied_server = vllm_tied_servers[layout]
+        model = load_hf(vllm_tied_server.model_dir)
+        assert model.config.tie_word_embeddings
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+        # The first push sends tensor by tensor, the second packs several tensors per message.
+        for seed, cfg in ((4, WeightSyncConfig(bucket_bytes=0)), (5, WeightSyncConfig(bucket_bytes=300_000))):
+            train_step(model, seed=seed)
+            metrics = push_once(vllm_tied_server, model, cfg)
+            assert served_version(vllm_tied_server.url) == metrics["sync/version"]
+            assert_serves(vllm_tied_server.url, model)
+        assert vllm_tied_server.cpu_weight_layout == layout
+        expected = "in place" if layout == "plain" else "layerwise"
+        log = vllm_tied_server.handle.process.log_path.read_text(errors="replace")
+        assert f"weight updates load {expected}" in log, f"the {layout} server did not load {expected}"
 
 
 @pytest.mark.vllm
