@@ -122,8 +122,9 @@ class MetricsLogger:
             self._wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=run_config or {},
                                      dir=str(self.run_dir))
 
-    def log(self, step: int, metrics: dict) -> None:
-        """Print the step line, append to metrics.jsonl, redraw curves.png when due, push to wandb."""
+    def log(self, step: int, metrics: dict, *, redraw: bool = True) -> None:
+        """Print the step line, append to metrics.jsonl, redraw curves.png when due (unless
+        `redraw` is False: the caller then calls `redraw_if_due` itself), push to wandb."""
         if not self.active:
             return
         rec = {"step": int(step), "time": time.time()}  # wall clock (Unix s) when the step was logged
@@ -133,10 +134,15 @@ class MetricsLogger:
         self._jsonl.flush()
         # The one line per step is this logger's output channel (the driver's console), not a log.
         print(format_step_line(step, metrics), file=self.stream, flush=True)
-        if self.cfg.plot_every and step % self.cfg.plot_every == 0:
-            self._plot_in_background()
+        if redraw:
+            self.redraw_if_due(step)
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in rec.items() if isinstance(v, (int, float))}, step=int(step))
+
+    def redraw_if_due(self, step: int) -> None:
+        """Start redrawing curves.png on the background thread when `step` is a plot step."""
+        if self.active and self.cfg.plot_every and step % self.cfg.plot_every == 0:
+            self._plot_in_background()
 
     def _plot_in_background(self) -> None:
         if self._plotting is not None and not self._plotting.done():

@@ -167,13 +167,15 @@ def main(argv=None) -> int:
                 m.update(stale.result())
             m.update(clock.split())
             m["perf/tokens_per_s"] = m["train/tokens_total"] / m["perf/step_s"]
-            # Saved before the record is logged: logging may start a redraw of curves.png on a
-            # thread, and a save beside it (both Python-heavy) took 0.3-1.0 s instead of ~0.05.
-            if cfg.checkpoint.should_save(step):
+            saving = cfg.checkpoint.should_save(step)
+            log.log(step, m, redraw=not saving)  # the record first: it exists even if the save is killed
+            if saving:
                 save_checkpoint(cfg.checkpoint.dir, step, model, optimizer, scheduler, tokenizer,
                                 keep_last=cfg.checkpoint.keep_last)
                 saved_step = step
-            log.log(step, m)
+                # curves.png only after the save: beside the redraw's thread (both Python-heavy)
+                # a save took 0.3-1.0 s instead of ~0.05 s.
+                log.redraw_if_due(step)
             clock.lap("log")
         if checking is not None:
             checking.result()

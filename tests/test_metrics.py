@@ -52,3 +52,20 @@ def test_logging_config_validation():
         LoggingConfig(plot_every=-1)
     with pytest.raises(ValueError, match="run_dir"):
         LoggingConfig(run_dir="")
+
+
+def test_redraw_can_wait_until_the_caller_says(tmp_path):
+    """`log(..., redraw=False)` on a plot step writes the record but starts no redraw (the driver
+    saves a checkpoint first); `redraw_if_due` then starts it, and only on plot steps."""
+    log = MetricsLogger(LoggingConfig(run_dir=str(tmp_path / "run"), plot_every=2), stream=io.StringIO())
+    png = tmp_path / "run" / "curves.png"
+    log.log(2, _metrics(2), redraw=False)
+    assert log._plotting is None and not png.exists()
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text())["step"] == 2
+    log.redraw_if_due(3)  # not a plot step
+    assert log._plotting is None
+    log.redraw_if_due(2)
+    assert log._plotting is not None
+    log._plotting.result()
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    log.close()
