@@ -146,6 +146,8 @@ def main_echo(steps: int, seeds: list[int], offpolicy: int = 1, systems=("ours",
             r = fn(work, seed, steps, offpolicy, extra)
             if r is not None:
                 task = "echo" if offpolicy == 1 else f"echo offpolicy={offpolicy}"
+                if extra and system == "ours":  # not the plain task: say how the run differed
+                    task += " " + " ".join(extra)
                 rows.append({**meta, **r, "task": task, "system": system, "seed": seed})
     append_rows(ROOT / "bench" / "results" / "e2e.csv", FIELDS, rows)
     print(f"\necho task, {steps} steps, seeds {seeds} ({meta['device']}, {meta['commit']})")

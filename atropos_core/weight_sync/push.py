@@ -196,10 +196,11 @@ class _UpdateChannel:
         except (OSError, http.client.HTTPException, ValueError) as err:
             self.close()
             raise WeightSyncError(f"vLLM server {self.url}: /weights/update gave no result: {err}") from err
-        if not isinstance(final, dict) or final.get("http_status", 200) != 200:
-            detail = final.get("error") if isinstance(final, dict) else final
-            raise WeightSyncError(f"vLLM server {self.url}: /weights/update answered "
-                                  f"{final.get('http_status') if isinstance(final, dict) else '?'}: {detail}")
+        if not isinstance(final, dict):
+            raise WeightSyncError(f"vLLM server {self.url}: /weights/update gave no result: {final!r}")
+        if final.get("http_status", 200) != 200:
+            raise WeightSyncError(f"vLLM server {self.url}: /weights/update answered {final.get('http_status')}: "
+                                  f"{final.get('error')}")
         return final
 
     def close(self) -> None:
@@ -265,11 +266,12 @@ class WeightSync:
         return futures
 
     @staticmethod
-    def _raise_first(futures: Sequence[Future]) -> list[Any]:
+    def _raise_first(futures: Sequence, timeout: float | None = None) -> list[Any]:
+        """Every result (each waited for up to `timeout`), or the first error once all are in."""
         results, first_err = [], None
         for f in futures:
             try:
-                results.append(f.result())
+                results.append(f.result(timeout=timeout))
             except BaseException as err:  # noqa: BLE001 - collected, the first one is raised
                 first_err = first_err or err
         if first_err is not None:
@@ -501,15 +503,7 @@ class WeightSync:
         try:
             for channel in channels:
                 channel.send(body)
-            states = []
-            for channel in channels:
-                try:
-                    states.append(channel.first())
-                except WeightSyncError as err:
-                    states.append(err)
-            failed = [s for s in states if isinstance(s, WeightSyncError)]
-            if failed:
-                raise failed[0]
+            states = [channel.first() for channel in channels]
         except WeightSyncError:
             # Servers that did answer "ready" get no byte: their receive times out and they resume.
             for channel in channels:
@@ -581,14 +575,8 @@ class WeightSync:
                 for channel in applies:
                     channel.close()
         try:
-            answers, first_err = [], None
-            for channel in applies:  # every server's answer is read, so each connection stays usable
-                try:
-                    answers.append(channel.result(timeout=self.cfg.apply_timeout_s))
-                except WeightSyncError as e:
-                    first_err = first_err or e
-            if first_err is not None:
-                raise first_err
+            # Every server's answer is read, so each connection stays usable.
+            answers = self._raise_first(applies, timeout=self.cfg.apply_timeout_s)
             versions = [a.get("weight_version") for a in answers]
             phases["sync/server_version"] = min(versions) if None not in versions else -1
         except WeightSyncError as e:
