@@ -421,8 +421,10 @@ def test_user_setup_trains_end_to_end(tmp_path, model_256_chat):
                OMP_NUM_THREADS="1")
     steps = 6
     # atroposlib: an environment stops sampling while the API queue holds max_batches_offpolicy batches,
-    # whoever queued them; the chat env (slower per group) gets room of its own so both feed the API.
-    modules = ["atropos_core.envs.repeat_env", "atropos_core.envs.chat_env --env.max_batches_offpolicy 4"]
+    # whoever queued them, and a batch is the queue's oldest groups: the faster repeat env can fill every
+    # batch of a short run. The chat env's share of each batch (a quarter: one group of 4) makes the
+    # API build no batch without it, however the two environments' speeds compare on a loaded machine.
+    modules = ["atropos_core.envs.repeat_env", "atropos_core.envs.chat_env --env.min_batch_allocation 0.25"]
     cmd = TRAIN + ["--model", repo_id, "--out", str(run), "--steps", str(steps), "--inference.num_servers", "2",
                    "--env.modules", json.dumps(modules),
                    "--env.group_size", "4", "--atropos.batch_size", "16", "--optim.lr", "1e-4",

@@ -224,33 +224,44 @@ def test_update_while_generating(vllm_server, pause_mode):
     generation resumes, and the request ends as the mode says: "keep" and "wait" deliver every
     token (keep: the later ones sampled on the new weights, after the running sequences' KV was
     recomputed; wait: the request drains first), "abort" cuts it short. Then the server serves the
-    new weights."""
-    from concurrent.futures import ThreadPoolExecutor
-    import time
+    new weights.
+
+    The request is streamed (`/v1/completions`) and the update is sent once its first tokens have
+    arrived: then it is generating in the engine, not still on its way there (which no fixed sleep
+    ensures on a loaded machine; an "abort" pause does not cancel a request the engine has not seen).
+    500 tokens is all the model length allows; the top-20 logprobs of every token make the request
+    last seconds (~1 s without them), long enough for the update to arrive mid-generation."""
+    import json
 
     model = load_hf(vllm_server.model_dir)
     train_step(model, seed=20 + ["keep", "wait", "abort"].index(pause_mode))
     sync = WeightSync(WeightSyncConfig(pause_mode=pause_mode), [vllm_server.url], vllm_server.token)
     sync.connect()
-    body = {"prompt": {"prompt_token_ids": PROMPTS[0]}, "n": 4, "max_tokens": 500, "ignore_eos": True,
-            "temperature": 1.0, "seed": 1}
+    served = requests.get(f"{vllm_server.url}/v1/models", timeout=10).json()["data"][0]["id"]
+    body = {"model": served, "prompt": PROMPTS[0], "n": 4, "max_tokens": 500, "ignore_eos": True,
+            "temperature": 1.0, "seed": 1, "logprobs": 20, "stream": True, "return_token_ids": True}
+    tokens, finish = [0] * 4, [None] * 4
     try:
-        with ThreadPoolExecutor(1) as pool:
-            running = pool.submit(requests.post, f"{vllm_server.url}/generate", json=body, timeout=120)
-            time.sleep(0.15)
-            assert not running.done(), "the generation ended before the update: make it longer"
-            version = vllm_server.next_version()
-            sync.push(model, version)
-            answer = running.result()
+        with requests.post(f"{vllm_server.url}/v1/completions", json=body, stream=True, timeout=120) as answer:
+            assert answer.status_code == 200, answer.text
+            pushed = None
+            for line in answer.iter_lines():
+                if not line.startswith(b"data: {"):
+                    continue
+                for choice in json.loads(line[len(b"data: "):])["choices"]:
+                    tokens[choice["index"]] += len(choice["token_ids"])
+                    finish[choice["index"]] = choice["finish_reason"] or finish[choice["index"]]
+                if pushed is None:
+                    assert None in finish, "the generation ended before the update: make it longer"
+                    pushed = vllm_server.next_version()
+                    sync.push(model, pushed)
     finally:
         sync.close()
-    assert served_version(vllm_server.url) == version
-    assert answer.status_code == 200, answer.text
-    lengths = [len(ids) for ids in answer.json()["token_ids"]]
+    assert served_version(vllm_server.url) == pushed
     if pause_mode == "abort":
-        assert set(answer.json()["finish_reasons"]) == {"abort"} and max(lengths) < 500, lengths
+        assert set(finish) == {"abort"} and max(tokens) < 500, (finish, tokens)
     else:
-        assert lengths == [500] * 4
+        assert tokens == [500] * 4 and set(finish) == {"length"}, (finish, tokens)
     assert_serves(vllm_server.url, model)
 
 
