@@ -19,7 +19,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -220,9 +219,3 @@ class ManagedProcess:
         _signal_pids(tree, signal.SIGKILL)
         if getattr(self, "_log", None):
             self._log.close()
-
-
-def venv_bin(name: str) -> str:
-    """Path of a console script installed beside the running interpreter (e.g. `run-api`)."""
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else name

@@ -32,7 +32,7 @@ from .cpu_budget import env_names
 from .inference.vllm_command import (CPU_WEIGHT_LAYOUT_ENV, new_update_token, resolve_cpu_weight_layout, served_name_from,
                                      vllm_server_command)
 from .model_source import ModelSourceError, resolve_max_token_len, resolve_model_path
-from .procs import ManagedProcess, ServiceError, free_port, port_in_use, venv_bin
+from .procs import ManagedProcess, ServiceError, free_port, port_in_use
 
 if TYPE_CHECKING:
     import torch
@@ -109,14 +109,16 @@ def start_vllm_server(model_dir: str | Path, *, port: int, log_dir: str | Path, 
 
 def start_atropos_api(port: int, log_dir: Path, host: str = "127.0.0.1", timeout: float = 60.0,
                       env: dict | None = None, cpus: tuple[int, ...] | None = None) -> ManagedProcess:
-    """Start atroposlib's trajectory API (`run-api`) and wait until it answers `/status`."""
-    proc = ManagedProcess("atropos-api", [venv_bin("run-api"), "--host", host, "--port", str(port)],
+    """Start atroposlib's trajectory API (its app, as `run-api` serves it; successful polls left out
+    of the access log: `atropos_core.run_api`) and wait until it answers `/status`."""
+    proc = ManagedProcess("atropos-api", [sys.executable, "-m", API_RUNNER, "--host", host, "--port", str(port)],
                           log_dir / "atropos_api.log", env=env, cpus=cpus).start()
     proc.wait_http(f"http://{host}:{port}/status", timeout)
     return proc
 
 
 ENV_RUNNER = "atropos_core.envs.run_env"
+API_RUNNER = "atropos_core.run_api"
 
 
 def _split_openai_args(args: Sequence[str]) -> tuple[list[str], dict[str, str]]:

@@ -278,7 +278,7 @@ def test_driver_survives_faults(tmp_path, tiny_model_dir):
         post_groups(own_url, step_groups(step_d))
         wait_step(run_d, step_d, d)
         own_port = int(own_url.rsplit(":", 1)[1])
-        api_pid = next(int(ln.split(":", 1)[0]) for ln in processes_mentioning(f"--port {own_port}") if "run-api" in ln)
+        api_pid = next(int(ln.split(":", 1)[0]) for ln in processes_mentioning(f"--port {own_port}") if "run_api" in ln)
         kill_group(api_pid)
         assert d.proc.wait(timeout=60) == 1
         log_d = (tmp_path / "driver_d.log").read_text()

@@ -1,0 +1,59 @@
+"""The API runner (`atropos_core/run_api.py`): atroposlib's app as `run-api` serves it, with the
+successful polls (`GET /batch`, `/status`, `/status-env` answered 200) left out of its access log.
+
+- `test_quiet_polls_drops_only_successful_polls`: the filter on uvicorn's access records, in-process.
+- `test_api_log_keeps_all_but_successful_polls` (api): a real API process of the test's own: polls
+  answered 200 leave no line; a registration (POST), a poll answered otherwise, and any other GET
+  each leave one.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+import requests
+
+from atropos_core.run_api import POLLED_PATHS, QuietPolls, log_config
+
+
+def _access(method: str, path: str, status: int) -> logging.LogRecord:
+    return logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+                             ("127.0.0.1:5000", method, path, "1.1", status), None)
+
+
+def test_quiet_polls_drops_only_successful_polls():
+    keep = QuietPolls().filter
+    for path in POLLED_PATHS:
+        assert not keep(_access("GET", path, 200)), path
+        assert not keep(_access("GET", path + "?x=1", 200)), path
+        assert keep(_access("GET", path, 500)) and keep(_access("POST", path, 200)), path
+    assert keep(_access("GET", "/info", 200)) and keep(_access("POST", "/scored_data", 200))
+    assert keep(_access("GET", "/batches", 200))                       # a path that only starts like one
+    assert keep(logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, "odd", None, None))
+    config = log_config()
+    assert "quiet_polls" in config["handlers"]["access"]["filters"]
+    from uvicorn.config import LOGGING_CONFIG
+
+    assert "filters" not in LOGGING_CONFIG["handlers"]["access"]       # uvicorn's own left as it was
+
+
+@pytest.mark.api
+def test_api_log_keeps_all_but_successful_polls(own_atropos_api):
+    url, log = own_atropos_api.url, own_atropos_api.log_dir / "atropos_api.log"
+    for _ in range(20):
+        assert requests.get(url + "/status", timeout=10).status_code == 200
+        assert requests.get(url + "/batch", timeout=10).status_code == 200
+    assert requests.get(url + "/status-env", json={"env_id": 7}, timeout=10).status_code != 200  # not registered
+    register = {"wandb_group": "g", "wandb_project": "p", "batch_size": 8, "max_token_len": 64,
+                "checkpoint_dir": "c", "save_checkpoint_interval": 10, "starting_step": 0, "num_steps": 10}
+    assert requests.post(url + "/register", json=register, timeout=10).status_code == 200
+    assert requests.get(url + "/info", timeout=10).status_code == 200
+    deadline = time.monotonic() + 10
+    while '"GET /info' not in log.read_text():                          # the last request's line is written
+        assert time.monotonic() < deadline, log.read_text()[-2000:]
+        time.sleep(0.05)
+    lines = [ln for ln in log.read_text().splitlines() if '" ' in ln and "HTTP/1.1" in ln]
+    assert not [ln for ln in lines if '"GET /status HTTP' in ln or '"GET /batch HTTP' in ln], lines
+    assert sum('"GET /status-env HTTP/1.1" 500' in ln or '"GET /status-env HTTP/1.1" 4' in ln for ln in lines) == 1, lines
+    assert sum('"POST /register HTTP/1.1" 200' in ln for ln in lines) == 1, lines
