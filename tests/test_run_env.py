@@ -61,6 +61,98 @@ def test_startup_wait_maps_only_atroposlib_wait(envs_base):
     assert run_env._ATROPOSLIB_STARTUP_CALL in inspect.getsource(base.BaseEnv.env_manager)
 
 
+class _Env:
+    """Stands in for a `BaseEnv` in the loop pause's frame check: its rollouts in flight."""
+
+    def __init__(self, workers) -> None:
+        self.workers = set(workers)
+
+
+def test_idle_poll_quickens_only_the_managers_pause_with_nothing_in_flight(envs_base):
+    base = envs_base
+    assert run_env.quicken_idle_poll({}) == run_env.IDLE_POLL_S < 0.1
+    proxy = base.asyncio
+    assert proxy.manager_code is base.BaseEnv.env_manager.__code__ and proxy.wait_s is None
+    # The one call it replaces is where the docstring says (atroposlib 0.4.0): else it would be left alone.
+    import inspect
+
+    assert inspect.getsource(base.BaseEnv.env_manager).count(run_env._ATROPOSLIB_POLL_CALL) == 1
+
+    async def loop_pause(self) -> float:   # a pause made from a frame that is (for the proxy) the manager's
+        t0 = time.monotonic()
+        await base.asyncio.sleep(0.1)
+        return time.monotonic() - t0
+
+    async def other(self) -> float:
+        t0 = time.monotonic()
+        await base.asyncio.sleep(0.1)
+        return time.monotonic() - t0
+
+    proxy.manager_code = loop_pause.__code__
+    assert asyncio.run(loop_pause(_Env([]))) < 0.05                 # nothing in flight: quick
+    assert asyncio.run(loop_pause(_Env(["rollout"]))) >= 0.1        # rollouts in flight: atroposlib's
+    assert asyncio.run(other(_Env([]))) >= 0.1                      # anyone else's 0.1 s: as asked
+    # Both changes live on one proxy, whichever comes first; the variable sets the pause.
+    assert run_env.shorten_startup_wait({}) == 0.0 and base.asyncio is proxy
+    assert run_env.quicken_idle_poll({run_env.IDLE_POLL_ENV: "0.1"}) == 0.1 and base.asyncio is proxy
+    for bad in ("soon", "-1", "inf", "nan"):
+        base.asyncio = asyncio
+        assert run_env.quicken_idle_poll({run_env.IDLE_POLL_ENV: bad}) is None, bad
+        assert base.asyncio is asyncio, bad
+
+
+@pytest.mark.api
+def test_paused_environment_polls_quickly(tmp_path, atropos_api, tiny_model_dir, envs_base):
+    """A real `BaseEnv` (the built-in `RepeatEnv`) runs atroposlib's own env manager in this process
+    against the real API, whose queue already holds a whole batch: the environment registers and
+    pauses (its `max_batches_offpolicy` is 1), with no rollout in flight and nothing sampled (its
+    inference URL leads nowhere). atroposlib times every loop of the manager (`mainloop_timings`);
+    with the runner's pacing a paused loop is a status poll and `IDLE_POLL_S`, without it a poll
+    and 0.1 s."""
+    import random
+
+    from atropos_core.client import AtroposClient, AtroposConfig
+    from atropos_core.envs.repeat_env import RepeatEnv
+    from atropos_core.services import free_port
+    from tests.fixtures.atropos_api import make_group, post_groups
+
+    client = AtroposClient(AtroposConfig(url=atropos_api.url, batch_size=8, max_token_len=64, max_wait_s=30))
+    client.register()
+    try:
+        assert requests.get(atropos_api.url + "/batch", timeout=10).status_code == 200  # environments may join now
+        post_groups(atropos_api.url, [make_group(random.Random(0)) for _ in range(2)])  # a batch of 8, queued
+
+        def loop_timings(idle_poll: str) -> list[float]:
+            assert run_env.shorten_startup_wait({}) == 0.0
+            assert run_env.quicken_idle_poll({run_env.IDLE_POLL_ENV: idle_poll}) == float(idle_poll)
+            config, servers = RepeatEnv.config_init()
+            config = config.model_copy(update={"rollout_server_url": atropos_api.url, "group_size": 4,
+                                               "tokenizer_name": str(tiny_model_dir)})
+            servers[0] = servers[0].model_copy(update={"base_url": f"http://127.0.0.1:{free_port()}/v1",
+                                                       "model_name": str(tiny_model_dir),
+                                                       "health_check": False})
+            env = RepeatEnv(config, servers, slurm=False, testing=False)
+
+            async def run() -> None:
+                manager = asyncio.ensure_future(env.env_manager())
+                await asyncio.sleep(1.5)
+                manager.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await manager
+
+            asyncio.run(run())
+            assert not env.workers and not env.running_items, "the environment sampled: it should be paused"
+            assert len(env.mainloop_timings) >= 5, env.mainloop_timings
+            return sorted(env.mainloop_timings)
+
+        quick, atroposlib = loop_timings(str(run_env.IDLE_POLL_S)), loop_timings("0.1")
+        assert atroposlib[0] >= 0.1, atroposlib                                       # the pause is 0.1 s...
+        assert quick[len(quick) // 2] < 0.1 - run_env.IDLE_POLL_S, quick[:5]          # ...unless paused
+        assert len(quick) > 2 * len(atroposlib), (len(quick), len(atroposlib))
+    finally:
+        client.close()
+
+
 def _status_env(url: str, env_id: int) -> dict | None:
     try:
         r = requests.get(url + "/status-env", json={"env_id": env_id}, timeout=5)
