@@ -32,21 +32,6 @@ And one start-up wait is shortened (`shorten_startup_wait`):
   own), applied to that one `asyncio.sleep(5)` through the `asyncio` module that
   `atroposlib.envs.base` sees (a proxy; the real module and every other sleep are untouched). An
   atroposlib whose env manager no longer has exactly that call is left alone.
-
-And the manager's poll is quicker while it has nothing in flight (`quicken_idle_poll`):
-
-* The manager's loop reads `/status-env` and then sleeps 0.1 s, whatever it is doing. With no
-  rollout in flight (paused because the API queue holds its `max_batches_offpolicy` batches, or
-  just started) it is waiting for one thing, the trainer taking a batch, and it noticed that on
-  average ~50 ms late: on an on-policy toy task (the echo benchmark, a ~0.1 s step) that was a
-  third of every step (docs/loop-speed-2026-12-01.md, session 7). While no rollout is in flight
-  the sleep is `$ATROPOS_ENV_IDLE_POLL_S` (default `IDLE_POLL_S`); with rollouts in flight it is
-  atroposlib's 0.1 s (the loop then only tops up workers, and each poll would take CPU from the
-  generation it waits on). A poll is one GET to the API (which answers it in well under a
-  millisecond) and is not logged above INFO. Only the `asyncio.sleep(0.1)` made by
-  `BaseEnv.env_manager` itself is changed (told apart by its code object); an atroposlib whose
-  env manager has other than exactly one such call, or whose environments have no `workers` set,
-  is left alone. `ATROPOS_ENV_IDLE_POLL_S=0.1` restores atroposlib's pace.
 """
 from __future__ import annotations
 
@@ -62,12 +47,6 @@ STARTUP_WAIT_ENV = "ATROPOS_ENV_STARTUP_WAIT_S"
 #: The fixed wait of atroposlib 0.4.0's `BaseEnv.env_manager` before its loop, as written there.
 _ATROPOSLIB_STARTUP_WAIT_S = 5
 _ATROPOSLIB_STARTUP_CALL = f"asyncio.sleep({_ATROPOSLIB_STARTUP_WAIT_S})"
-#: Seconds between the env manager's status polls while it has no rollout in flight.
-IDLE_POLL_S = 0.005
-IDLE_POLL_ENV = "ATROPOS_ENV_IDLE_POLL_S"
-#: The pause at the end of every loop of atroposlib 0.4.0's `BaseEnv.env_manager`, as written there.
-_ATROPOSLIB_POLL_S = 0.1
-_ATROPOSLIB_POLL_CALL = f"asyncio.sleep({_ATROPOSLIB_POLL_S})"
 
 
 def restore_chat_template_ids() -> None:
@@ -88,60 +67,20 @@ def restore_chat_template_ids() -> None:
     PreTrainedTokenizerBase.apply_chat_template = apply_chat_template
 
 
-class _EnvManagerAsyncio:
+class _StartupWaitAsyncio:
     """`asyncio` as atroposlib's `envs.base` module sees it: everything the real module has, except
-    that a sleep of atroposlib's start-up wait (5 s, its only such call) lasts `wait_s` when that is
-    set, and the env manager's own 0.1 s loop pause lasts `idle_poll_s` when that is set and the
-    environment has no rollout in flight."""
+    that a sleep of atroposlib's start-up wait (5 s, its only such call) lasts `wait_s`."""
 
-    def __init__(self, real) -> None:
-        self._real = real
-        self.wait_s: float | None = None
-        self.idle_poll_s: float | None = None
-        self.manager_code = None
+    def __init__(self, real, wait_s: float) -> None:
+        self._real, self._wait_s = real, wait_s
 
     def __getattr__(self, name: str):
         return getattr(self._real, name)
 
     def sleep(self, delay, *args, **kwargs):
-        if delay == _ATROPOSLIB_STARTUP_WAIT_S and self.wait_s is not None:
-            delay = self.wait_s
-        elif delay == _ATROPOSLIB_POLL_S and self.idle_poll_s is not None:
-            caller = sys._getframe(1)
-            if caller.f_code is self.manager_code and not caller.f_locals["self"].workers:
-                delay = self.idle_poll_s
+        if delay == _ATROPOSLIB_STARTUP_WAIT_S:
+            delay = self._wait_s
         return self._real.sleep(delay, *args, **kwargs)
-
-
-def _seconds(environ, name: str, default: float) -> float | None:
-    """`environ[name]` as a finite number of seconds >= 0 (`default` when unset); None when it is not one."""
-    raw = environ.get(name, "").strip()
-    try:
-        value = float(raw) if raw else default
-    except ValueError:
-        return None
-    return value if 0 <= value < float("inf") else None
-
-
-def _manager_source():
-    """atroposlib's `envs.base` module, its source and its env manager's, or None without them."""
-    try:
-        from atroposlib.envs import base
-        return base, inspect.getsource(base), inspect.getsource(base.BaseEnv.env_manager)
-    except (ImportError, AttributeError, OSError, TypeError):
-        return None
-
-
-def _proxy(base) -> _EnvManagerAsyncio | None:
-    """The proxy `asyncio` of `base`, installed on first use; None if `base.asyncio` is neither."""
-    import asyncio
-
-    if isinstance(base.asyncio, _EnvManagerAsyncio):
-        return base.asyncio
-    if base.asyncio is not asyncio:
-        return None
-    base.asyncio = _EnvManagerAsyncio(asyncio)
-    return base.asyncio
 
 
 def shorten_startup_wait(environ=os.environ) -> float | None:
@@ -149,39 +88,27 @@ def shorten_startup_wait(environ=os.environ) -> float | None:
     after registering instead of 5 s. Returns the wait applied; None when atroposlib is left alone:
     a value that is not a finite number >= 0, an atroposlib without `envs.base`, or one whose
     module has other than exactly one `asyncio.sleep(5)`, in `BaseEnv.env_manager`."""
-    wait_s = _seconds(environ, STARTUP_WAIT_ENV, STARTUP_WAIT_S)
-    found = _manager_source()
-    if wait_s is None or found is None:
+    import asyncio
+
+    raw = environ.get(STARTUP_WAIT_ENV, "").strip()
+    try:
+        wait_s = float(raw) if raw else STARTUP_WAIT_S
+    except ValueError:
         return None
-    base, source, manager = found
+    if not 0 <= wait_s < float("inf"):
+        return None
+    try:
+        from atroposlib.envs import base
+        source, manager = inspect.getsource(base), inspect.getsource(base.BaseEnv.env_manager)
+    except (ImportError, AttributeError, OSError, TypeError):
+        return None
     if source.count(_ATROPOSLIB_STARTUP_CALL) != 1 or _ATROPOSLIB_STARTUP_CALL not in manager:
         return None
-    proxy = _proxy(base)
-    if proxy is None:
+    real = getattr(base.asyncio, "_real", base.asyncio)
+    if real is not asyncio:
         return None
-    proxy.wait_s = wait_s
+    base.asyncio = _StartupWaitAsyncio(real, wait_s)
     return wait_s
-
-
-def quicken_idle_poll(environ=os.environ) -> float | None:
-    """Make atroposlib's env manager poll `/status-env` every `$ATROPOS_ENV_IDLE_POLL_S` s (default
-    `IDLE_POLL_S`) while the environment has no rollout in flight, instead of every 0.1 s. Returns
-    the pause applied; None when atroposlib is left alone: a value that is not a finite number >= 0,
-    an atroposlib without `envs.base`, or one whose env manager has other than exactly one
-    `asyncio.sleep(0.1)` or does not keep its rollouts in `self.workers`."""
-    poll_s = _seconds(environ, IDLE_POLL_ENV, IDLE_POLL_S)
-    found = _manager_source()
-    if poll_s is None or found is None:
-        return None
-    base, _, manager = found
-    if manager.count(_ATROPOSLIB_POLL_CALL) != 1 or "self.workers" not in manager:
-        return None
-    proxy = _proxy(base)
-    if proxy is None:
-        return None
-    proxy.manager_code = base.BaseEnv.env_manager.__code__
-    proxy.idle_poll_s = poll_s
-    return poll_s
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -190,7 +117,6 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("usage: python -m atropos_core.envs.run_env MODULE serve [--env.* ...] [--openai.* ...]")
     restore_chat_template_ids()
     shorten_startup_wait()
-    quicken_idle_poll()
     module, rest = argv[0], argv[1:]
     sys.argv = [module, *rest]
     runpy.run_module(module, run_name="__main__", alter_sys=True)
