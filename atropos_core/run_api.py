@@ -6,10 +6,9 @@ atroposlib's own (`atroposlib.api:app`) under uvicorn, as `run-api` runs it; two
 
 * The access log leaves out successful polls: `GET /batch`, `/status` and `/status-env` answered
   200. The trainer polls `/batch` at most 20 ms apart while it waits for data
-  (`AtroposConfig.backoff_max_s`) and every environment polls `/status-env` at least every 0.1 s
-  (more often while it has no rollout in flight, `envs/run_env.py`), so with every request logged
-  the API's log grew by ~50 lines a second for as long as the trainer waited (~2,700 lines for the
-  one-minute demo; ~4 million a day). Everything else is logged as before: every POST (groups,
+  (`AtroposConfig.backoff_max_s`) and every environment polls `/status-env` every 0.1 s, so with
+  every request logged the API's log grew by ~50 lines a second for as long as the trainer waited
+  (~2,700 lines for the one-minute demo; up to ~4 million a day). Everything else is logged as before: every POST (groups,
   registrations), every answer that is not 200, and start-up and errors (uvicorn's error log).
 * `--host` defaults to 127.0.0.1 (run-api's default is 0.0.0.0); the launcher always passes it.
 """
