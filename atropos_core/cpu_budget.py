@@ -18,7 +18,7 @@ that decides:
 * **Light processes** (Atropos API, environment, vLLM's API process and EngineCore) are event
   loops that hand work on: `OMP_NUM_THREADS=1` (and MKL), `TOKENIZERS_PARALLELISM=false`, so an
   incidental torch op never wakes a pool of spinning threads.
-* **No busy-waiting while idle**: `ATROPOS_VLLM_SPIN_S` (`SPIN_S`, 50 ms) tells our server (every
+* **No busy-waiting while idle**: `ATROPOS_VLLM_SPIN_S` (`SPIN_S`, 10 ms) tells our server (every
   process of its tree imports it, see `inference/server.py`) to let vLLM's shared-memory queue
   readers spin that long after a message, not 1 s (`SpinCondition.busy_loop_s`, which vLLM does not
   expose as a setting), then sleep on their notification socket.
@@ -45,10 +45,12 @@ logger = logging.getLogger(__name__)
 BUDGET_ENV = "ATROPOS_CPU_BUDGET"
 SPIN_ENV = "ATROPOS_VLLM_SPIN_S"
 #: How long vLLM's queue readers spin after a message before they sleep on their socket. vLLM 0.32
-#: spins 1 s; 0 stalls generation (a reader that sleeps after every message misses wake-ups); 50 ms
-#: keeps a busy engine spinning between steps and frees the core soon after it goes idle
-#: (measurements: docs/loop-speed-2026-12-01.md, "vLLM queue readers").
-SPIN_S = 0.05
+#: spins 1 s; 0 stalls generation (a reader that sleeps after every message misses wake-ups). 10 ms
+#: is longer than the gap between a busy engine's steps, so generation keeps spinning, and short
+#: enough that a worker does not spin away the core after each burst: on the echo task, where the
+#: engine idles between short bursts every step, 50 ms had the worker spinning half its CPU time
+#: (measurements: docs/loop-speed-2026-12-01.md, "vLLM queue readers" and session 7).
+SPIN_S = 0.01
 #: Thread-count variables of the usual runtimes (OpenMP, MKL, OpenBLAS, numexpr).
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 #: Cores pinned to the trainer on a GPU machine, per rank (it launches kernels and packs batches).
