@@ -5,7 +5,11 @@ the terminal compares steps); metrics.jsonl is what tools read (every metric, sl
 one JSON object per step, appended and flushed so a killed run keeps its history); curves.png is
 redrawn from the in-memory history every `plot_every` steps with matplotlib's Agg backend (no
 display needed), on a worker thread: a redraw takes ~0.35 s on the 2-core box, which on the
-training thread cost the demo ~8 s of its 120 steps (docs/loop-speed-2026-12-01.md). Only
+training thread cost the demo ~8 s of its 120 steps (docs/loop-speed-2026-12-01.md). Off the
+training thread it still takes CPU from the processes the step waits on (on 2 cores, the
+environment and vLLM): ~0.2-0.3 s a redraw was ~25-45 ms a step of a fast loop, so a redraw also
+waits until `plot_min_interval_s` has passed since the last one started (a picture for a person
+needs no fresher). Only
 matplotlib's object API is used there (`Figure`, no pyplot state), a redraw that comes due while
 one is running is skipped (the next one, or the last at `close()`, has those steps), and
 `plot()`/`close()` draw in the caller's thread after the worker is done. wandb is imported only
@@ -59,6 +63,9 @@ class LoggingConfig:
     """Directory for metrics.jsonl and curves.png (created on rank 0)."""
     plot_every: Annotated[int, Ge(0)] = 10
     """Redraw curves.png every K steps (0 disables plotting)."""
+    plot_min_interval_s: Annotated[float, Ge(0)] = 10.0
+    """...and no sooner than this many seconds after the last redraw started (the last one, at the
+    end of the run, always draws)."""
     wandb: bool = False
     """Also log to Weights & Biases (needs `pip install wandb`)."""
     wandb_project: str = "atropos-trainer"
@@ -105,6 +112,7 @@ class MetricsLogger:
         self._no_plot_noted = False
         self._plotter: Optional[ThreadPoolExecutor] = None
         self._plotting: Optional[Future] = None
+        self._plotted_at = -math.inf  # time.monotonic() when the last background redraw started
         self.stream = stream or sys.stdout
         self.history: list[dict] = []
         self._wandb = None
@@ -140,8 +148,10 @@ class MetricsLogger:
             self._wandb.log({k: v for k, v in rec.items() if isinstance(v, (int, float))}, step=int(step))
 
     def redraw_if_due(self, step: int) -> None:
-        """Start redrawing curves.png on the background thread when `step` is a plot step."""
-        if self.active and self.cfg.plot_every and step % self.cfg.plot_every == 0:
+        """Start redrawing curves.png on the background thread when `step` is a plot step and
+        `plot_min_interval_s` has passed since the last redraw started."""
+        if self.active and self.cfg.plot_every and step % self.cfg.plot_every == 0 and \
+                time.monotonic() - self._plotted_at >= self.cfg.plot_min_interval_s:
             self._plot_in_background()
 
     def _plot_in_background(self) -> None:
@@ -149,6 +159,7 @@ class MetricsLogger:
             return  # a redraw is running: the next one has these steps too
         if self._plotter is None:
             self._plotter = ThreadPoolExecutor(1, thread_name_prefix="curves")
+        self._plotted_at = time.monotonic()
         self._plotting = self._plotter.submit(self._draw_logged, list(self.history))
 
     def _draw_logged(self, history: list[dict]) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 
 import pytest
 
@@ -69,3 +70,28 @@ def test_redraw_can_wait_until_the_caller_says(tmp_path):
     log._plotting.result()
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     log.close()
+
+
+def test_redraws_are_spaced_by_the_minimum_interval(tmp_path):
+    """A plot step within `plot_min_interval_s` of the last redraw's start starts none; the next
+    plot step after it does; `close()` draws the whole history whatever the interval."""
+    log = MetricsLogger(LoggingConfig(run_dir=str(tmp_path / "run"), plot_every=1, plot_min_interval_s=0.5),
+                        stream=io.StringIO())
+    log.log(1, _metrics(1))
+    first = log._plotting
+    assert first is not None
+    first.result()
+    log.log(2, _metrics(2))
+    assert log._plotting is first                       # due by steps, too soon by time: none started
+    time.sleep(0.5)
+    log.log(3, _metrics(3))
+    assert log._plotting is not first                   # the interval passed: a redraw started
+    log._plotting.result()
+    log.log(4, _metrics(4))                             # too soon: only close() draws step 4
+    drawn = []
+    log._draw = lambda history, _draw=log._draw: (drawn.append(len(history)), _draw(history))[1]
+    log.close()
+    assert drawn == [4] and (tmp_path / "run" / "curves.png").stat().st_size > 5000
+    with pytest.raises(ValueError, match="plot_min_interval_s"):
+        LoggingConfig(plot_min_interval_s=-1)
+
