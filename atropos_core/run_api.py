@@ -8,8 +8,9 @@ atroposlib's own (`atroposlib.api:app`) under uvicorn, as `run-api` runs it; two
   200. The trainer polls `/batch` at most 20 ms apart while it waits for data
   (`AtroposConfig.backoff_max_s`) and every environment polls `/status-env` every 0.1 s, so with
   every request logged the API's log grew by ~50 lines a second for as long as the trainer waited
-  (~2,700 lines for the one-minute demo; up to ~4 million a day). Everything else is logged as before: every POST (groups,
-  registrations), every answer that is not 200, and start-up and errors (uvicorn's error log).
+  (~2,700 lines for the one-minute demo; up to ~4 million a day). Everything else is logged as
+  before: every POST (groups, registrations), every answer that is not 200, and start-up and
+  errors (uvicorn's error log).
 * `--host` defaults to 127.0.0.1 (run-api's default is 0.0.0.0); the launcher always passes it.
 """
 from __future__ import annotations
@@ -25,8 +26,8 @@ POLLED_PATHS = frozenset({"/batch", "/status", "/status-env"})
 class QuietPolls(logging.Filter):
     """Drops uvicorn access records of a successful GET of one of `POLLED_PATHS`.
 
-    uvicorn (0.3x-0.5x) logs an access as `(client_addr, method, full_path, http_version,
-    status_code)` in `record.args`; a record of any other shape is kept."""
+    uvicorn (0.55, read in its HTTP protocols) logs an access with `(client_addr, method,
+    full_path, http_version, status_code)` as `record.args`; a record of any other shape is kept."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args
