@@ -107,6 +107,9 @@ def start_vllm_server(model_dir: str | Path, *, port: int, log_dir: str | Path, 
     return VLLMServerHandle(url=url, token=update_token, process=proc, model_dir=Path(model_dir), command=tuple(cmd))
 
 
+API_RUNNER = "atropos_core.run_api"
+
+
 def start_atropos_api(port: int, log_dir: Path, host: str = "127.0.0.1", timeout: float = 60.0,
                       env: dict | None = None, cpus: tuple[int, ...] | None = None) -> ManagedProcess:
     """Start atroposlib's trajectory API (its app, as `run-api` serves it; successful polls left out
@@ -118,7 +121,6 @@ def start_atropos_api(port: int, log_dir: Path, host: str = "127.0.0.1", timeout
 
 
 ENV_RUNNER = "atropos_core.envs.run_env"
-API_RUNNER = "atropos_core.run_api"
 
 
 def _split_openai_args(args: Sequence[str]) -> tuple[list[str], dict[str, str]]:
