@@ -17,12 +17,15 @@ default run unless other driver arguments follow `--`) and reports per-step medi
 128-wide Qwen2 with a 300-token vocabulary learns to echo prompt tokens (`bench/echo_env.py`);
 4 prompts x 4 samples of 6 tokens per step, lr 3e-3, seeds 0 and 1. One row for ours (API + env +
 vLLM + sync, separate processes) and one for TRL's GRPO trainer in one process with HF generate
-(`bench/trl_echo.py`, when `trl` is installed). Targets: median s/step <= 0.07; steps to a 10-step
-mean reward >= 0.6 no more than TRL's.
+(`bench/trl_echo.py`, when `trl` is installed). Ours runs twice per seed (`--offpolicy 1,2`): with the
+environment allowed one batch in the API queue (`max_batches_offpolicy` 1, on policy: it samples
+batch N+1 once the trainer took batch N, mostly after that step's push) and two (one batch ahead:
+sampling overlaps training, the data one step stale, corrected by the loss's `is_mode`). Targets:
+median s/step <= 0.07; steps to a 10-step mean reward >= 0.6 no more than TRL's.
 
     python bench/bench_e2e.py --run-dir runs/default
     python bench/bench_e2e.py --steps 120                       # the no-argument demo, 120 steps
-    python bench/bench_e2e.py --task echo [--steps 300] [--seeds 0,1]
+    python bench/bench_e2e.py --task echo [--steps 300] [--seeds 0,1] [--offpolicy 1,2]
 
 **Off-policy correction on and off** (`--offpolicy N --is-modes token_tis,none --seeds 0,1`): the
 default run with the built-in environment allowed N batches ahead of the trainer
@@ -115,7 +118,7 @@ def ours_echo(work: Path, seed: int, steps: int, offpolicy: int = 1, extra: tupl
     return summarize(run_dir)
 
 
-def trl_echo(work: Path, seed: int, steps: int, offpolicy: int = 1, extra: tuple = ()) -> dict | None:
+def trl_echo(work: Path, seed: int, steps: int) -> dict | None:
     try:
         import trl  # noqa: F401
     except ImportError:
@@ -135,31 +138,41 @@ def _fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
-def main_echo(steps: int, seeds: list[int], offpolicy: int = 1, systems=("ours", "trl"), extra: tuple = ()) -> int:
+def echo_task_name(offpolicy: int, extra: tuple = ()) -> str:
+    """The `task` column of an echo row: how the run differed from the plain on-policy task."""
+    task = "echo" if offpolicy == 1 else f"echo offpolicy={offpolicy}"
+    return task + (" " + " ".join(extra) if extra else "")
+
+
+def main_echo(steps: int, seeds: list[int], offpolicy: tuple = (1, 2), systems=("ours", "trl"),
+              extra: tuple = ()) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench_echo_"))
     meta = run_meta()
     rows = []
-    for system, fn in (("ours", ours_echo), ("trl", trl_echo)):
-        if system not in systems:
-            continue
+    if "ours" in systems:
+        for ahead in offpolicy:
+            for seed in seeds:
+                r = ours_echo(work, seed, steps, ahead, extra)
+                rows.append({**meta, **r, "task": echo_task_name(ahead, extra), "system": "ours", "seed": seed})
+    if "trl" in systems:  # in process: sampling never overlaps training, so there is nothing to run ahead
         for seed in seeds:
-            r = fn(work, seed, steps, offpolicy, extra)
+            r = trl_echo(work, seed, steps)
             if r is not None:
-                task = "echo" if offpolicy == 1 else f"echo offpolicy={offpolicy}"
-                if extra and system == "ours":  # not the plain task: say how the run differed
-                    task += " " + " ".join(extra)
-                rows.append({**meta, **r, "task": task, "system": system, "seed": seed})
+                rows.append({**meta, **r, "task": "echo", "system": "trl", "seed": seed})
     append_rows(ROOT / "bench" / "results" / "e2e.csv", FIELDS, rows)
     print(f"\necho task, {steps} steps, seeds {seeds} ({meta['device']}, {meta['commit']})")
-    print(f"{'':6} {'s/step':>8} {'train s':>8} {'sync ms':>8} {'wait s':>8} {'staleness':>9}  steps to 10-step mean >= 0.6")
-    for system in ("ours", "trl"):
-        mine = [r for r in rows if r["system"] == system]
+    print(f"{'':22} {'s/step':>8} {'train s':>8} {'sync ms':>8} {'wait s':>8} {'staleness':>9}  "
+          "steps to 10-step mean >= 0.6")
+    groups = [("ours", echo_task_name(a, extra), "ours" if a == 1 else f"ours, {a - 1} batch ahead")
+              for a in offpolicy] + [("trl", "echo", "trl")]
+    for system, task, label in groups:
+        mine = [r for r in rows if r["system"] == system and r["task"] == task]
         if not mine:
-            print(f"{system:6} not measured (not in --systems, or trl not installed)")
+            print(f"{label:22} not measured (not in --systems, or trl not installed)")
             continue
         pick = lambda k: statistics.median(r[k] for r in mine) if all(r.get(k) is not None for r in mine) else None  # noqa: E731
         reach = " / ".join(str(r["steps_to_0.6"]) if r["steps_to_0.6"] else f"never in {r['steps']}" for r in mine)
-        print(f"{system:6} {_fmt(pick('step_s'), '8.3f')} {_fmt(pick('train_s'), '8.3f')} "
+        print(f"{label:22} {_fmt(pick('step_s'), '8.3f')} {_fmt(pick('train_s'), '8.3f')} "
               f"{_fmt(pick('sync_ms'), '8.1f')} {_fmt(pick('wait_data_s'), '8.3f')} "
               f"{_fmt(pick('staleness_mean'), '9.2f')}  {reach}")
     return 0
@@ -171,16 +184,23 @@ def main(argv=None) -> int:
     p.add_argument("--run-dir", type=Path, help="summarize this finished run instead of starting one")
     p.add_argument("--steps", type=int, default=None, help="steps (default: 20 for a run, 300 for echo)")
     p.add_argument("--seeds", default=None, help="seeds (echo: default 0,1; run: one run per seed, --seed S)")
-    p.add_argument("--offpolicy", type=int, default=1,
-                   help="batches the environment may run ahead (its max_batches_offpolicy; the built-in env's is 1)")
+    p.add_argument("--offpolicy", default=None,
+                   help="batches the environment may hold in the API queue (its max_batches_offpolicy): run: one "
+                        "value, default 1 (the built-in env's); echo: comma-separated, default 1,2")
     p.add_argument("--is-modes", default=None,
                    help="run: one run per loss.is_mode (comma-separated, e.g. token_tis,none) and seed")
     p.add_argument("--systems", default="ours,trl", help="echo: rows to measure")
     p.add_argument("driver_args", nargs="*", help="extra drivers/train.py arguments (after --)")
     args = p.parse_args(argv)
+    ahead = tuple(int(a) for a in (args.offpolicy or ("1,2" if args.task == "echo" else "1")).split(","))
+    if min(ahead) < 1:
+        raise SystemExit("--offpolicy: every value must be >= 1 (1: the environment waits for the trainer)")
     if args.task == "echo":
-        return main_echo(args.steps or 300, [int(s) for s in (args.seeds or "0,1").split(",")], args.offpolicy,
+        return main_echo(args.steps or 300, [int(s) for s in (args.seeds or "0,1").split(",")], ahead,
                          tuple(args.systems.split(",")), tuple(args.driver_args))
+    if len(ahead) != 1:
+        raise SystemExit("--offpolicy takes one value without --task echo")
+    args.offpolicy = ahead[0]
     if args.run_dir is not None:
         row = {**run_meta(), **summarize(args.run_dir), "task": "default", "system": "ours"}
         append_rows(ROOT / "bench" / "results" / "e2e.csv", FIELDS, [row])
