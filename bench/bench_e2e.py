@@ -108,7 +108,7 @@ def echo_model(work: Path, seed: int) -> Path:
 
 def ours_echo(work: Path, seed: int, steps: int, offpolicy: int = 1, extra: tuple = ()) -> dict:
     model = echo_model(work, seed)
-    run_dir = work / f"ours_s{seed}"
+    run_dir = work / f"ours_ahead{offpolicy}_s{seed}"  # its own directory: a used one would resume
     run_driver(run_dir, steps, [
         "--model", str(model), "--seed", str(seed), "--optim.lr", str(ECHO["lr"]),
         "--env.module", "bench.echo_env", "--env.group_size", str(ECHO["group"]),
@@ -135,7 +135,9 @@ def trl_echo(work: Path, seed: int, steps: int) -> dict | None:
 
 
 def _fmt(v, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
+    """`v` formatted by `spec`, or "-" at the same width when there is no value."""
+    width = spec.split(".")[0]  # "8.3f" -> "8"
+    return format(v, spec) if v is not None else format("-", f">{width}" if width else "")
 
 
 def echo_task_name(offpolicy: int, extra: tuple = ()) -> str:
