@@ -32,7 +32,7 @@ from atropos_core.config import ConfigError, parse_args, to_dict, write_config  
 from atropos_core.metrics import MetricsLogger  # noqa: E402
 from atropos_core.services import ServiceError, launch_services, share_launch_info  # noqa: E402
 from atropos_core.model import apply_fsdp, build_optimizer, load_model_and_tokenizer  # noqa: E402
-from atropos_core.steptime import StepClock  # noqa: E402
+from atropos_core.steptime import RunTime, StepClock  # noqa: E402
 from atropos_core.served_check import served_tolerance, start_served_check  # noqa: E402
 from atropos_core.trainer import train_step  # noqa: E402
 from atropos_core.weight_sync import WeightSync  # noqa: E402
@@ -101,6 +101,7 @@ def main(argv=None) -> int:
     torch.manual_seed(cfg.run.seed + rank)
     services, sync, model, step, saved_step, safe_to_save, rc = None, None, None, 0, 0, False, 1
     check_pool = ThreadPoolExecutor(1, thread_name_prefix="served-check")  # its thread starts on first use
+    run_time = RunTime()  # every step's perf/*_s added up, for the line at the end
     try:
         if rank == 0:
             cfg, services = launch_services(cfg, device, budget)  # model dir, API, vLLM, env
@@ -166,6 +167,7 @@ def main(argv=None) -> int:
             if stale is not None:
                 m.update(stale.result())
             m.update(clock.split())
+            run_time.add(m)
             m["perf/tokens_per_s"] = m["train/tokens_total"] / m["perf/step_s"]
             saving = cfg.checkpoint.should_save(step)
             log.log(step, m, redraw=not saving)  # the record first: it exists even if the save is killed
@@ -210,6 +212,9 @@ def main(argv=None) -> int:
             services.stop_all()
         adist.cleanup()
     if rank == 0:
+        summary = run_time.summary()
+        if summary:
+            logger.info("%s", summary)
         print(f"train.py: {'done' if rc == 0 else 'stopped'} at step {step} (exit {rc}); run dir {cfg.run.out}",
               file=sys.stderr if rc else sys.stdout)
     return rc

@@ -5,7 +5,7 @@ import itertools
 import pytest
 
 from atropos_core.cpu_budget import SPIN_ENV, _ranges, plan_cpu_budget, trainer_cpus
-from atropos_core.steptime import PHASES, StepClock
+from atropos_core.steptime import PHASES, RunTime, StepClock
 
 
 def _bound(plan) -> set[int]:
@@ -139,6 +139,43 @@ def test_step_clock_phases_add_up():
         assert sum(rec[f"perf/{p}_s"] for p in PHASES) == pytest.approx(rec["perf/step_s"])
     assert second["perf/log_s"] == pytest.approx(0.55) and second["perf/step_s"] == pytest.approx(3.3 - 1.45)
 
+
+
+def _record(wait: float, train: float, stale=None) -> dict:
+    rec = {"perf/log_s": 0.01, "perf/wait_data_s": wait, "perf/train_s": train, "perf/sync_s": 0.02,
+           "perf/other_s": 0.01}
+    rec["perf/step_s"] = sum(rec.values())
+    if stale is not None:
+        rec["data/staleness_mean"] = stale
+    return rec
+
+
+def test_run_time_adds_up_the_records_and_names_the_biggest_share_first():
+    rt = RunTime()
+    assert rt.summary() is None, "no line before the first step"
+    for i in range(4):
+        rt.add(_record(wait=0.1, train=0.3, stale=[0.0, 1.0, float("nan"), None][i]))
+    assert rt.steps == 4 and rt.total_s == pytest.approx(4 * 0.44)
+    assert rt.phases["train"] == pytest.approx(1.2) and rt.share("wait_data") == pytest.approx(0.4 / 1.76)
+    assert rt.staleness == pytest.approx(0.5), "NaN and missing staleness are left out of the mean"
+    line = rt.summary()
+    assert line.startswith("time over 4 steps (1.8 s): training 68%, waiting for data 23%, weight sync 5%")
+    assert "0.50 steps stale" in line and "one batch ahead" not in line
+
+
+@pytest.mark.parametrize("wait, stale, steps, hint", [
+    (0.5, 0.1, 20, True),     # waiting most of the time for fresh data: say what would overlap it
+    (0.5, 0.9, 20, False),    # the environment already runs ahead
+    (0.05, 0.1, 20, False),   # waiting is not most of the run
+    (0.5, None, 20, False),   # no staleness measured (e.g. synthetic batches): nothing to say
+    (0.5, 0.1, 5, False),     # too few steps to say it
+])
+def test_run_time_suggests_running_ahead_only_when_waiting_on_policy(wait, stale, steps, hint):
+    rt = RunTime()
+    for _ in range(steps):
+        rt.add(_record(wait=wait, train=0.1, stale=stale))
+    assert rt.waits_on_policy() is hint
+    assert ("--env.max_batches_offpolicy 2" in rt.summary()) is hint
 
 def test_each_environment_has_its_own_plan_by_name():
     from atropos_core.cpu_budget import env_names

@@ -70,6 +70,7 @@ def test_default_run_records_every_step(default_run):
     # One fixed-order line per step on stdout.
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("step ")]
     assert len(lines) == steps and all("reward" in ln and "sync ms" in ln for ln in lines)
+    assert f"time over {steps} steps (" in proc.stderr, "no end-of-run time split"
     assert (run_dir / "curves.png").stat().st_size > 0
     # Every `every` steps and at the end (here the same step), the last `keep_last` of them kept.
     saved = sorted({*range(every, steps + 1, every), steps})[-keep:]
