@@ -12,6 +12,8 @@ default run unless other driver arguments follow `--`) and reports per-step medi
     log_s         metrics line, JSONL, plot, checkpoint
     step_s        the whole step; loop_s = sum of step_s over the run (start-up excluded)
     staleness     trainer step minus the weight version each sequence was sampled with
+    entropy       the policy's mean entropy over the last 10 steps; 0-grad: the share of steps with a
+                  zero gradient (every group scored alike): together, why a run stopped learning
 
 **The echo task** (`--task echo`), held out from the defaults: a random-initialised 2-layer,
 128-wide Qwen2 with a 300-token vocabulary learns to echo prompt tokens (`bench/echo_env.py`);
@@ -52,7 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FIELDS = ["device", "commit", "date", "run", "steps", "wait_data_s", "train_s", "sync_ms", "step_s", "tokens_per_s",
           "reward_first10", "reward_last10", "task", "system", "seed", "loop_s", "sync_s", "log_s", "other_s",
           "steps_to_0.6", "staleness_mean", "staleness_max", "is_mode", "mismatch_kl", "is_weight_mean",
-          "is_weight_max", "truncated_frac"]
+          "is_weight_max", "truncated_frac", "entropy_last10", "zero_grad_frac"]
 ECHO = {"vocab_size": 300, "hidden_size": 128, "num_layers": 2, "prompts": 4, "group": 4, "new_tokens": 6,
         "lr": 3e-3}
 TARGET_REWARD, WINDOW = 0.6, 10
@@ -90,7 +92,13 @@ def summarize(run_dir: Path) -> dict:
             "is_weight_mean": mean_of("offpolicy/is_weight_mean"),
             "is_weight_max": max((r["offpolicy/is_weight_max"] for r in rows if "offpolicy/is_weight_max" in r),
                                  default=None),
-            "truncated_frac": mean_of("offpolicy/truncated_frac")}
+            "truncated_frac": mean_of("offpolicy/truncated_frac"),
+            # Why a run stops learning: the policy's entropy at the end, and the share of steps whose
+            # gradient was 0 (every group's samples scored alike, so every GRPO advantage was 0).
+            "entropy_last10": statistics.mean(r["entropy/mean"] for r in rows[-10:])
+            if all("entropy/mean" in r for r in rows[-10:]) else None,
+            "zero_grad_frac": statistics.mean(float(r["grad/norm"] == 0) for r in rows)
+            if all("grad/norm" in r for r in rows) else None}
 
 
 def run_driver(run_dir: Path, steps: int, args: list[str]) -> None:
@@ -163,8 +171,8 @@ def main_echo(steps: int, seeds: list[int], offpolicy: tuple = (1, 2), systems=(
                 rows.append({**meta, **r, "task": "echo", "system": "trl", "seed": seed})
     append_rows(ROOT / "bench" / "results" / "e2e.csv", FIELDS, rows)
     print(f"\necho task, {steps} steps, seeds {seeds} ({meta['device']}, {meta['commit']})")
-    print(f"{'':22} {'s/step':>8} {'train s':>8} {'sync ms':>8} {'wait s':>8} {'staleness':>9}  "
-          "steps to 10-step mean >= 0.6")
+    print(f"{'':22} {'s/step':>8} {'train s':>8} {'sync ms':>8} {'wait s':>8} {'staleness':>9} {'entropy':>8} "
+          f"{'0-grad':>7}  steps to 10-step mean >= 0.6")
     groups = [("ours", echo_task_name(a, extra), "ours" if a == 1 else f"ours, {a - 1} batch ahead")
               for a in offpolicy] + [("trl", "echo", "trl")]
     for system, task, label in groups:
@@ -176,7 +184,8 @@ def main_echo(steps: int, seeds: list[int], offpolicy: tuple = (1, 2), systems=(
         reach = " / ".join(str(r["steps_to_0.6"]) if r["steps_to_0.6"] else f"never in {r['steps']}" for r in mine)
         print(f"{label:22} {_fmt(pick('step_s'), '8.3f')} {_fmt(pick('train_s'), '8.3f')} "
               f"{_fmt(pick('sync_ms'), '8.1f')} {_fmt(pick('wait_data_s'), '8.3f')} "
-              f"{_fmt(pick('staleness_mean'), '9.2f')}  {reach}")
+              f"{_fmt(pick('staleness_mean'), '9.2f')} {_fmt(pick('entropy_last10'), '8.3f')} "
+              f"{_fmt(pick('zero_grad_frac'), '7.0%')}  {reach}")
     return 0
 
 
