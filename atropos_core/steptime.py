@@ -11,10 +11,10 @@ sync, other".
 `RunTime` adds the records up for the one line the driver logs when a run ends: each phase's share
 of the run's time and the mean staleness. When the trainer waited for data most of the time on
 fresh data (`waits_on_policy`), that line says what would overlap the wait: an environment allowed
-one batch ahead samples while the trainer trains (`max_batches_offpolicy` 2). Measured on the 2-core
-box: the echo benchmark's step 0.104 -> 0.057 s, the demo's loop 26 -> 20 s, learning unchanged
-within two seeds (docs/offpolicy.md, "One batch ahead"). Not said when the data is already stale
-(the environment runs ahead) or when waiting is not most of the run.
+one batch ahead samples while the trainer trains (`max_batches_offpolicy` 2), on data up to one step
+staler; what that gained and cost where it was measured is in docs/offpolicy.md ("One batch
+ahead"). Not said when the data is already stale (the environment runs ahead) or when waiting is
+not most of the run.
 """
 from __future__ import annotations
 
@@ -92,8 +92,8 @@ class RunTime:
                 and stale is not None and stale < FRESH_STALENESS)
 
     def summary(self) -> str | None:
-        """'time over N steps (T s): waiting for data W%, ...; staleness S', plus what would overlap
-        the wait when `waits_on_policy`; None before the first step."""
+        """'time over N steps (T s): waiting for data W%, ...; data S steps stale on average', plus
+        what would overlap the wait when `waits_on_policy`; None before the first step."""
         if not self.steps or self.total_s <= 0:
             return None
         parts = ", ".join(f"{PHASE_NAMES[p]} {100 * self.share(p):.0f}%"
