@@ -140,7 +140,6 @@ def test_step_clock_phases_add_up():
     assert second["perf/log_s"] == pytest.approx(0.55) and second["perf/step_s"] == pytest.approx(3.3 - 1.45)
 
 
-
 def _record(wait: float, train: float, stale=None) -> dict:
     rec = {"perf/log_s": 0.01, "perf/wait_data_s": wait, "perf/train_s": train, "perf/sync_s": 0.02,
            "perf/other_s": 0.01}
@@ -176,6 +175,7 @@ def test_run_time_suggests_running_ahead_only_when_waiting_on_policy(wait, stale
         rt.add(_record(wait=wait, train=0.1, stale=stale))
     assert rt.waits_on_policy() is hint
     assert ("--env.max_batches_offpolicy 2" in rt.summary()) is hint
+
 
 def test_each_environment_has_its_own_plan_by_name():
     from atropos_core.cpu_budget import env_names

@@ -461,4 +461,7 @@ def test_user_setup_trains_end_to_end(tmp_path, model_256_chat):
     keys = {k for row in rows for k in row}
     seen = {k[len("data/sequences_env"):] for k in keys if k.startswith("data/sequences_env")}
     assert seen and all(f"reward/env{e}" in keys for e in seen), sorted(keys)
+    for row in rows:  # every batch is 16 sequences, each counted for the environment that sent it
+        assert sum(v for k, v in row.items() if k.startswith("data/sequences_env")) == 16, row
+        assert all(0.0 <= v <= 1.0 for k, v in row.items() if k.startswith("reward/env")), row
     assert out.count("demo preset") == 0
