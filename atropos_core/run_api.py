@@ -19,6 +19,8 @@ import argparse
 import copy
 import logging
 
+from atropos_core.procs import exit_with_parent
+
 #: Paths whose successful GETs are polls: left out of the access log.
 POLLED_PATHS = frozenset({"/batch", "/status", "/status-env"})
 
@@ -55,6 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args(argv)
+    exit_with_parent()  # stop when the trainer that started this API is gone (`procs`)
     uvicorn.run("atroposlib.api:app", host=args.host, port=args.port, log_config=log_config())
 
 

@@ -32,7 +32,7 @@ from .cpu_budget import env_names
 from .inference.vllm_command import (CPU_WEIGHT_LAYOUT_ENV, new_update_token, resolve_cpu_weight_layout, served_name_from,
                                      vllm_server_command)
 from .model_source import ModelSourceError, resolve_max_token_len, resolve_model_path
-from .procs import ManagedProcess, ServiceError, free_port, port_in_use
+from .procs import ManagedProcess, PortTakenError, ServiceError, free_port, port_in_use
 
 if TYPE_CHECKING:
     import torch
@@ -108,6 +108,22 @@ def start_vllm_server(model_dir: str | Path, *, port: int, log_dir: str | Path, 
 
 
 API_RUNNER = "atropos_core.run_api"
+
+#: Free ports tried, one after the other, when another process takes the one a child started on.
+PORT_TRIES = 3
+
+
+def on_a_port(start, port: int, host: str):
+    """`start(port)`, on `port`, or with 0 on a free port: another one (up to `PORT_TRIES`) when
+    another process took the first (`procs.PortTakenError`). A fixed port is tried once."""
+    for attempt in range(1 if port else PORT_TRIES):
+        p = port or free_port(host)
+        try:
+            return start(p)
+        except PortTakenError as err:
+            if port or attempt == PORT_TRIES - 1:
+                raise
+            logger.warning("%s; starting again on another free port", err)
 
 
 def start_atropos_api(port: int, log_dir: Path, host: str = "127.0.0.1", timeout: float = 60.0,
@@ -249,10 +265,12 @@ class RunServices:
         return [h.url for h in self.vllm]
 
     def start_api(self, port: int = 0) -> str:
-        port = port or free_port(self.host)
-        logger.info("starting the Atropos trajectory API on %s:%d", self.host, port)
-        self.api = start_atropos_api(port, self.log_dir, host=self.host, **self._share("api"))
-        return f"http://{self.host}:{port}"
+        def start(p: int) -> int:
+            logger.info("starting the Atropos trajectory API on %s:%d", self.host, p)
+            self.api = start_atropos_api(p, self.log_dir, host=self.host, **self._share("api"))
+            return p
+
+        return f"http://{self.host}:{on_a_port(start, port, self.host)}"
 
     def start_inference(self, model_dir: str, *, num_servers: int = 1, port: int = 0, host: str = "127.0.0.1",
                         timeout: float = 300.0, extra_args: Sequence[str] = (), dtype: str = "float32",
@@ -266,17 +284,21 @@ class RunServices:
         self.token = new_update_token()
         urls = []
         for i in range(num_servers):
-            p = (port + i) if port else free_port(host)
-            if port and port_in_use(p, host):
-                raise ServiceError(f"inference.port {p} is already in use on {host}: pick another or 0 for a free one")
-            logger.info("starting vLLM server %d/%d on %s:%d (cold start takes 30-60 s on CPU)", i + 1,
-                        num_servers, host, p)
+            if port and port_in_use(port + i, host):
+                raise ServiceError(f"inference.port {port + i} is already in use on {host}: pick another or 0 "
+                                   "for a free one")
             args_i = list(extra_args) + list(server_extra_args[i] if server_extra_args else [])
-            handle = start_vllm_server(model_dir, port=p, log_dir=self.log_dir, host=host, update_token=self.token,
-                                       extra_args=args_i, timeout=timeout, name=f"vllm{i}", dtype=dtype,
-                                       enforce_eager=enforce_eager, cpu_weight_layout=cpu_weight_layout,
-                                       max_model_len=max_model_len, served_model_name=served_model_name,
-                                       **self._share(f"vllm{i}", server_envs[i] if server_envs else None))
+
+            def start(p: int, i: int = i, args_i: list = args_i) -> VLLMServerHandle:
+                logger.info("starting vLLM server %d/%d on %s:%d (cold start takes 30-60 s on CPU)", i + 1,
+                            num_servers, host, p)
+                return start_vllm_server(model_dir, port=p, log_dir=self.log_dir, host=host, update_token=self.token,
+                                         extra_args=args_i, timeout=timeout, name=f"vllm{i}", dtype=dtype,
+                                         enforce_eager=enforce_eager, cpu_weight_layout=cpu_weight_layout,
+                                         max_model_len=max_model_len, served_model_name=served_model_name,
+                                         **self._share(f"vllm{i}", server_envs[i] if server_envs else None))
+
+            handle = on_a_port(start, (port + i) if port else 0, host)
             self.vllm.append(handle)
             urls.append(handle.url)
             with open(self.log_dir.parent / "vllm_commands.txt", "a") as f:

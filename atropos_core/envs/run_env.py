@@ -115,6 +115,9 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-"):
         sys.exit("usage: python -m atropos_core.envs.run_env MODULE serve [--env.* ...] [--openai.* ...]")
+    from atropos_core.procs import exit_with_parent
+
+    exit_with_parent()  # stop when the trainer that started this environment is gone (`procs`)
     restore_chat_template_ids()
     shorten_startup_wait()
     module, rest = argv[0], argv[1:]

@@ -50,6 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
 from atropos_core.inference.engine_ext import ONE_CALL_SUPPORTED, ONE_CALL_UPDATE
 from atropos_core.inference.engine_ext import install as install_one_call_update
+from atropos_core.procs import exit_with_parent
 from atropos_core.weight_sync.protocol import (
     PAUSE_MODES,
     PIPELINE_DEPTH,
@@ -564,6 +565,7 @@ def main(argv: list[str] | None = None) -> None:
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
+    exit_with_parent()  # stop, then SIGKILL the engine too, when the trainer that started us is gone
 
     import vllm.entrypoints.launchers.api_server.entry as entry
 
