@@ -6,8 +6,8 @@ The protocol, as the installed server implements it (`atroposlib/api/server.py`)
 - `GET /batch` returns `{"batch": null}` or `{"batch": [group, ...]}` holding exactly `batch_size`
   sequences (groups are never split). **The first `/batch` call is what lets environments in**:
   until a trainer has polled once, `/register-env` answers "wait for trainer to start", so a trainer
-  that waits for data before polling waits forever. Call `wait_for_batch` (or `get_batch`) right
-  after `register`.
+  that waits for data before polling waits forever. Call `wait_for_batch` (or `get_batch`, or
+  `wait_for_envs`, which polls once) right after `register`.
 - `GET /info` → `{batch_size, max_token_len}`, -1 when no trainer is registered.
 - `GET /status` → `{current_step, queue_size}` (queue in groups).
 
@@ -29,6 +29,9 @@ What can go wrong and what this client does about it:
 Several environments may feed one API (Atropos's multi-environment training): the API numbers them
 in the order they register (`env_id` 0, 1, ...; each environment's log says "Initialized env with
 id N") and every group carries its `env_id`. `env_metrics` splits a batch's reward by it.
+The API builds each batch from the environments registered when `/batch` is called, so a run
+that started several waits for all of them before its first batch (`wait_for_envs`, on the route
+our API runner adds; an API without it is not waited on).
 """
 from __future__ import annotations
 
@@ -165,6 +168,15 @@ class _NoBatchYet(Exception):
     pass
 
 
+class _EnvsMissing(Exception):
+    pass
+
+
+#: The route our API runner adds (`atropos_core.run_api.ENVS_PATH`); kept here too so that this
+#: client does not import the runner.
+ENVS_PATH = "/trainer/registered-envs"
+
+
 _NETWORK_ERRORS = (requests.ConnectionError, requests.Timeout) if requests else ()
 
 
@@ -187,6 +199,7 @@ class AtroposClient:
                                          "data/connection_errors", "data/reregistered", "data/api_resets")}
         self._last_wait_s = 0.0
         self._total_wait_s = 0.0
+        self._held: Optional[list[dict]] = None  # a batch the start poll of wait_for_envs got
 
     # -- plumbing ------------------------------------------------------------------------------
     def _timeout(self) -> tuple[float, float]:
@@ -337,6 +350,10 @@ class AtroposClient:
         starves the environments is named within a poll instead of after `max_wait_s`).
         Raises `AtroposUnavailable` if the server cannot be reached all that time, `TimeoutError` if
         it answers but has no batch for us, `AtroposAPIError` on an unusable answer."""
+        if self._held is not None:
+            batch, self._held = self._held, None
+            self._last_wait_s = 0.0
+            return batch
         started = time.monotonic()
         self._deadline = started + self.cfg.max_wait_s
         last_note = [started]
@@ -376,6 +393,82 @@ class AtroposClient:
         self._last_wait_s = time.monotonic() - started
         self._total_wait_s += self._last_wait_s
         return batch
+
+    def registered_envs(self) -> Optional[list[dict]]:
+        """The environments registered with the API so far (`ENVS_PATH`, which our API runner adds:
+        `env_id`, `name`, `connected`, ...), or None for an API without that route (HTTP 404)."""
+        resp = self._request("GET", ENVS_PATH)
+        if resp.status_code == 404:
+            return None
+        body = self._json(resp, f"GET {ENVS_PATH}")
+        envs = body.get("envs") if isinstance(body, dict) else None
+        if not isinstance(envs, list):
+            raise AtroposAPIError(f"GET {ENVS_PATH} at {self.cfg.url} answered {str(body)[:200]!r}, not "
+                                  f"{{'envs': [...]}}")
+        return envs
+
+    def wait_for_envs(self, names: list[str], abort_check: Optional[Callable[[], None]] = None) -> Optional[list]:
+        """Let environments in and wait until as many as `names` (those this run started) have
+        registered, up to `max_wait_s`; returns the registered ones, or None when the API cannot
+        say (an API without `ENVS_PATH`: then nothing is waited for).
+
+        Call it after `register`. It polls `/batch` once, which is what lets environments register
+        (a batch that poll gets is kept for the next `wait_for_batch`), then polls `ENVS_PATH`.
+        Without it a run whose environments start at different speeds trains its first steps on
+        the fastest one alone: the API builds each batch from the environments registered at that
+        moment. The count decides, not the names (an environment may register under another name);
+        the names are for the messages. `abort_check` as in `wait_for_batch`. Raises
+        `TimeoutError` naming the missing ones when they have not all registered in time."""
+        if not names:
+            return []
+        started = time.monotonic()
+        self._deadline = started + self.cfg.max_wait_s
+        last_note = [started]
+        seen: list[list] = [[]]
+
+        def progress() -> str:
+            got = [str(e.get("name")) for e in seen[0]]
+            missing = [n for n in names if n not in got] or ["(under other names)"]
+            return (f"{len(got)} of {len(names)} registered ({', '.join(got) or 'none'}); not yet: "
+                    f"{', '.join(missing)}")
+
+        def note(retry_state) -> None:
+            now = time.monotonic()
+            if now - last_note[0] >= self.cfg.log_every_s:
+                last_note[0] = now
+                logger.info("waiting %.0f s for environments to register with the Atropos API at %s: %s",
+                            now - started, self.cfg.url, progress())
+
+        try:
+            if self._held is None:
+                for attempt in self._retrying(_NETWORK_ERRORS):
+                    with attempt:
+                        self._held = self.get_batch()  # the poll that opens the API to environments
+            for attempt in self._retrying((_EnvsMissing, *_NETWORK_ERRORS), before_sleep=note):
+                with attempt:
+                    if abort_check is not None:
+                        abort_check()
+                    envs = self.registered_envs()
+                    if envs is None:
+                        logger.info("the Atropos API at %s does not list its environments (%s: not started by "
+                                    "this trainer): taking batches without waiting for every environment",
+                                    self.cfg.url, ENVS_PATH)
+                        return None
+                    seen[0] = envs
+                    if len(envs) < len(names):
+                        raise _EnvsMissing()
+        except RetryError as e:
+            if isinstance(e.last_attempt.exception(), _NETWORK_ERRORS):
+                raise self._unavailable(e, f"GET {ENVS_PATH}", started) from None
+            raise TimeoutError(
+                f"environments did not all register with the Atropos API at {self.cfg.url} within "
+                f"{time.monotonic() - started:.0f} s (atropos.max_wait_s={self.cfg.max_wait_s}): {progress()}. "
+                f"An environment registers once its setup() has finished: see its log") from None
+        finally:
+            self._deadline = None
+        logger.info("%d environment(s) registered with the Atropos API in %.1f s: %s", len(seen[0]),
+                    time.monotonic() - started, ", ".join(f"{e.get('name')} (id {e.get('env_id')})" for e in seen[0]))
+        return seen[0]
 
     def metrics(self) -> dict:
         """Counters since start, slash-namespaced (data/api_errors, data/reregistered, ...)."""

@@ -80,6 +80,18 @@ def fetch_groups_or_stop(client: AtroposClient, services, world: int, device) ->
     return groups
 
 
+def wait_for_envs_or_stop(client: AtroposClient, services, world: int) -> None:
+    """Rank 0 waits until every environment the run started has registered with the API (a batch
+    taken earlier is built from the faster ones alone: `AtroposClient.wait_for_envs`); when that
+    fails, the other ranks are told to stop, as in `fetch_groups_or_stop`."""
+    try:
+        client.wait_for_envs([p.name for p in services.envs], abort_check=services.check)
+    except Exception as e:
+        if world > 1:
+            control.send_stop(f"{type(e).__name__}: {e}")
+        raise
+
+
 def receive_groups_or_stop(device) -> list:
     control.expect_batch()  # raises control.StopRequested when rank 0 stops the run
     return broadcast_groups(device=device)
@@ -122,6 +134,8 @@ def main(argv=None) -> int:
         client = open_batch_source(cfg, step) if rank == 0 else None
         if client:
             client.register()
+            if services is not None and services.envs and isinstance(client, AtroposClient):
+                wait_for_envs_or_stop(client, services, world)
         sync = WeightSync(cfg.sync, server_urls, token, rank, world) if server_urls else None
         if sync:
             sync.connect(device)

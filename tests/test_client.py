@@ -11,8 +11,10 @@ import json
 import logging
 import math
 import random
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -20,6 +22,7 @@ import requests
 from atropos_core.data import DataConfig, build_train_batch, groups_from_json_bytes
 from atropos_core.client import (AtroposAPIError, AtroposClient, AtroposConfig, AtroposConfigMismatch,
                                  AtroposUnavailable)
+from atropos_core.procs import ManagedProcess
 from atropos_core.services import free_port
 from tests.fixtures.atropos_api import make_group, post_groups, register_env
 from tests.fixtures.batches import VOCAB, check_against_reference
@@ -279,3 +282,104 @@ def test_wait_ends_when_the_abort_check_raises(atropos_api):
                                backoff_max_s=0.2)
     with pytest.raises(TimeoutError):
         client.wait_for_batch(abort_check=lambda: None)
+
+
+# ---- waiting for the run's environments ------------------------------------------------------------
+
+def _register_later(url: str, names: list[str], delay_s: float) -> threading.Thread:
+    """Register `names` one by one, `delay_s` apart, as environments that start at different speeds
+    do (each retries "wait for trainer to start" every 0.05 s, as atroposlib's does every 1 s)."""
+    def run():
+        for name in names:
+            time.sleep(delay_s)
+            while register_env(url, 2, name=name)["status"] != "success":
+                time.sleep(0.05)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+@pytest.mark.api
+def test_wait_for_envs_returns_once_every_environment_registered(atropos_api, caplog):
+    """The start poll lets environments in; the wait lasts until the last of them has registered
+    (not the first), and says which ones it still waits for."""
+    client = client_for(atropos_api.url, log_every_s=0.2)
+    client.register()
+    assert client.registered_envs() == []
+    t = _register_later(atropos_api.url, ["env0", "env1"], delay_s=0.6)
+    t0 = time.monotonic()
+    with caplog.at_level(logging.INFO, logger="atropos_core.client"):
+        envs = client.wait_for_envs(["env0", "env1"])
+    waited = time.monotonic() - t0
+    t.join(5)
+    assert [e["name"] for e in envs] == ["env0", "env1"] and [e["env_id"] for e in envs] == [0, 1]
+    assert all(e["connected"] and e["group_size"] == 2 and e["max_token_length"] == 512 for e in envs)
+    assert 1.1 < waited < 5.0, waited
+    assert "not yet: env1" in caplog.text or "not yet: env0, env1" in caplog.text
+    assert "2 environment(s) registered" in caplog.text
+    assert client.metrics()["data/polls"] == 1  # the start poll only; /batch is not polled meanwhile
+
+
+@pytest.mark.api
+def test_wait_for_envs_keeps_a_batch_its_start_poll_got(atropos_api):
+    """A batch already queued when the wait starts is not lost: the next wait_for_batch returns it."""
+    client = client_for(atropos_api.url)
+    client.register()
+    assert client.get_batch() is None and register_env(atropos_api.url, 2, name="env0")["status"] == "success"
+    sent = groups(70, k=4)
+    post_groups(atropos_api.url, sent)
+    assert [e["name"] for e in client.wait_for_envs(["env0"])] == ["env0"]
+    batch = client.wait_for_batch()
+    assert [g["tokens"] for g in batch] == [g["tokens"] for g in sent]
+    assert client.metrics()["data/batches"] == 1
+
+
+@pytest.mark.api
+def test_wait_for_envs_times_out_naming_the_missing_one(atropos_api):
+    client = client_for(atropos_api.url, max_wait_s=1.0)
+    client.register()
+    t = _register_later(atropos_api.url, ["env0"], delay_s=0.0)
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"1 of 2 registered \(env0\); not yet: env1"):
+        client.wait_for_envs(["env0", "env1"])
+    assert time.monotonic() - t0 < 3.0
+    t.join(5)
+
+
+@pytest.mark.api
+def test_wait_for_envs_ends_when_the_abort_check_raises(atropos_api):
+    client = client_for(atropos_api.url, max_wait_s=30.0)
+    client.register()
+    calls = []
+
+    def env_died():
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("env1 (pid 1) exited with code 1")
+
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="env1 .* exited"):
+        client.wait_for_envs(["env0", "env1"], abort_check=env_died)
+    assert time.monotonic() - t0 < 5.0
+
+
+@pytest.mark.api
+def test_wait_for_envs_does_not_wait_on_an_api_that_cannot_tell(tmp_path):
+    """atroposlib's own `run-api` (what a user may run) has no route listing the environments: the
+    client says so and returns at once, after the poll that lets environments in."""
+    port = free_port()
+    proc = ManagedProcess("run-api", [str(Path(sys.executable).with_name("run-api")), "--port", str(port)],
+                          tmp_path / "run_api.log").start()
+    try:
+        proc.wait_http(f"http://127.0.0.1:{port}/status", 60)
+        url = f"http://127.0.0.1:{port}"
+        client = client_for(url)
+        client.register()
+        assert client.registered_envs() is None
+        t0 = time.monotonic()
+        assert client.wait_for_envs(["env0", "env1"]) is None
+        assert time.monotonic() - t0 < 2.0
+        assert register_env(url, 2)["status"] == "success"  # the start poll let environments in
+    finally:
+        proc.stop()

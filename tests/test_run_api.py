@@ -1,10 +1,13 @@
 """The API runner (`atropos_core/run_api.py`): atroposlib's app as `run-api` serves it, with the
-successful polls (`GET /batch`, `/status`, `/status-env` answered 200) left out of its access log.
+successful polls (`GET /batch`, `/status`, `/status-env` answered 200) left out of its access log
+and one read-only route added, the registered environments (`ENVS_PATH`).
 
 - `test_quiet_polls_drops_only_successful_polls`: the filter on uvicorn's access records, in-process.
 - `test_api_log_keeps_all_but_successful_polls` (api): a real API process of the test's own: polls
   answered 200 leave no line; a registration (POST), a poll answered otherwise, and any other GET
   each leave one.
+- `test_registered_envs_lists_what_atroposlib_recorded`: the route's answer from atroposlib's state,
+  in-process; `test_registered_envs_route_of_a_real_api` (api): the same from a real API.
 """
 from __future__ import annotations
 
@@ -14,7 +17,8 @@ import time
 import pytest
 import requests
 
-from atropos_core.run_api import POLLED_PATHS, QuietPolls, log_config
+from atropos_core.run_api import ENVS_PATH, POLLED_PATHS, QuietPolls, build_app, log_config, registered_envs
+from tests.fixtures.atropos_api import register_env
 
 
 def _access(method: str, path: str, status: int) -> logging.LogRecord:
@@ -41,9 +45,11 @@ def test_quiet_polls_drops_only_successful_polls():
 @pytest.mark.api
 def test_api_log_keeps_all_but_successful_polls(own_atropos_api):
     url, log = own_atropos_api.url, own_atropos_api.log_dir / "atropos_api.log"
+    assert requests.get(url + ENVS_PATH, timeout=10).json() == {"envs": []}   # nothing registered yet
     for _ in range(20):
         assert requests.get(url + "/status", timeout=10).status_code == 200
         assert requests.get(url + "/batch", timeout=10).status_code == 200
+        assert requests.get(url + ENVS_PATH, timeout=10).status_code == 200
     assert requests.get(url + "/status-env", json={"env_id": 7}, timeout=10).status_code != 200  # not registered
     register = {"wandb_group": "g", "wandb_project": "p", "batch_size": 8, "max_token_len": 64,
                 "checkpoint_dir": "c", "save_checkpoint_interval": 10, "starting_step": 0, "num_steps": 10}
@@ -54,6 +60,42 @@ def test_api_log_keeps_all_but_successful_polls(own_atropos_api):
         assert time.monotonic() < deadline, log.read_text()[-2000:]
         time.sleep(0.05)
     lines = [ln for ln in log.read_text().splitlines() if '" ' in ln and "HTTP/1.1" in ln]
-    assert not [ln for ln in lines if '"GET /status HTTP' in ln or '"GET /batch HTTP' in ln], lines
+    assert not [ln for ln in lines if '"GET /status HTTP' in ln or '"GET /batch HTTP' in ln
+                or ENVS_PATH in ln], lines
     assert sum('"GET /status-env HTTP/1.1" 500' in ln or '"GET /status-env HTTP/1.1" 4' in ln for ln in lines) == 1, lines
     assert sum('"POST /register HTTP/1.1" 200' in ln for ln in lines) == 1, lines
+
+
+def test_registered_envs_lists_what_atroposlib_recorded():
+    """The added route reads atroposlib's own record of `/register-env` calls, in env_id order;
+    adding it twice leaves one route."""
+    from types import SimpleNamespace
+
+    assert registered_envs(SimpleNamespace()) == {"envs": []}          # before any trainer registered
+    state = SimpleNamespace(envs=[
+        {"max_context_len": 256, "weight": 1.0, "desired_name": "env0", "real_name": "env0_0",
+         "registered_id": 0, "last_update": 0.0, "connected": True, "min_batch_allocation": 0.25,
+         "group_size": 4},
+        {"max_context_len": 512, "weight": 2.0, "desired_name": "chat", "real_name": "chat_0",
+         "registered_id": 1, "last_update": 0.0, "connected": False, "min_batch_allocation": None,
+         "group_size": 8}])
+    assert registered_envs(state)["envs"] == [
+        {"env_id": 0, "name": "env0", "connected": True, "group_size": 4, "max_token_length": 256, "weight": 1.0,
+         "min_batch_allocation": 0.25},
+        {"env_id": 1, "name": "chat", "connected": False, "group_size": 8, "max_token_length": 512, "weight": 2.0,
+         "min_batch_allocation": None}]
+    app = build_app()
+    assert build_app() is app and sum(getattr(r, "path", None) == ENVS_PATH for r in app.routes) == 1
+
+
+@pytest.mark.api
+def test_registered_envs_route_of_a_real_api(atropos_api):
+    url = atropos_api.url
+    register = {"wandb_group": "g", "wandb_project": "p", "batch_size": 8, "max_token_len": 64,
+                "checkpoint_dir": "c", "save_checkpoint_interval": 10, "starting_step": 0, "num_steps": 10}
+    assert requests.post(url + "/register", json=register, timeout=10).status_code == 200
+    assert requests.get(url + "/batch", timeout=10).status_code == 200   # lets environments in
+    assert register_env(url, 2, name="a")["status"] == "success" and register_env(url, 4, name="b")["env_id"] == 1
+    envs = requests.get(url + ENVS_PATH, timeout=10).json()["envs"]
+    assert [(e["env_id"], e["name"], e["group_size"], e["connected"]) for e in envs] == [(0, "a", 2, True),
+                                                                                       (1, "b", 4, True)]
