@@ -172,8 +172,7 @@ class _EnvsMissing(Exception):
     pass
 
 
-#: The route our API runner adds (`atropos_core.run_api.ENVS_PATH`); kept here too so that this
-#: client does not import the runner.
+#: The route our API runner adds (`atropos_core.run_api`): the environments registered so far.
 ENVS_PATH = "/trainer/registered-envs"
 
 

@@ -29,10 +29,9 @@ import argparse
 import copy
 import logging
 
+from atropos_core.client import ENVS_PATH  # the route this runner adds, read by the trainer's client
 from atropos_core.procs import exit_with_parent
 
-#: The route this runner adds: the registered environments (read only).
-ENVS_PATH = "/trainer/registered-envs"
 #: Paths whose successful GETs are polls: left out of the access log.
 POLLED_PATHS = frozenset({"/batch", "/status", "/status-env", ENVS_PATH})
 

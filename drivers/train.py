@@ -18,6 +18,7 @@ import logging
 import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
@@ -63,17 +64,25 @@ def open_batch_source(cfg, step: int):
     return AtroposClient(acfg)
 
 
+@contextmanager
+def others_stop_on_error(world: int):
+    """On rank 0: an exception inside sends the other ranks "stop" with its reason (they wait for a
+    control message), then propagates."""
+    try:
+        yield
+    except Exception as e:
+        if world > 1:
+            control.send_stop(f"{type(e).__name__}: {e}")
+        raise
+
+
 def fetch_groups_or_stop(client: AtroposClient, services, world: int, device) -> list:
     """Rank 0's fetch, checking the child processes at every poll (a dead vLLM server starves the
     environments: the wait ends naming it instead of after atropos.max_wait_s). The other ranks get
     a control message first: "batch" (the batch follows) or, when the fetch fails, "stop" with the
     reason, so every rank leaves the loop together and saves the (collective) checkpoint."""
-    try:
+    with others_stop_on_error(world):
         groups = client.wait_for_batch(abort_check=services.check if services else None)
-    except Exception as e:
-        if world > 1:
-            control.send_stop(f"{type(e).__name__}: {e}")
-        raise
     if world > 1:
         control.send_batch_follows()
         broadcast_groups(groups, device=device, raw=client.last_raw)
@@ -84,12 +93,8 @@ def wait_for_envs_or_stop(client: AtroposClient, services, world: int) -> None:
     """Rank 0 waits until every environment the run started has registered with the API (a batch
     taken earlier is built from the faster ones alone: `AtroposClient.wait_for_envs`); when that
     fails, the other ranks are told to stop, as in `fetch_groups_or_stop`."""
-    try:
+    with others_stop_on_error(world):
         client.wait_for_envs([p.name for p in services.envs], abort_check=services.check)
-    except Exception as e:
-        if world > 1:
-            control.send_stop(f"{type(e).__name__}: {e}")
-        raise
 
 
 def receive_groups_or_stop(device) -> list:
