@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 from .data import DataConfig
+from .envs import BUILTIN_MAX_BATCHES_OFFPOLICY
 from .checks import Between, Ge, OneOf, check_fields, choices_of
 from .checkpoint import CheckpointConfig
 from .client import AtroposConfig
@@ -129,6 +130,17 @@ class InferenceConfig:
         check_user_vllm_args(self.extra_args)
 
 
+def _last_flag_value(args: list[str], flag: str) -> Optional[str]:
+    """The value of the last `flag VALUE` or `flag=VALUE` in `args`, or None."""
+    value = None
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif a.startswith(flag + "="):
+            value = a[len(flag) + 1:]
+    return value
+
+
 @dataclass
 class EnvConfig:
     """The environment processes the run starts."""
@@ -157,6 +169,25 @@ class EnvConfig:
     def module_specs(self) -> list[str]:
         """One "MODULE [args]" entry per environment process to start."""
         return list(self.modules) if self.modules else [self.module]
+
+    def max_batches_offpolicy(self) -> Optional[int]:
+        """The fewest batches any environment this run starts may hold in the API queue (its
+        `--env.max_batches_offpolicy`, the last one given in its entry or `extra_args`; the built-in
+        environment's default when it has none), or None when that is not known here: no environment
+        started, or one of the user's without the flag (its own default applies)."""
+        if not self.start:
+            return None
+        rooms = []
+        for spec in self.module_specs:
+            module, *own = shlex.split(spec)
+            room = _last_flag_value(shlex.split(self.extra_args) + own, "--env.max_batches_offpolicy")
+            if room is None and module == EnvConfig.module:
+                room = str(BUILTIN_MAX_BATCHES_OFFPOLICY)
+            try:
+                rooms.append(int(room))
+            except (TypeError, ValueError):  # absent, or not a number (atroposlib's CLI rejects that)
+                return None
+        return min(rooms)
 
     def __post_init__(self):
         for spec in self.module_specs:

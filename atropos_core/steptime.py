@@ -13,8 +13,9 @@ of the run's time and the mean staleness. When the trainer waited for data most 
 fresh data (`waits_on_policy`), that line says what would overlap the wait: an environment allowed
 one batch ahead samples while the trainer trains (`max_batches_offpolicy` 2), on data up to one step
 staler; what that gained and cost where it was measured is in docs/offpolicy.md ("One batch
-ahead"). Not said when the data is already stale (the environment runs ahead) or when waiting is
-not most of the run.
+ahead"). Not said when the data is already stale (the environment runs ahead), when waiting is
+not most of the run, or when every environment the run started already has that room (then its
+generation is the slow side).
 """
 from __future__ import annotations
 
@@ -91,9 +92,12 @@ class RunTime:
         return (self.steps >= MIN_STEPS and self.share("wait_data") >= WAIT_SHARE
                 and stale is not None and stale < FRESH_STALENESS)
 
-    def summary(self) -> str | None:
+    def summary(self, max_batches_offpolicy: int | None = None) -> str | None:
         """'time over N steps (T s): waiting for data W%, ...; data S steps stale on average', plus
-        what would overlap the wait when `waits_on_policy`; None before the first step."""
+        what would overlap the wait when `waits_on_policy` and the environments are not known to have
+        room for a batch ahead already (`max_batches_offpolicy`: `EnvConfig.max_batches_offpolicy()`, None when not
+        known; with room and still waiting, the environment's generation is the slow side, and more
+        room would not overlap anything); None before the first step."""
         if not self.steps or self.total_s <= 0:
             return None
         parts = ", ".join(f"{PHASE_NAMES[p]} {100 * self.share(p):.0f}%"
@@ -101,7 +105,7 @@ class RunTime:
         line = f"time over {self.steps} steps ({self.total_s:.1f} s): {parts}"
         if self.staleness is not None:
             line += f"; data {self.staleness:.2f} steps stale on average"
-        if self.waits_on_policy():
+        if self.waits_on_policy() and (max_batches_offpolicy is None or max_batches_offpolicy < 2):
             line += ("; the trainer mostly waited for fresh data: an environment allowed one batch ahead "
                      "samples while it trains, on data up to one step staler, weighed by loss.is_mode (its "
                      "--env.max_batches_offpolicy 2; the built-in one's: --env.extra_args "

@@ -173,7 +173,7 @@ def main_echo(steps: int, seeds: list[int], offpolicy: tuple = (1, 2), systems=(
     print(f"\necho task, {steps} steps, seeds {seeds} ({meta['device']}, {meta['commit']})")
     print(f"{'':22} {'s/step':>8} {'train s':>8} {'sync ms':>8} {'wait s':>8} {'staleness':>9} {'entropy':>8} "
           f"{'0-grad':>7}  steps to 10-step mean >= 0.6")
-    groups = [("ours", echo_task_name(a, extra), "ours" if a == 1 else f"ours, {a - 1} batch ahead")
+    groups = [("ours", echo_task_name(a, extra), "ours, on policy" if a == 1 else f"ours, {a - 1} batch ahead")
               for a in offpolicy] + [("trl", "echo", "trl")]
     for system, task, label in groups:
         mine = [r for r in rows if r["system"] == system and r["task"] == task]
@@ -197,14 +197,15 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default=None, help="seeds (echo: default 0,1; run: one run per seed, --seed S)")
     p.add_argument("--offpolicy", default=None,
                    help="batches the environment may hold in the API queue (its max_batches_offpolicy): run: one "
-                        "value, default 1 (the built-in env's); echo: comma-separated, default 1,2")
+                        "value, default: the built-in env's own (1, on policy); echo: comma-separated, "
+                        "default 1,2")
     p.add_argument("--is-modes", default=None,
                    help="run: one run per loss.is_mode (comma-separated, e.g. token_tis,none) and seed")
     p.add_argument("--systems", default="ours,trl", help="echo: rows to measure")
     p.add_argument("driver_args", nargs="*", help="extra drivers/train.py arguments (after --)")
     args = p.parse_args(argv)
-    ahead = tuple(int(a) for a in (args.offpolicy or ("1,2" if args.task == "echo" else "1")).split(","))
-    if min(ahead) < 1:
+    ahead = tuple(int(a) for a in (args.offpolicy or ("1,2" if args.task == "echo" else "0")).split(","))
+    if min(ahead) < 1 and args.offpolicy is not None:
         raise SystemExit("--offpolicy: every value must be >= 1 (1: the environment waits for the trainer)")
     if args.task == "echo":
         return main_echo(args.steps or 300, [int(s) for s in (args.seeds or "0,1").split(",")], ahead,
@@ -219,7 +220,7 @@ def main(argv=None) -> int:
         return 0
     extra = list(args.driver_args)
     task = "default"
-    if args.offpolicy != 1:
+    if args.offpolicy:  # given: passed even when it is the built-in env's default, so the row says it
         if any(a.startswith("--env.extra_args") for a in extra):
             raise SystemExit("--offpolicy sets --env.extra_args: put the other environment arguments there instead")
         extra += ["--env.extra_args", f"--env.max_batches_offpolicy {args.offpolicy}"]

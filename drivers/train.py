@@ -231,7 +231,7 @@ def main(argv=None) -> int:
             services.stop_all()
         adist.cleanup()
     if rank == 0:
-        summary = run_time.summary()
+        summary = run_time.summary(cfg.env.max_batches_offpolicy())
         if summary:
             logger.info("%s", summary)
         print(f"train.py: {'done' if rc == 0 else 'stopped'} at step {step} (exit {rc}); run dir {cfg.run.out}",

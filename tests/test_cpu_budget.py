@@ -162,19 +162,21 @@ def test_run_time_adds_up_the_records_and_names_the_biggest_share_first():
     assert "0.50 steps stale" in line and "one batch ahead" not in line
 
 
-@pytest.mark.parametrize("wait, stale, steps, hint", [
-    (0.5, 0.1, 20, True),     # waiting most of the time for fresh data: say what would overlap it
-    (0.5, 0.9, 20, False),    # the environment already runs ahead
-    (0.05, 0.1, 20, False),   # waiting is not most of the run
-    (0.5, None, 20, False),   # no staleness measured (e.g. synthetic batches): nothing to say
-    (0.5, 0.1, 5, False),     # too few steps to say it
+@pytest.mark.parametrize("wait, stale, steps, ahead, hint", [
+    (0.5, 0.1, 20, None, True),    # waiting most of the time for fresh data: say what would overlap it
+    (0.5, 0.1, 20, 1, True),       # ... and its environments are known to run on policy
+    (0.5, 0.1, 20, 2, False),      # they already have room for a batch ahead: generation is the slow side
+    (0.5, 0.9, 20, None, False),   # the environment already runs ahead
+    (0.05, 0.1, 20, None, False),  # waiting is not most of the run
+    (0.5, None, 20, None, False),  # no staleness measured (e.g. synthetic batches): nothing to say
+    (0.5, 0.1, 5, None, False),    # too few steps to say it
 ])
-def test_run_time_suggests_running_ahead_only_when_waiting_on_policy(wait, stale, steps, hint):
+def test_run_time_suggests_running_ahead_only_when_waiting_on_policy(wait, stale, steps, ahead, hint):
     rt = RunTime()
     for _ in range(steps):
         rt.add(_record(wait=wait, train=0.1, stale=stale))
-    assert rt.waits_on_policy() is hint
-    assert ("--env.max_batches_offpolicy 2" in rt.summary()) is hint
+    assert rt.waits_on_policy() is (hint or ahead == 2)
+    assert ("--env.max_batches_offpolicy 2" in rt.summary(ahead)) is hint
 
 
 def test_each_environment_has_its_own_plan_by_name():

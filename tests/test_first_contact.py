@@ -24,6 +24,7 @@ import requests
 
 from atropos_core import config as C
 from atropos_core.client import env_metrics
+from atropos_core.envs import BUILTIN_MAX_BATCHES_OFFPOLICY
 from atropos_core.inference.vllm_command import merge_vllm_flags, vllm_server_command
 from atropos_core.model_source import ModelSourceError, model_max_len, resolve_max_token_len, resolve_model_path
 from atropos_core.procs import ManagedProcess, ServiceError, free_port
@@ -235,6 +236,27 @@ def test_env_metrics_split_reward_by_env_id():
     m = env_metrics(groups)
     assert m == {"reward/env0": 2 / 3, "data/sequences_env0": 3, "reward/env1": 1.0, "data/sequences_env1": 3,
                  "reward/envunknown": 0.5, "data/sequences_envunknown": 1}
+
+
+@pytest.mark.parametrize("args, ahead", [
+    ([], BUILTIN_MAX_BATCHES_OFFPOLICY),                                              # the built-in env's default
+    (["--env.extra_args", "--env.max_batches_offpolicy 1"], 1),               # the user's flag wins
+    (["--env.extra_args", "--env.max_batches_offpolicy 1 --env.max_batches_offpolicy=4"], 4),  # the last one
+    (["--env.module", "my.env"], None),                                       # a user's env: its own default
+    (["--env.modules", '["my.env --env.max_batches_offpolicy 3", "atropos_core.envs.repeat_env"]'], 1),
+    (["--env.modules", '["my.env --env.max_batches_offpolicy 3", "atropos_core.envs.repeat_env --env.max_batches_offpolicy 2"]'], 2),
+    (["--env.modules", '["my.env --env.max_batches_offpolicy 3", "other.env"]'], None),
+    (["--env.extra_args", "--env.max_batches_offpolicy x"], None),             # not a number: not known
+    (["--env.start", "false"], None),                                         # no environment started
+])
+def test_env_max_batches_offpolicy_is_what_the_started_environments_were_given(args, ahead):
+    assert C.parse_args(args).env.max_batches_offpolicy() == ahead
+
+
+def test_the_builtin_environment_runs_on_policy():
+    from atropos_core.envs.repeat_env import RepeatEnv
+    env_cfg, _ = RepeatEnv.config_init()
+    assert env_cfg.max_batches_offpolicy == BUILTIN_MAX_BATCHES_OFFPOLICY == 1
 
 
 def test_env_modules_keep_the_single_spelling():

@@ -1,1 +1,5 @@
 """Built-in offline environments and the tiny local model/tokenizer they run with."""
+
+#: Batches the built-in environment may hold in the API queue (its `max_batches_offpolicy`): 1, on
+#: policy (why not one batch ahead: `repeat_env`'s module docstring).
+BUILTIN_MAX_BATCHES_OFFPOLICY = 1

@@ -17,6 +17,14 @@ answer also pushes down the end-of-sequence token after it; with the tiny model 
 simulation) the policy then stopped ending its answers and reward collapsed to 0. Every answer
 word is a single token of the tiny tokenizer, so the completion is exactly one sampled token.
 
+Why on policy. The environment may hold one batch in the API queue (`max_batches_offpolicy` 1,
+`BUILTIN_MAX_BATCHES_OFFPOLICY`): it samples batch N+1 once the trainer took batch N. Room for one
+batch ahead (2) was measured on this task's demo on 2 cores: the same loop time within run-to-run spread
+and the same learning, on data 2-3x staler; this environment is slower than its trainer, so
+there is little for it to overlap. Where the environment is the faster side (the echo benchmark)
+one batch ahead halves the step: docs/offpolicy.md, "One batch ahead".
+`--env.max_batches_offpolicy 2` gives it.
+
 Run as its own process (the driver does this):
     python -m atropos_core.envs.repeat_env serve --env.rollout_server_url URL \
         --env.tokenizer_name MODEL_DIR --openai.base_url http://127.0.0.1:PORT/v1 \
@@ -30,6 +38,8 @@ from typing import List, Optional, Tuple
 
 from atroposlib.envs.base import APIServerConfig, BaseEnv, BaseEnvConfig, ScoredDataGroup
 from pydantic import Field
+
+from . import BUILTIN_MAX_BATCHES_OFFPOLICY
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +71,8 @@ class RepeatEnv(BaseEnv):
         # that vLLM batches, not atroposlib's default 8 per server in two (wait for data 0.19 -> 0.12 s
         # a step, docs/loop-speed-2026-12-01.md).
         env = RepeatEnvConfig(group_size=8, use_wandb=False, wandb_name="repeat_word", max_token_length=64,
-                              max_batches_offpolicy=1, ensure_scores_are_not_same=False, total_steps=1000,
+                              max_batches_offpolicy=BUILTIN_MAX_BATCHES_OFFPOLICY, ensure_scores_are_not_same=False,
+                              total_steps=1000,
                               include_messages=False, steps_per_eval=10**9, max_num_workers_per_node=16)
         server = APIServerConfig(server_type="vllm", model_name="default", api_key="local",
                                  base_url="http://127.0.0.1:9001/v1", num_requests_for_eval=1, timeout=120)
