@@ -179,8 +179,11 @@ class EnvConfig:
             return None
         rooms = []
         for spec in self.module_specs:
-            module, *own = shlex.split(spec)
-            room = _last_flag_value(shlex.split(self.extra_args) + own, "--env.max_batches_offpolicy")
+            try:
+                module, *own = shlex.split(spec)
+                room = _last_flag_value(shlex.split(self.extra_args) + own, "--env.max_batches_offpolicy")
+            except ValueError:  # unbalanced quotes: the launch refuses them first; here, not known
+                return None
             if room is None and module == EnvConfig.module:
                 room = str(BUILTIN_MAX_BATCHES_OFFPOLICY)
             try:

@@ -247,6 +247,7 @@ def test_env_metrics_split_reward_by_env_id():
     (["--env.modules", '["my.env --env.max_batches_offpolicy 3", "atropos_core.envs.repeat_env --env.max_batches_offpolicy 2"]'], 2),
     (["--env.modules", '["my.env --env.max_batches_offpolicy 3", "other.env"]'], None),
     (["--env.extra_args", "--env.max_batches_offpolicy x"], None),             # not a number: not known
+    (["--env.extra_args", "--env.max_batches_offpolicy '2"], None),           # unbalanced quote: not known
     (["--env.start", "false"], None),                                         # no environment started
 ])
 def test_env_max_batches_offpolicy_is_what_the_started_environments_were_given(args, ahead):
