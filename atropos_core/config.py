@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 from .data import DataConfig
-from .envs import BUILTIN_MAX_BATCHES_OFFPOLICY
+from .envs import BUILTIN_ENV, BUILTIN_MAX_BATCHES_OFFPOLICY
 from .checks import Between, Ge, OneOf, check_fields, choices_of
 from .checkpoint import CheckpointConfig
 from .client import AtroposConfig
@@ -147,7 +147,7 @@ class EnvConfig:
 
     start: bool = True
     """Start the built-in environment (atropos_core.envs.repeat_env) as a child process."""
-    module: str = "atropos_core.envs.repeat_env"
+    module: str = BUILTIN_ENV
     """Python module of the environment to start (its `BaseEnv.cli()` runs with `serve`)."""
     modules: list[str] = field(default_factory=list)
     """Several environments at once (overrides `module`): one entry per environment process, each
@@ -170,6 +170,12 @@ class EnvConfig:
         """One "MODULE [args]" entry per environment process to start."""
         return list(self.modules) if self.modules else [self.module]
 
+    def entries(self) -> list[tuple[str, list[str]]]:
+        """(module, its arguments) per environment process to start: `extra_args`, then the entry's
+        own (so an entry's flag wins). ValueError for unbalanced quotes."""
+        shared = shlex.split(self.extra_args)
+        return [(module, shared + own) for module, *own in map(shlex.split, self.module_specs)]
+
     def max_batches_offpolicy(self) -> Optional[int]:
         """The fewest batches any environment this run starts may hold in the API queue (its
         `--env.max_batches_offpolicy`, the last one given in its entry or `extra_args`; the built-in
@@ -177,14 +183,14 @@ class EnvConfig:
         started, or one of the user's without the flag (its own default applies)."""
         if not self.start:
             return None
+        try:
+            entries = self.entries()
+        except ValueError:  # unbalanced quotes: the launch refuses them first; here, not known
+            return None
         rooms = []
-        for spec in self.module_specs:
-            try:
-                module, *own = shlex.split(spec)
-                room = _last_flag_value(shlex.split(self.extra_args) + own, "--env.max_batches_offpolicy")
-            except ValueError:  # unbalanced quotes: the launch refuses them first; here, not known
-                return None
-            if room is None and module == EnvConfig.module:
+        for module, args in entries:
+            room = _last_flag_value(args, "--env.max_batches_offpolicy")
+            if room is None and module == BUILTIN_ENV:
                 room = str(BUILTIN_MAX_BATCHES_OFFPOLICY)
             try:
                 rooms.append(int(room))

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Sequence
 from . import control
 from .config import ConfigError, TrainConfig, preset_note
 from .cpu_budget import env_names
+from .envs import BUILTIN_ENV
 from .inference.vllm_command import (CPU_WEIGHT_LAYOUT_ENV, new_update_token, resolve_cpu_weight_layout, served_name_from,
                                      vllm_server_command)
 from .model_source import ModelSourceError, resolve_max_token_len, resolve_model_path
@@ -40,7 +41,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "runs" / "_models" / "repeat_tiny"
-BUILTIN_ENV = "atropos_core.envs.repeat_env"
 
 
 @dataclass
@@ -449,10 +449,8 @@ def launch_services(cfg: TrainConfig, device: torch.device, budget=None) -> tupl
                 cfg = dataclasses.replace(cfg, sync=dataclasses.replace(cfg.sync, wire_dtype="bfloat16"))
         if cfg.env.start:
             model_name = served_name_from(shlex.split(cfg.inference.extra_args)) or model_spec
-            specs = cfg.env.module_specs
-            for spec, env_name in zip(specs, env_names(len(specs))):
-                module, *own = shlex.split(spec)
-                extra = shlex.split(cfg.env.extra_args) + own
+            entries = cfg.env.entries()
+            for (module, extra), env_name in zip(entries, env_names(len(entries))):
                 if module == BUILTIN_ENV:
                     extra = ["--env.max_new_tokens", str(cfg.env.max_new_tokens), "--env.seed", str(cfg.run.seed),
                              *extra]

@@ -204,15 +204,16 @@ def main(argv=None) -> int:
     p.add_argument("--systems", default="ours,trl", help="echo: rows to measure")
     p.add_argument("driver_args", nargs="*", help="extra drivers/train.py arguments (after --)")
     args = p.parse_args(argv)
-    ahead = tuple(int(a) for a in (args.offpolicy or ("1,2" if args.task == "echo" else "0")).split(","))
-    if min(ahead) < 1 and args.offpolicy is not None:
+    given = args.offpolicy or ("1,2" if args.task == "echo" else None)  # a run: None, the built-in env's own
+    ahead = tuple(int(a) for a in given.split(",")) if given else ()
+    if any(a < 1 for a in ahead):
         raise SystemExit("--offpolicy: every value must be >= 1 (1: the environment waits for the trainer)")
     if args.task == "echo":
         return main_echo(args.steps or 300, [int(s) for s in (args.seeds or "0,1").split(",")], ahead,
                          tuple(args.systems.split(",")), tuple(args.driver_args))
-    if len(ahead) != 1:
+    if len(ahead) > 1:
         raise SystemExit("--offpolicy takes one value without --task echo")
-    args.offpolicy = ahead[0]
+    args.offpolicy = ahead[0] if ahead else None
     if args.run_dir is not None:
         row = {**run_meta(), **summarize(args.run_dir), "task": "default", "system": "ours"}
         append_rows(ROOT / "bench" / "results" / "e2e.csv", FIELDS, [row])
@@ -220,7 +221,7 @@ def main(argv=None) -> int:
         return 0
     extra = list(args.driver_args)
     task = "default"
-    if args.offpolicy:  # given: passed even when it is the built-in env's default, so the row says it
+    if args.offpolicy is not None:  # given: passed even when it is the built-in env's default, so the row says it
         if any(a.startswith("--env.extra_args") for a in extra):
             raise SystemExit("--offpolicy sets --env.extra_args: put the other environment arguments there instead")
         extra += ["--env.extra_args", f"--env.max_batches_offpolicy {args.offpolicy}"]

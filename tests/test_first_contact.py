@@ -239,7 +239,7 @@ def test_env_metrics_split_reward_by_env_id():
 
 
 @pytest.mark.parametrize("args, ahead", [
-    ([], BUILTIN_MAX_BATCHES_OFFPOLICY),                                              # the built-in env's default
+    ([], BUILTIN_MAX_BATCHES_OFFPOLICY),                                      # the built-in env's default
     (["--env.extra_args", "--env.max_batches_offpolicy 1"], 1),               # the user's flag wins
     (["--env.extra_args", "--env.max_batches_offpolicy 1 --env.max_batches_offpolicy=4"], 4),  # the last one
     (["--env.module", "my.env"], None),                                       # a user's env: its own default
