@@ -11,6 +11,11 @@ The protocol, as the installed server implements it (`atroposlib/api/server.py`)
 - `GET /info` → `{batch_size, max_token_len}`, -1 when no trainer is registered.
 - `GET /status` → `{current_step, queue_size}` (queue in groups).
 
+While it waits for a batch the client long-polls `BATCH_WAIT_PATH`, a route our API runner adds
+(`atropos_core.run_api`): `/batch` that answers as soon as the environments' posts complete a
+batch, so a ready batch does not wait for the next poll. An API without it (atroposlib's own
+`run-api`) answers 404 there once; the client then polls `/batch` with backoff as before.
+
 What can go wrong and what this client does about it:
 - The server is not up yet or is restarting: connection errors are retried with exponential
   backoff and jitter (tenacity) up to `max_wait_s`, then one `AtroposUnavailable` naming the URL
@@ -42,7 +47,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Callable, Optional
 from urllib.parse import urlparse
 
-from .checks import Finite, Ge, Gt, check_fields
+from .checks import Between, Finite, Ge, Gt, check_fields
 
 try:
     import requests
@@ -53,6 +58,9 @@ except ImportError as _e:  # AtroposConfig and env_metrics serve runs without th
     _MISSING = _e
 
 logger = logging.getLogger(__name__)
+
+#: Longest wait one long poll of the batch (`BATCH_WAIT_PATH`) may ask the API for.
+MAX_BATCH_WAIT_S = 30.0
 
 
 def env_metrics(groups: list) -> dict:
@@ -114,6 +122,10 @@ class AtroposConfig:
     environment taking 2 s per batch had ~0.3 s added to each step (docs/loop-speed-2026-12-01.md)."""
     backoff_jitter_s: Annotated[float, Ge(0)] = 0.005
     """Random extra pause in [0, this] added to each wait, so many clients do not poll in step."""
+    long_poll_s: Annotated[float, Between(0.0, MAX_BATCH_WAIT_S)] = 0.5
+    """Longest time one request waits at the API for a batch to be ready, on the long-poll route our
+    API runner adds (`BATCH_WAIT_PATH`); 0, or an API without the route: poll `/batch` instead.
+    Between two such requests the wait's checks run (a dead child process is named within this)."""
     log_every_s: Annotated[float, Gt(0), Finite()] = 30.0
     """While waiting, log a line saying what we wait for at most this often."""
     wandb_group: str = "atropos-trainer"
@@ -172,8 +184,10 @@ class _EnvsMissing(Exception):
     pass
 
 
-#: The route our API runner adds (`atropos_core.run_api`): the environments registered so far.
+#: The routes our API runner adds (`atropos_core.run_api`): the environments registered so far, and
+#: `/batch` that waits up to `?wait_s=` (at most MAX_BATCH_WAIT_S) for a batch to be ready.
 ENVS_PATH = "/trainer/registered-envs"
+BATCH_WAIT_PATH = "/trainer/batch"
 
 
 _NETWORK_ERRORS = (requests.ConnectionError, requests.Timeout) if requests else ()
@@ -199,19 +213,22 @@ class AtroposClient:
         self._last_wait_s = 0.0
         self._total_wait_s = 0.0
         self._held: Optional[list[dict]] = None  # a batch the start poll of wait_for_envs got
+        self._long_poll = cfg.long_poll_s > 0   # False once the API answered 404 on BATCH_WAIT_PATH
+        self._waited_at_api = False              # the last poll already waited at the API: no pause
 
     # -- plumbing ------------------------------------------------------------------------------
-    def _timeout(self) -> tuple[float, float]:
+    def _timeout(self, waits_s: float = 0.0) -> tuple[float, float]:
         """(connect, read) timeouts. Connecting is bounded by the running wait's deadline; reading
-        never is: the server pops a batch before sending it, so a cut-off answer loses that batch."""
+        never is: the server pops a batch before sending it, so a cut-off answer loses that batch.
+        `waits_s`: how long the server may hold the answer back on purpose (a long poll)."""
         connect = self.cfg.request_timeout_s
         if self._deadline is not None:
             connect = max(0.5, min(connect, self._deadline - time.monotonic()))
-        return connect, self.cfg.request_timeout_s
+        return connect, self.cfg.request_timeout_s + waits_s
 
-    def _request(self, method: str, path: str, **kw) -> requests.Response:
+    def _request(self, method: str, path: str, waits_s: float = 0.0, **kw) -> requests.Response:
         try:
-            return self.session.request(method, self.cfg.url + path, timeout=self._timeout(), **kw)
+            return self.session.request(method, self.cfg.url + path, timeout=self._timeout(waits_s), **kw)
         except _NETWORK_ERRORS:
             self._counters["data/connection_errors"] += 1
             raise
@@ -225,10 +242,12 @@ class AtroposClient:
             raise AtroposAPIError(f"{what} at {self.cfg.url} answered non-JSON: {resp.text[:300]!r}") from None
 
     def _retrying(self, retry_on: tuple, before_sleep=None) -> Retrying:
+        backoff = wait_exponential_jitter(initial=self.cfg.backoff_initial_s, max=self.cfg.backoff_max_s,
+                                          jitter=self.cfg.backoff_jitter_s)
+        # no pause after a long poll that came back empty: it has already waited at the API
         return Retrying(
             stop=stop_before_delay(self.cfg.max_wait_s),
-            wait=wait_exponential_jitter(initial=self.cfg.backoff_initial_s, max=self.cfg.backoff_max_s,
-                                         jitter=self.cfg.backoff_jitter_s),
+            wait=lambda retry_state: 0.0 if self._waited_at_api else backoff(retry_state),
             retry=retry_if_exception_type(retry_on), before_sleep=before_sleep, reraise=False)
 
     def _unavailable(self, err: RetryError, what: str, started: float) -> AtroposUnavailable:
@@ -303,12 +322,33 @@ class AtroposClient:
             self._register_once()
             self._counters["data/reregistered"] += 1
 
-    def get_batch(self) -> Optional[list[dict]]:
-        """One `GET /batch`: the groups of one batch, or None when none is ready (also after a
-        survived server error). Network errors propagate (`wait_for_batch` retries them)."""
+    def _long_poll_s(self) -> float:
+        """How long the next poll may wait at the API: `long_poll_s`, cut to what is left of the
+        running wait; 0 when the API has no long-poll route or outside a bounded wait."""
+        if not self._long_poll or self._deadline is None:
+            return 0.0
+        return round(max(0.0, min(self.cfg.long_poll_s, self._deadline - time.monotonic())), 3)
+
+    def get_batch(self, wait_s: float = 0.0) -> Optional[list[dict]]:
+        """One poll: the groups of one batch, or None when none is ready (also after a survived
+        server error). With `wait_s` > 0 it asks the long-poll route to hold the answer until a
+        batch is ready or `wait_s` passes; an API without that route (404) is asked `/batch` at
+        once and never long-polled again. Network errors propagate (`wait_for_batch` retries them)."""
         self._counters["data/polls"] += 1
+        self._waited_at_api = long_polled = False
         try:
-            resp = self._request("GET", "/batch")
+            resp = None
+            if wait_s > 0 and self._long_poll:
+                resp = self._request("GET", BATCH_WAIT_PATH, waits_s=wait_s, params={"wait_s": wait_s})
+                if resp.status_code == 404:
+                    self._long_poll = False
+                    logger.info("the Atropos API at %s has no %s (atroposlib's own run-api?): polling /batch "
+                                "every %g s at most instead", self.cfg.url, BATCH_WAIT_PATH, self.cfg.backoff_max_s)
+                    resp = None
+                else:
+                    long_polled = True
+            if resp is None:
+                resp = self._request("GET", "/batch")
         except requests.ReadTimeout:
             logger.warning("GET /batch at %s timed out while reading (atropos.request_timeout_s=%s): if the API "
                            "had a batch ready, that batch is lost", self.cfg.url, self.cfg.request_timeout_s)
@@ -333,6 +373,7 @@ class AtroposClient:
         batch = body.get("batch")
         if not batch:
             self._counters["data/empty_polls"] += 1
+            self._waited_at_api = long_polled   # it waited there: the next poll needs no pause
             return None
         if not isinstance(batch, list):
             raise AtroposAPIError(f"GET /batch at {self.cfg.url}: 'batch' is {type(batch).__name__}, not a list")
@@ -375,7 +416,7 @@ class AtroposClient:
                 with attempt:
                     if abort_check is not None:
                         abort_check()  # not a retried error type: tenacity re-raises it as it is
-                    batch = self.get_batch()
+                    batch = self.get_batch(wait_s=self._long_poll_s())
                     if batch is None:
                         raise _NoBatchYet()
         except RetryError as e:

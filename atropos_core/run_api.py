@@ -22,18 +22,33 @@ atroposlib's own (`atroposlib.api:app`) under uvicorn, as `run-api` runs it; thr
   waits on this route before its first batch (`AtroposClient.wait_for_envs`). Nothing of
   atroposlib's state is changed by it; an API without it (a `run-api` the user started) answers
   404 and the trainer does not wait.
+* One more route, `GET /trainer/batch?wait_s=S` (`BATCH_WAIT_PATH`): atroposlib's own `/batch`,
+  but when no batch is ready it waits up to S seconds (at most `MAX_BATCH_WAIT_S`) and answers as
+  soon as a `POST /scored_data` or `/scored_data_list` lets one be built. Polled, a batch that is
+  complete waits for the trainer's next poll (up to `backoff_max_s`, ~10 ms on average with the
+  default 20 ms); the long poll also replaces ~50 empty polls a second, each costing the API and
+  the trainer CPU on cores the environment and vLLM share. What it answers is what `/batch`
+  would answer at that moment (the handler is atroposlib's), so a batch is popped only for a
+  client still connected: the wait ends silently, popping nothing, once the trainer has gone.
+  The trainer's client uses this route when it answers, and `/batch` when it is 404 (`run-api`).
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import copy
 import logging
 
-from atropos_core.client import ENVS_PATH  # the route this runner adds, read by the trainer's client
+from fastapi import Query, Request  # at module level: the route's annotations are resolved here
+
+# the routes this runner adds, read by the trainer's client
+from atropos_core.client import BATCH_WAIT_PATH, ENVS_PATH, MAX_BATCH_WAIT_S
 from atropos_core.procs import exit_with_parent
 
 #: Paths whose successful GETs are polls: left out of the access log.
-POLLED_PATHS = frozenset({"/batch", "/status", "/status-env", ENVS_PATH})
+POLLED_PATHS = frozenset({"/batch", "/status", "/status-env", ENVS_PATH, BATCH_WAIT_PATH})
+#: atroposlib's routes that add groups to its queue: each POST wakes the waiting `BATCH_WAIT_PATH`.
+QUEUE_POSTS = frozenset({"/scored_data", "/scored_data_list"})
 
 
 class QuietPolls(logging.Filter):
@@ -71,13 +86,77 @@ def registered_envs(state) -> dict:
                       "min_batch_allocation": e.get("min_batch_allocation")} for e in envs]}
 
 
+class QueueChanged:
+    """Wakes whoever waits for the API's queue to change. `event()` is the current one; `notify()`
+    sets it and starts a new one, so a waiter that took its event before looking at the queue
+    cannot miss a change that comes after the look (all of it runs on the server's one loop)."""
+
+    def __init__(self):
+        self._event = asyncio.Event()
+
+    def event(self) -> asyncio.Event:
+        return self._event
+
+    def notify(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+
+class NotifyOnQueuePost:
+    """ASGI middleware: after a POST to one of `QUEUE_POSTS` is handled (atroposlib has put its
+    groups in the queue or its buffer by then), `changed.notify()`. Everything else passes as is."""
+
+    def __init__(self, app, changed: QueueChanged):
+        self.app, self.changed = app, changed
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            if scope["type"] == "http" and scope.get("method") == "POST" and scope.get("path") in QUEUE_POSTS:
+                self.changed.notify()
+
+
+async def batch_when_ready(get_batch, changed: QueueChanged, request, wait_s: float) -> dict:
+    """atroposlib's `/batch` answer (`get_batch`, its handler), waiting up to `wait_s` for a batch
+    when none is ready. Returns at once with a batch or an error answer (no registration yet);
+    an empty `{"batch": None}` when `wait_s` passes without one; `{}` without asking for a batch
+    once the client has disconnected (the answer would reach no one and the batch would be lost)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    while True:
+        event = changed.event()  # taken before the look: a POST after it sets this event
+        body = await get_batch()
+        remaining = deadline - loop.time()
+        if not isinstance(body, dict) or body.get("batch") or "status" in body or remaining <= 0:
+            return body
+        try:
+            await asyncio.wait_for(event.wait(), remaining)
+        except asyncio.TimeoutError:
+            pass
+        if await request.is_disconnected():
+            return {}
+
+
 def build_app():
-    """atroposlib's app with `ENVS_PATH` added (once, however often this is called)."""
+    """atroposlib's app with `ENVS_PATH` and `BATCH_WAIT_PATH` added (once, however often this is
+    called; before the app serves: middleware cannot be added later)."""
     from atroposlib.api import app
+    from atroposlib.api.server import get_batch
 
     if not any(getattr(r, "path", None) == ENVS_PATH for r in app.routes):
         app.add_api_route(ENVS_PATH, lambda: registered_envs(app.state), methods=["GET"],
                           summary="The environments registered so far (atropos-trainer)")
+    if not any(getattr(r, "path", None) == BATCH_WAIT_PATH for r in app.routes):
+        changed = QueueChanged()
+        app.add_middleware(NotifyOnQueuePost, changed=changed)
+
+        async def batch_route(request: Request, wait_s: float = Query(0.0, ge=0.0, le=MAX_BATCH_WAIT_S,
+                                                                      allow_inf_nan=False)):
+            return await batch_when_ready(get_batch, changed, request, wait_s)
+
+        app.add_api_route(BATCH_WAIT_PATH, batch_route, methods=["GET"],
+                          summary="/batch, waiting up to wait_s seconds for one (atropos-trainer)")
     return app
 
 

@@ -56,6 +56,7 @@ def test_group_larger_than_batch_refused_at_config_time():
     (dict(max_wait_s=0), "atropos.max_wait_s"), (dict(request_timeout_s=float("inf")), "request_timeout_s"),
     (dict(backoff_initial_s=2.0, backoff_max_s=1.0), "backoff_initial_s"), (dict(num_steps=0), "num_steps"),
     (dict(group_size=0), "atropos.group_size"), (dict(starting_step=-1), "starting_step"),
+    (dict(long_poll_s=-0.1), "atropos.long_poll_s"), (dict(long_poll_s=31.0), "atropos.long_poll_s"),
 ])
 def test_config_validation(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -284,6 +285,36 @@ def test_wait_ends_when_the_abort_check_raises(atropos_api):
         client.wait_for_batch(abort_check=lambda: None)
 
 
+@pytest.mark.api
+@pytest.mark.parametrize("long_poll_s", [0.5, 0.0])
+def test_a_batch_is_taken_as_soon_as_it_is_complete(atropos_api, long_poll_s):
+    """Long-polling our API, the wait ends when the post that completes the batch lands, however
+    long the pause between polls is; with `long_poll_s` 0 the client polls, and that pause is what
+    the batch waits."""
+    client = client_for(atropos_api.url, backoff_initial_s=3.0, backoff_max_s=3.0, backoff_jitter_s=0.0,
+                        long_poll_s=long_poll_s)
+    client.register()
+    sent = groups(80, k=4)
+    posted: dict = {}
+
+    def post_later():
+        time.sleep(0.7)
+        post_groups(atropos_api.url, sent)
+        posted["at"] = time.monotonic()
+
+    threading.Thread(target=post_later, daemon=True).start()
+    t0 = time.monotonic()
+    batch = client.wait_for_batch()
+    got = time.monotonic()
+    assert [g["tokens"] for g in batch] == [g["tokens"] for g in sent]
+    m = client.metrics()
+    if long_poll_s:
+        assert got - posted["at"] < 1.5, got - posted["at"]
+        assert m["data/polls"] <= 4 and m["data/polls"] == m["data/empty_polls"] + 1, m
+    else:
+        assert got - t0 >= 2.9 and m["data/polls"] == 2, (got - t0, m)   # the 3 s pause, then the poll
+
+
 # ---- waiting for the run's environments ------------------------------------------------------------
 
 def _register_later(url: str, names: list[str], delay_s: float) -> threading.Thread:
@@ -365,9 +396,10 @@ def test_wait_for_envs_ends_when_the_abort_check_raises(atropos_api):
 
 
 @pytest.mark.api
-def test_wait_for_envs_does_not_wait_on_an_api_that_cannot_tell(tmp_path):
+def test_wait_for_envs_does_not_wait_on_an_api_that_cannot_tell(tmp_path, caplog):
     """atroposlib's own `run-api` (what a user may run) has no route listing the environments: the
-    client says so and returns at once, after the poll that lets environments in."""
+    client says so and returns at once, after the poll that lets environments in. Nor has it the
+    long-poll batch route: the client falls back to polling `/batch`."""
     port = free_port()
     proc = ManagedProcess("run-api", [str(Path(sys.executable).with_name("run-api")), "--port", str(port)],
                           tmp_path / "run_api.log").start()
@@ -381,5 +413,15 @@ def test_wait_for_envs_does_not_wait_on_an_api_that_cannot_tell(tmp_path):
         assert client.wait_for_envs(["env0", "env1"]) is None
         assert time.monotonic() - t0 < 2.0
         assert register_env(url, 2)["status"] == "success"  # the start poll let environments in
+        # no long-poll route there either: one 404, then /batch polled as before
+        post_groups(url, groups(90, k=4))
+        with caplog.at_level(logging.INFO, logger="atropos_core.client"):
+            assert len(client.wait_for_batch()) == 4
+        assert "has no /trainer/batch" in caplog.text and client.metrics()["data/batches"] == 1
+        post_groups(url, groups(91, k=4))
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="atropos_core.client"):
+            assert len(client.wait_for_batch()) == 4
+        assert "has no /trainer/batch" not in caplog.text      # asked once
     finally:
         proc.stop()
