@@ -19,7 +19,9 @@ default run unless other driver arguments follow `--`) and reports per-step medi
 128-wide Qwen2 with a 300-token vocabulary learns to echo prompt tokens (`bench/echo_env.py`);
 4 prompts x 4 samples of 6 tokens per step, lr 3e-3, seeds 0 and 1. One row for ours (API + env +
 vLLM + sync, separate processes) and one for TRL's GRPO trainer in one process with HF generate
-(`bench/trl_echo.py`, when `trl` is installed). Ours runs twice per seed (`--offpolicy 1,2`): with the
+(`bench/trl_echo.py`, when `trl` is installed), and one for the environment alone: our processes
+with a trainer that takes the batches and trains nothing (`bench/env_floor.py`), the shortest step
+the environment's data path allows any trainer. Ours and it run twice per seed (`--offpolicy 1,2`): with the
 environment allowed one batch in the API queue (`max_batches_offpolicy` 1, on policy: it samples
 batch N+1 once the trainer took batch N, mostly after that step's push) and two (one batch ahead:
 sampling overlaps training, the data one step stale, corrected by the loss's `is_mode`). Targets:
@@ -114,16 +116,34 @@ def echo_model(work: Path, seed: int) -> Path:
                             hidden_size=ECHO["hidden_size"], num_layers=ECHO["num_layers"], seed=seed)
 
 
+def echo_driver_args(model: Path, seed: int, offpolicy: int) -> list[str]:
+    """drivers/train.py arguments of the echo task (model, seed, lr, environment, batch)."""
+    return ["--model", str(model), "--seed", str(seed), "--optim.lr", str(ECHO["lr"]),
+            "--env.module", "bench.echo_env", "--env.group_size", str(ECHO["group"]),
+            "--atropos.batch_size", str(ECHO["prompts"] * ECHO["group"]),
+            "--env.extra_args", f"--env.max_new_tokens {ECHO['new_tokens']} --env.seed {seed} "
+                                f"--env.max_batches_offpolicy {offpolicy}"]
+
+
 def ours_echo(work: Path, seed: int, steps: int, offpolicy: int = 1, extra: tuple = ()) -> dict:
     model = echo_model(work, seed)
     run_dir = work / f"ours_ahead{offpolicy}_s{seed}"  # its own directory: a used one would resume
-    run_driver(run_dir, steps, [
-        "--model", str(model), "--seed", str(seed), "--optim.lr", str(ECHO["lr"]),
-        "--env.module", "bench.echo_env", "--env.group_size", str(ECHO["group"]),
-        "--atropos.batch_size", str(ECHO["prompts"] * ECHO["group"]),
-        "--env.extra_args", f"--env.max_new_tokens {ECHO['new_tokens']} --env.seed {seed} "
-                            f"--env.max_batches_offpolicy {offpolicy}", *extra])
+    run_driver(run_dir, steps, [*echo_driver_args(model, seed, offpolicy), *extra])
     return summarize(run_dir)
+
+
+def env_echo(work: Path, seed: int, steps: int, offpolicy: int = 1, extra: tuple = ()) -> dict:
+    """The echo task's processes with a trainer that trains nothing (`bench/env_floor.py`): the
+    shortest step the environment's data path allows, whatever the trainer."""
+    model = echo_model(work, seed)
+    cmd = [sys.executable, str(ROOT / "bench" / "env_floor.py"), "--steps", str(steps), "--",
+           *echo_driver_args(model, seed, offpolicy), "--out", str(work / f"env_ahead{offpolicy}_s{seed}"), *extra]
+    print("running:", " ".join(cmd), flush=True)
+    proc = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"run": f"env alone seed {seed}", "steps": len(res["step_s"]) + 1,
+            "step_s": statistics.median(res["step_s"]), "wait_data_s": statistics.median(res["wait_s"]),
+            "loop_s": sum(res["step_s"])}
 
 
 def trl_echo(work: Path, seed: int, steps: int) -> dict | None:
@@ -159,11 +179,12 @@ def main_echo(steps: int, seeds: list[int], offpolicy: tuple = (1, 2), systems=(
     work = Path(tempfile.mkdtemp(prefix="bench_echo_"))
     meta = run_meta()
     rows = []
-    if "ours" in systems:
-        for ahead in offpolicy:
-            for seed in seeds:
-                r = ours_echo(work, seed, steps, ahead, extra)
-                rows.append({**meta, **r, "task": echo_task_name(ahead, extra), "system": "ours", "seed": seed})
+    for system, measure in (("ours", ours_echo), ("env", env_echo)):
+        if system in systems:
+            for ahead in offpolicy:
+                for seed in seeds:
+                    r = measure(work, seed, steps, ahead, extra)
+                    rows.append({**meta, **r, "task": echo_task_name(ahead, extra), "system": system, "seed": seed})
     if "trl" in systems:  # in process: sampling never overlaps training, so there is nothing to run ahead
         for seed in seeds:
             r = trl_echo(work, seed, steps)
@@ -173,8 +194,10 @@ def main_echo(steps: int, seeds: list[int], offpolicy: tuple = (1, 2), systems=(
     print(f"\necho task, {steps} steps, seeds {seeds} ({meta['device']}, {meta['commit']})")
     print(f"{'':22} {'s/step':>8} {'train s':>8} {'sync ms':>8} {'wait s':>8} {'staleness':>9} {'entropy':>8} "
           f"{'0-grad':>7}  steps to 10-step mean >= 0.6")
-    groups = [("ours", echo_task_name(a, extra), "ours, on policy" if a == 1 else f"ours, {a - 1} batch ahead")
-              for a in offpolicy] + [("trl", "echo", "trl")]
+    ahead_name = lambda a: "on policy" if a == 1 else f"{a - 1} batch ahead"  # noqa: E731
+    groups = ([("ours", echo_task_name(a, extra), f"ours, {ahead_name(a)}") for a in offpolicy]
+              + [("env", echo_task_name(a, extra), f"env alone, {ahead_name(a)}") for a in offpolicy]
+              + [("trl", "echo", "trl")])
     for system, task, label in groups:
         mine = [r for r in rows if r["system"] == system and r["task"] == task]
         if not mine:
@@ -201,7 +224,8 @@ def main(argv=None) -> int:
                         "default 1,2")
     p.add_argument("--is-modes", default=None,
                    help="run: one run per loss.is_mode (comma-separated, e.g. token_tis,none) and seed")
-    p.add_argument("--systems", default="ours,trl", help="echo: rows to measure")
+    p.add_argument("--systems", default="ours,env,trl",
+                   help="echo: rows to measure (ours; env: the same processes, a trainer that trains nothing; trl)")
     p.add_argument("driver_args", nargs="*", help="extra drivers/train.py arguments (after --)")
     args = p.parse_args(argv)
     given = args.offpolicy or ("1,2" if args.task == "echo" else None)  # a run: None, the built-in env's own
