@@ -204,7 +204,8 @@ def main_echo(steps: int, seeds: list[int], offpolicy: tuple = (1, 2), systems=(
             print(f"{label:22} not measured (not in --systems, or trl not installed)")
             continue
         pick = lambda k: statistics.median(r[k] for r in mine) if all(r.get(k) is not None for r in mine) else None  # noqa: E731
-        reach = " / ".join(str(r["steps_to_0.6"]) if r["steps_to_0.6"] else f"never in {r['steps']}" for r in mine)
+        reach = " / ".join("-" if "steps_to_0.6" not in r else str(r["steps_to_0.6"]) if r["steps_to_0.6"]
+                           else f"never in {r['steps']}" for r in mine)  # the environment alone learns nothing
         print(f"{label:22} {_fmt(pick('step_s'), '8.3f')} {_fmt(pick('train_s'), '8.3f')} "
               f"{_fmt(pick('sync_ms'), '8.1f')} {_fmt(pick('wait_data_s'), '8.3f')} "
               f"{_fmt(pick('staleness_mean'), '9.2f')} {_fmt(pick('entropy_last10'), '8.3f')} "
