@@ -299,8 +299,8 @@ def test_a_batch_is_taken_as_soon_as_it_is_complete(atropos_api, long_poll_s):
 
     def post_later():
         time.sleep(0.7)
+        posted["at"] = time.monotonic()   # before: the batch may reach the client before the POST returns
         post_groups(atropos_api.url, sent)
-        posted["at"] = time.monotonic()
 
     threading.Thread(target=post_later, daemon=True).start()
     t0 = time.monotonic()
