@@ -168,6 +168,14 @@ def _fmt(v, spec: str) -> str:
     return format(v, spec) if v is not None else format("-", f">{width}" if width else "")
 
 
+def _reached(row: dict) -> str:
+    """A row's steps to the target reward as printed: "-" for a row that trains nothing (the
+    environment alone), "never in N" for a run that did not get there."""
+    if "steps_to_0.6" not in row:
+        return "-"
+    return str(row["steps_to_0.6"]) if row["steps_to_0.6"] else f"never in {row['steps']}"
+
+
 def echo_task_name(offpolicy: int, extra: tuple = ()) -> str:
     """The `task` column of an echo row: how the run differed from the plain on-policy task."""
     task = "echo" if offpolicy == 1 else f"echo offpolicy={offpolicy}"
@@ -204,8 +212,7 @@ def main_echo(steps: int, seeds: list[int], offpolicy: tuple = (1, 2), systems=(
             print(f"{label:22} not measured (not in --systems, or trl not installed)")
             continue
         pick = lambda k: statistics.median(r[k] for r in mine) if all(r.get(k) is not None for r in mine) else None  # noqa: E731
-        reach = " / ".join("-" if "steps_to_0.6" not in r else str(r["steps_to_0.6"]) if r["steps_to_0.6"]
-                           else f"never in {r['steps']}" for r in mine)  # the environment alone learns nothing
+        reach = " / ".join(_reached(r) for r in mine)
         print(f"{label:22} {_fmt(pick('step_s'), '8.3f')} {_fmt(pick('train_s'), '8.3f')} "
               f"{_fmt(pick('sync_ms'), '8.1f')} {_fmt(pick('wait_data_s'), '8.3f')} "
               f"{_fmt(pick('staleness_mean'), '9.2f')} {_fmt(pick('entropy_last10'), '8.3f')} "

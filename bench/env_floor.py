@@ -32,16 +32,14 @@ def main(argv=None) -> int:
     if args.steps < 2:
         raise SystemExit("--steps must be >= 2 (an interval needs two batches)")
 
-    import torch
-
-    from atropos_core import cpu_budget
+    from atropos_core import cpu_budget, dist as adist
     from atropos_core.client import AtroposClient
     from atropos_core.config import ConfigError, parse_args
     from atropos_core.services import launch_services
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     driver = list(args.driver_args)
-    if not any(a == "--out" or a.startswith("--out=") for a in driver):
+    if not any(a.split("=", 1)[0] in ("--out", "--run.out") for a in driver):
         driver += ["--out", tempfile.mkdtemp(prefix="env_floor_")]
     try:
         cfg = parse_args(["--steps", str(args.steps), *driver])
@@ -50,7 +48,9 @@ def main(argv=None) -> int:
     if not (cfg.run.start_api and cfg.env.start):
         raise SystemExit("env_floor.py measures the environments this run starts: leave run.start_api and "
                          "env.start on")
-    device = torch.device("cpu")  # nothing is trained; the children get the run's CPU plan
+    # the device the driver would pick (CUDA when there is one): the servers start as in the run
+    _, _, _, device = adist.init_distributed(None if cfg.run.device == "auto" else cfg.run.device,
+                                             single_rank_group=False)
     budget = cpu_budget.plan_for_run(cfg, device)
     cpu_budget.apply_to_trainer(budget, 0)
     cfg, services = launch_services(cfg, device, budget)
