@@ -265,6 +265,75 @@ def test_update_while_generating(vllm_server, pause_mode):
     assert_serves(vllm_server.url, model)
 
 
+def prometheus(url: str, name: str) -> float:
+    """The sum of a metric's samples on the server's `/metrics` (a read of the API process's
+    counters: no request reaches the engine)."""
+    total, found = 0.0, False
+    for line in requests.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith(name) and line[len(name):len(name) + 1] in (" ", "{"):
+            total, found = total + float(line.rsplit(" ", 1)[1]), True
+    assert found, f"{name} is not among {url}/metrics"
+    return total
+
+
+@pytest.mark.vllm
+def test_updates_while_requests_finish_keep_generating(vllm_server):
+    """Updates that land while requests finish step after step: the engine generates again after
+    each, with no other request to wake it.
+
+    When a request finished in the engine's last step, its pause cannot complete at once, and our
+    one-call update finishes (and resumes the scheduler) from vLLM's idle-state callback, just
+    before the busy loop blocks on its input queue; without `engine_ext._wake` the resumed
+    requests then sat unscheduled until the next request of any kind arrived. Here 100 requests of
+    2, 4, ..., 200 tokens finish every other step; once all are in the engine, the trainer pushes
+    an update, waits for the server's generated-token count to move (read from `/metrics`, which
+    sends nothing to the engine), and pushes the next, while enough of them run."""
+    import threading
+    import time
+
+    model = load_hf(vllm_server.model_dir)
+    train_step(model, seed=41)
+    url = vllm_server.url
+    served = requests.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
+    status: list[int] = []
+
+    def ask(k: int) -> None:
+        r = requests.post(f"{url}/v1/completions", timeout=300, json={
+            "model": served, "prompt": PROMPTS[1], "max_tokens": k, "ignore_eos": True, "temperature": 1.0})
+        status.append(r.status_code)
+
+    def wait_for(what: str, ok, timeout_s: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not ok():
+            assert time.monotonic() < deadline, f"{what}: not within {timeout_s:.0f} s"
+            time.sleep(0.01)
+
+    threads = [threading.Thread(target=ask, args=(k,), daemon=True) for k in range(2, 201, 2)]
+    sync = WeightSync(WeightSyncConfig(), [url], vllm_server.token)
+    sync.connect()
+    pushed: list[int] = []
+    try:
+        for t in threads:
+            t.start()
+        queued = lambda: prometheus(url, "vllm:num_requests_running") + prometheus(url, "vllm:num_requests_waiting")  # noqa: E731
+        wait_for("the requests reaching the engine", lambda: queued() + len(status) >= len(threads), 60)
+        while len(pushed) < 20 and queued() >= 10:  # running or waiting: an update preempts them all
+            pushed.append(vllm_server.next_version())
+            sync.push(model, pushed[-1])
+            after = prometheus(url, "vllm:generation_tokens_total")
+            wait_for(f"generation going on after update v{pushed[-1]} ({len(pushed)} of them)",
+                     lambda: prometheus(url, "vllm:generation_tokens_total") > after)
+    finally:
+        sync.close()
+        for t in threads:
+            t.join(timeout=120)
+    assert len(pushed) >= 8, (f"only {len(pushed)} updates before the requests ran out ({len(status)} of "
+                              f"{len(threads)} done): make them longer")
+    assert status == [200] * len(threads), status
+    assert served_version(url) == pushed[-1]
+    assert_serves(url, model)
+
+
 @pytest.mark.vllm
 def test_packed_buckets_give_the_same_weights(vllm_server):
     """The NCCL-style packed path (several tensors per message) over gloo."""

@@ -19,6 +19,18 @@ every engine, as it does vLLM's own utilities:
   chain), drop the scheduler's encoder cache, record the version, and resume the scheduler: always,
   also when any of it failed. The busy loop runs the call in its own thread, so nothing is scheduled
   while it runs.
+
+  When the pause cannot complete at once (the engine still has work: in-flight steps, or requests
+  that finished in the last step and are not yet cleared), vLLM hands back a Future and completes
+  it from an idle-state callback, which its busy loop runs inside `_process_input_queue` just
+  before it blocks on the input queue. The update then resumes the scheduler from inside that
+  callback, and the loop blocks anyway: it tests for work only before the callback. vLLM's own
+  chain never meets this (its resume is a later client request, which wakes the queue); ours
+  must wake it, so `_wake` puts vLLM's own `WAKEUP` sentinel on the input queue after every
+  update finished from the callback. Without it the resumed requests sat unscheduled until the
+  next request of any kind: on the echo task one batch ahead with `sync.verify_every 0` (the
+  served check's request had been that wake-up), every few runs an environment waited out its
+  120 s request timeout (docs/loop-speed-2026-12-01.md, session 13).
 * `atropos_update_supported()`: True; the server asks once and uses vLLM's chain where it fails
   (an EngineCore that did not import this module).
 
@@ -60,6 +72,21 @@ def _load_and_resume(engine: Any, update_info: dict, version: str) -> dict:
     return {"weight_version": version}
 
 
+def _wake(engine: Any) -> None:
+    """Make the busy loop look for work again: it may be about to block on its input queue with
+    the scheduler just resumed (see the module docstring). A no-op sentinel of vLLM's own."""
+    queue = getattr(engine, "input_queue", None)  # EngineCoreProc; an in-process EngineCore has none
+    if queue is None:
+        return
+    try:
+        from vllm.v1.engine import EngineCoreRequestType
+    except ImportError:
+        return
+    wakeup = getattr(EngineCoreRequestType, "WAKEUP", None)
+    if wakeup is not None:
+        queue.put_nowait((wakeup, None))
+
+
 def atropos_update(self: Any, update_info: dict, version: str, pause_mode: str = "keep") -> Any:
     """EngineCore utility: pause, one worker RPC for the whole update, reset caches, resume.
     Returns the answer, or a Future of it when the pause has to wait for in-flight work."""
@@ -74,15 +101,18 @@ def atropos_update(self: Any, update_info: dict, version: str, pause_mode: str =
 
     def paused(f: Future) -> None:  # runs in the busy loop's thread once the engine is idle
         try:
-            f.result()
-        except BaseException as err:  # noqa: BLE001 - handed to the caller
-            self.resume_scheduler()
-            answer.set_exception(err)
-            return
-        try:
-            answer.set_result(_load_and_resume(self, update_info, version))
-        except BaseException as err:  # noqa: BLE001 - handed to the caller
-            answer.set_exception(err)
+            try:
+                f.result()
+            except BaseException as err:  # noqa: BLE001 - handed to the caller
+                self.resume_scheduler()
+                answer.set_exception(err)
+                return
+            try:
+                answer.set_result(_load_and_resume(self, update_info, version))
+            except BaseException as err:  # noqa: BLE001 - handed to the caller
+                answer.set_exception(err)
+        finally:
+            _wake(self)  # resumed from inside the idle loop: it must look for work again
 
     pending.add_done_callback(paused)
     return answer
