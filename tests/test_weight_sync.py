@@ -461,6 +461,45 @@ def test_failed_update_raises_once_and_server_resumes(vllm_server):
     assert_serves(vllm_server.url, model)
 
 
+class _InterruptedMidway(WeightSync):
+    """Fault injection: Ctrl-C arrives half-way through an update's broadcast."""
+
+    def _gathered(self, params):
+        for i, t in enumerate(super()._gathered(params)):
+            if i == len(params) // 2:
+                raise KeyboardInterrupt
+            yield t
+
+
+@pytest.mark.vllm
+def test_interrupted_update_stops_at_once_and_server_resumes(vllm_server):
+    """Ctrl-C during a push is the user stopping the run: it comes out of `push` as the
+    KeyboardInterrupt itself, at once (not after the servers' answers, up to `update_timeout_s`
+    later, wrapped as a failed update, which made the driver report a failed run, exit 1). The
+    server's receive times out on its own, it resumes, and a new connection updates it."""
+    import time
+
+    model = load_hf(vllm_server.model_dir)
+    train_step(model, seed=9)
+    sync = _InterruptedMidway(WeightSyncConfig(update_timeout_s=5), [vllm_server.url], vllm_server.token)
+    sync.connect()
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        sync.push(model, vllm_server.next_version())
+    assert time.monotonic() - t0 < 3, "push waited for the servers after the interrupt"
+    sync.close()
+    deadline = time.monotonic() + 60
+    while (state := requests.get(f"{vllm_server.url}/weight_version", timeout=10).json())["phase"] != "idle":
+        assert time.monotonic() < deadline, f"the server did not give up the interrupted update: {state}"
+        time.sleep(0.1)
+    assert "failed" in state["last_error"]
+    r = requests.post(f"{vllm_server.url}/generate", json={"prompt": {"prompt_token_ids": PROMPTS[0]},
+                                                           "max_tokens": 2, "temperature": 0.0}, timeout=30)
+    assert r.status_code == 200
+    push_once(vllm_server, model)
+    assert_serves(vllm_server.url, model)
+
+
 class _DiesOnSecondPush(_DiesMidway):
     pushes = 0
 

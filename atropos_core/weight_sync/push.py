@@ -69,6 +69,11 @@ from .transport import broadcast_async, make_transfer_group, pick_backend, wait_
 logger = logging.getLogger(__name__)
 
 
+def _interrupt(err: BaseException) -> bool:
+    """A KeyboardInterrupt or SystemExit: the process is being stopped, not an update failing."""
+    return not isinstance(err, Exception)
+
+
 @dataclass
 class WeightSyncConfig:
     """How the trainer pushes weights to the vLLM servers."""
@@ -451,6 +456,9 @@ class WeightSync:
                 else:
                     raise WeightSyncError("a server does not know the manifest it has just prepared")
             except BaseException as e:  # noqa: BLE001 - re-raised on every rank below
+                if _interrupt(e):  # stopped between the request and its "ready": drop every channel
+                    self._abandon([self._channels[url] for url in self.urls])
+                    raise
                 err = e
         phases = {"sync/prepare_ms": (time.perf_counter() - t0) * 1e3}  # rank 0 fills in the rest
         # Go/no-go before any gather, so a rejected manifest costs no all-gathers.
@@ -561,6 +569,12 @@ class WeightSync:
             err = e
             self._group = None
         t_sent = time.perf_counter()
+        if err is not None and _interrupt(err):
+            # Ctrl-C (or SystemExit) mid-update: the user is stopping the run. Waiting for the
+            # servers' answers would hold them up to `update_timeout_s` for an error nobody reads;
+            # each server's receive times out on its own and it resumes generation.
+            self._abandon(applies)
+            raise err
         if err is not None:
             self._known_key = None
             # The server's own error (e.g. it rejected or lost the update) is the better message.
@@ -587,6 +601,14 @@ class WeightSync:
             phases["sync/send_ms"] = (t_sent - t_start) * 1e3
             phases["sync/finish_ms"] = (done - t_sent) * 1e3
         return None
+
+    def _abandon(self, channels: list[_UpdateChannel]) -> None:
+        """Drop updates in flight without reading their answers: the group and the manifest are
+        then unknown (the next push reconnects and prepares again)."""
+        self._group = None
+        self._known_key = None
+        for channel in channels:
+            channel.close()
 
     def _gather_only(self, params) -> None:
         for _ in self._gathered(params):
