@@ -285,8 +285,7 @@ def test_updates_while_requests_finish_keep_generating(vllm_server):
     one-call update finishes (and resumes the scheduler) from vLLM's idle-state callback, just
     before the busy loop blocks on its input queue; without `engine_ext._wake` the resumed
     requests then sat unscheduled until the next request of any kind arrived. Here 100 requests of
-    2, 4, ..., 200 tokens finish every other step; once all are in the engine, the trainer pushes
-    an update, waits for the server's generated-token count to move (read from `/metrics`, which
+    4, 8, ..., 400 tokens finish every fourth step; once they run, the trainer pushes an update, waits for the server's generated-token count to move (read from `/metrics`, which
     sends nothing to the engine), and pushes the next, while enough of them run."""
     import threading
     import time
@@ -308,7 +307,7 @@ def test_updates_while_requests_finish_keep_generating(vllm_server):
             assert time.monotonic() < deadline, f"{what}: not within {timeout_s:.0f} s"
             time.sleep(0.01)
 
-    threads = [threading.Thread(target=ask, args=(k,), daemon=True) for k in range(2, 201, 2)]
+    threads = [threading.Thread(target=ask, args=(k,), daemon=True) for k in range(4, 401, 4)]
     sync = WeightSync(WeightSyncConfig(), [url], vllm_server.token)
     sync.connect()
     pushed: list[int] = []
@@ -316,8 +315,8 @@ def test_updates_while_requests_finish_keep_generating(vllm_server):
         for t in threads:
             t.start()
         queued = lambda: prometheus(url, "vllm:num_requests_running") + prometheus(url, "vllm:num_requests_waiting")  # noqa: E731
-        wait_for("the requests reaching the engine", lambda: queued() + len(status) >= len(threads), 60)
-        while len(pushed) < 20 and queued() >= 20:  # running or waiting: an update preempts them all
+        wait_for("the requests reaching the engine", lambda: queued() >= 20, 60)
+        while len(pushed) < 30 and queued() >= 20:  # running or waiting: an update preempts them all
             pushed.append(vllm_server.next_version())
             sync.push(model, pushed[-1])
             after = prometheus(url, "vllm:generation_tokens_total")
