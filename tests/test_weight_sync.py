@@ -284,9 +284,14 @@ def test_updates_while_requests_finish_keep_generating(vllm_server):
     When a request finished in the engine's last step, its pause cannot complete at once, and our
     one-call update finishes (and resumes the scheduler) from vLLM's idle-state callback, just
     before the busy loop blocks on its input queue; without `engine_ext._wake` the resumed
-    requests then sat unscheduled until the next request of any kind arrived. Here 100 requests of
-    4, 8, ..., 400 tokens finish every fourth step; once they run, the trainer pushes an update, waits for the server's generated-token count to move (read from `/metrics`, which
-    sends nothing to the engine), and pushes the next, while enough of them run."""
+    requests then sat unscheduled until the next request of any kind arrived.
+
+    The requests come in waves of 60, of 4, 6, ..., 122 tokens, so that one finishes every other
+    step. Once a wave's first request is done and 20 or more still run or wait, the trainer pushes
+    an update, waits for the server's generated-token count to move (read from `/metrics`, which
+    sends nothing to the engine), and pushes again while 20 remain; the next wave starts only
+    after the last one is done, so no new request wakes a stalled engine. Waves repeat until 8
+    updates have landed this way (a fast machine can finish a wave before its first push)."""
     import threading
     import time
 
@@ -294,9 +299,8 @@ def test_updates_while_requests_finish_keep_generating(vllm_server):
     train_step(model, seed=41)
     url = vllm_server.url
     served = requests.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
-    status: list[int] = []
 
-    def ask(k: int) -> None:
+    def ask(k: int, status: list[int]) -> None:
         r = requests.post(f"{url}/v1/completions", timeout=300, json={
             "model": served, "prompt": PROMPTS[1], "max_tokens": k, "ignore_eos": True, "temperature": 1.0})
         status.append(r.status_code)
@@ -305,31 +309,42 @@ def test_updates_while_requests_finish_keep_generating(vllm_server):
         deadline = time.monotonic() + timeout_s
         while not ok():
             assert time.monotonic() < deadline, f"{what}: not within {timeout_s:.0f} s"
-            time.sleep(0.01)
+            time.sleep(0.005)
 
-    threads = [threading.Thread(target=ask, args=(k,), daemon=True) for k in range(4, 401, 4)]
+    def queued() -> float:
+        return prometheus(url, "vllm:num_requests_running") + prometheus(url, "vllm:num_requests_waiting")
+
     sync = WeightSync(WeightSyncConfig(), [url], vllm_server.token)
     sync.connect()
     pushed: list[int] = []
+    statuses: list[int] = []
+    waves = 0
     try:
-        for t in threads:
-            t.start()
-        queued = lambda: prometheus(url, "vllm:num_requests_running") + prometheus(url, "vllm:num_requests_waiting")  # noqa: E731
-        wait_for("the requests reaching the engine", lambda: queued() >= 20, 60)
-        while len(pushed) < 30 and queued() >= 20:  # running or waiting: an update preempts them all
-            pushed.append(vllm_server.next_version())
-            sync.push(model, pushed[-1])
-            after = prometheus(url, "vllm:generation_tokens_total")
-            # Moving on, or every request done (the last ones can finish between the two reads).
-            wait_for(f"generation going on after update v{pushed[-1]} ({len(pushed)} of them)",
-                     lambda: prometheus(url, "vllm:generation_tokens_total") > after or len(status) == len(threads))
+        while len(pushed) < 8 and waves < 20:
+            waves += 1
+            status: list[int] = []
+            wave = [threading.Thread(target=ask, args=(k, status), daemon=True) for k in range(4, 124, 2)]
+            for t in wave:
+                t.start()
+            try:
+                wait_for(f"wave {waves}'s first request done", lambda: len(status) >= 1, 120)
+                while len(pushed) < 8 and queued() >= 20:  # an update preempts every running request
+                    pushed.append(vllm_server.next_version())
+                    sync.push(model, pushed[-1])
+                    after = prometheus(url, "vllm:generation_tokens_total")
+                    # Moving on, or the wave done (its last requests can end between the two reads).
+                    wait_for(f"generation going on after update v{pushed[-1]} (wave {waves})",
+                             lambda: prometheus(url, "vllm:generation_tokens_total") > after
+                             or len(status) == len(wave))
+            finally:
+                deadline = time.monotonic() + 120
+                for t in wave:
+                    t.join(timeout=max(0.0, deadline - time.monotonic()))
+                statuses += status
     finally:
         sync.close()
-        for t in threads:
-            t.join(timeout=120)
-    assert len(pushed) >= 8, (f"only {len(pushed)} updates before the requests ran out ({len(status)} of "
-                              f"{len(threads)} done): make them longer")
-    assert status == [200] * len(threads), status
+    assert len(pushed) == 8, f"only {len(pushed)} updates landed while requests ran, in {waves} waves"
+    assert statuses == [200] * len(statuses), statuses
     assert served_version(url) == pushed[-1]
     assert_serves(url, model)
 
