@@ -153,3 +153,21 @@ def test_generate_needs_no_update_token_and_openai_routes_stay(vllm_server):
     assert r.status_code == 200
     models = requests.get(f"{vllm_server.url}/v1/models", timeout=10).json()
     assert models["data"][0]["id"] == str(vllm_server.model_dir)
+
+
+def test_seeded_samples_survive_a_chunked_prefill_and_repeat_exactly(vllm_server):
+    """A request with a `seed` whose prompt is prefilled in chunks: on CPU, vLLM 0.32 rewound the
+    discarded chunk's sample with the CUDA-only generator offset and the engine died
+    (`worker_ext._install_cpu_generator_rewind`). n=40 samples of a 480-token prompt need 19,200
+    prefill tokens, more than one step's token budget, so one sample's prompt is split across steps.
+    Sample i has seed 11 + i (vLLM's rule for n > 1); each must equal the same seed asked alone,
+    whose prompt fits one step: the discarded sample consumed nothing from its generator."""
+    prompt = [(7 * i + 3) % 250 + 20 for i in range(480)]
+    n, seed, max_tokens = 40, 11, 12
+    together = vllm_generate(vllm_server.url, prompt, n=n, seed=seed, max_tokens=max_tokens, temperature=1.0)
+    assert len(together["token_ids"]) == n
+    alone = [vllm_generate(vllm_server.url, prompt, n=1, seed=seed + i, max_tokens=max_tokens,
+                           temperature=1.0)["token_ids"][0] for i in range(n)]
+    differ = [i for i in range(n) if together["token_ids"][i] != alone[i]]
+    assert not differ, f"samples {differ} differ from the same seed asked alone"
+    assert len(set(map(tuple, alone))) > 1, "every seed gave the same tokens: the seeds were not applied"

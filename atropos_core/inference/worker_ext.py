@@ -108,6 +108,66 @@ def _install_plain_cpu_layout() -> None:
     layer_utils.dispatch_cpu_unquantized_gemm = dispatch_plain
 
 
+def _install_cpu_generator_rewind() -> None:
+    """On CPU, rewind a seeded request's generator by its saved state, not by an offset.
+
+    When a step's sampled token is thrown away (a prompt prefilled in chunks: every chunk but the
+    last samples a token nobody keeps), vLLM 0.32's `GPUModelRunner._bookkeeping_sync` undoes that
+    sample in the request's own generator with `gen.set_offset(gen.get_offset() - 4)`: the CUDA
+    Philox counter. A CPU generator (Mersenne Twister) has no offset and raises "CPU Generator does
+    not use offset"; the engine dies and every request in flight fails. So any request with a
+    `seed` whose prompt got chunked (a long prompt, or a busy step's token budget) killed a CPU
+    server. Wrapped here: `_sample` saves the state of each CPU generator whose row will be
+    discarded, and `_bookkeeping_sync` runs with those generators out of its sight and then puts
+    them back at their saved state: the discarded token consumed nothing, as on CUDA, so a seeded
+    request gives the same tokens whether its prompt was chunked or not. A vLLM without these
+    methods is left alone (logged).
+    """
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    sample = getattr(GPUModelRunner, "_sample", None)
+    bookkeeping = getattr(GPUModelRunner, "_bookkeeping_sync", None)
+    if sample is None or bookkeeping is None:
+        logger.warning("vLLM's model runner lacks _sample/_bookkeeping_sync: seeded requests are not "
+                       "guarded against the CPU generator-offset crash")
+        return
+    if getattr(bookkeeping, "_atropos_rewind", False):
+        return
+
+    def discarded_cpu_generators(runner: Any) -> dict[int, torch.Generator]:
+        batch, mask = runner.input_batch, runner.discard_request_mask
+        rows = mask.np[:batch.num_reqs].nonzero()[0].tolist()
+        return {i: batch.generators[i] for i in rows
+                if i in batch.generators and batch.generators[i].device.type == "cpu"}
+
+    def sample_saving_state(self: Any, *args: Any, **kwargs: Any) -> Any:
+        self._atropos_rng_before = {i: g.get_state() for i, g in discarded_cpu_generators(self).items()}
+        return sample(self, *args, **kwargs)
+
+    def bookkeeping_restoring_state(self: Any, *args: Any, **kwargs: Any) -> Any:
+        held = discarded_cpu_generators(self)
+        generators = self.input_batch.generators
+        for i in held:
+            del generators[i]
+        try:
+            return bookkeeping(self, *args, **kwargs)
+        finally:
+            generators.update(held)
+            saved = getattr(self, "_atropos_rng_before", {})
+            for i, gen in held.items():
+                if i in saved:
+                    gen.set_state(saved[i])
+            self._atropos_rng_before = {}
+
+    bookkeeping_restoring_state._atropos_rewind = True  # type: ignore[attr-defined]
+    GPUModelRunner._sample = sample_saving_state
+    GPUModelRunner._bookkeeping_sync = bookkeeping_restoring_state
+
+
 def in_place_blocker(model: torch.nn.Module, device: torch.device, quantization: str | None) -> str | None:
     """Why `model` cannot take updates by plain in-place `load_weights`, or None if it can.
 
@@ -375,6 +435,7 @@ class AtroposWorkerExtension:
 
 
 _install_plain_cpu_layout()
+_install_cpu_generator_rewind()
 try:
     WeightTransferEngineFactory.register_engine(BACKEND_NAME, AtroposWeightTransferEngine)
 except ValueError:  # imported twice in one process
