@@ -159,7 +159,12 @@ def trl_echo(work: Path, seed: int, steps: int) -> dict | None:
     times = res["step_s"][1:] if len(res["step_s"]) > 3 else res["step_s"]
     return {"run": f"trl seed {seed}", "steps": len(res["rewards"]), "step_s": statistics.median(times),
             "loop_s": sum(res["step_s"]), "reward_first10": statistics.mean(res["rewards"][:10]),
-            "reward_last10": statistics.mean(res["rewards"][-10:]), "steps_to_0.6": steps_to(res["rewards"])}
+            "reward_last10": statistics.mean(res["rewards"][-10:]), "steps_to_0.6": steps_to(res["rewards"]),
+            # As ours: TRL's mean token entropy, and the share of steps in which every group scored
+            # alike (TRL's frac_reward_zero_std is 1: every advantage, so the gradient, is 0).
+            "entropy_last10": statistics.mean(res["entropy"][-10:]) if res.get("entropy") else None,
+            "zero_grad_frac": statistics.mean(float(z == 1.0) for z in res["frac_reward_zero_std"])
+            if res.get("frac_reward_zero_std") else None}
 
 
 def _fmt(v, spec: str) -> str:

@@ -53,12 +53,16 @@ def run_trl(model_dir: str, *, seed: int, steps: int, prompts_per_step: int = 4,
     cfg = GRPOConfig(output_dir=out_dir or tempfile.mkdtemp(prefix="trl_echo_"), max_steps=steps,
                      learning_rate=lr, per_device_train_batch_size=prompts_per_step * group,
                      num_generations=group, max_completion_length=new_tokens, temperature=1.0,
-                     use_cpu=True, seed=seed, report_to=[], logging_steps=10**9, save_strategy="no",
+                     use_cpu=True, seed=seed, report_to=[], logging_steps=1, disable_tqdm=True, save_strategy="no",
                      lr_scheduler_type="constant", warmup_steps=0, dataloader_num_workers=0, shuffle_dataset=False)
     trainer = GRPOTrainer(model=model, processing_class=tok, reward_funcs=reward, args=cfg, train_dataset=data,
                           callbacks=[Clock()])
     trainer.train()
-    return {"rewards": rewards_per_call, "step_s": times}
+    # Logged after each step's clock stops (on_step_end comes first): the step time is not changed.
+    logs = trainer.state.log_history
+    return {"rewards": rewards_per_call, "step_s": times,
+            "entropy": [h["entropy"] for h in logs if "entropy" in h],
+            "frac_reward_zero_std": [h["frac_reward_zero_std"] for h in logs if "frac_reward_zero_std" in h]}
 
 
 def main() -> int:
