@@ -38,6 +38,7 @@ from torch import nn
 
 from . import dist as adist
 from .checks import Between, Ge, Gt, OneOf, check_fields
+from .model_source import head_transform_error, output_head_transforms
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +137,11 @@ def load_model_and_tokenizer(cfg: ModelConfig, device: torch.device):
     attn = resolve_attn_implementation(cfg.attn_implementation, device, compute_dtype(cfg, device))
     model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=cfg.torch_dtype, attn_implementation=attn,
                                                  trust_remote_code=cfg.trust_remote_code)
+    head = model.get_output_embeddings()
+    transforms = output_head_transforms(model.config.to_dict(),
+                                        {"lm_head.bias"} if getattr(head, "bias", None) is not None else set())
+    if transforms:  # the launcher refuses these from config.json; a model loaded another way meets it here
+        raise ValueError(head_transform_error(cfg.path, transforms))
     tok = AutoTokenizer.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
     model.config.use_cache = False
     if cfg.gradient_checkpointing:

@@ -15,6 +15,15 @@
   ...) and the tokenizer's `model_max_length`; more is a config error naming both numbers. Unset,
   it is the model's limit capped at `DEFAULT_MAX_TOKEN_LEN` (a 32k-context model would otherwise
   reserve KV cache and memory for 32k-token sequences no default environment sends).
+* A plain output head only. The fused losses (`kernels/`) compute log-softmax(hidden @
+  lm_head.weight.T / T), and nothing more. A model whose forward changes the logits after the
+  head is refused here, by name, before anything starts (`check_output_head`:
+  `HEAD_TRANSFORM_KEYS` in config.json, or an `lm_head.bias` tensor in the checkpoint). Without
+  that, it would train silently on log-probs that are not those of the policy vLLM samples. A
+  numeric probe could not replace the check: on a random-initialised model a soft cap of 30
+  changes the logits by ~1e-7. `model.load_model_and_tokenizer` checks again, for models loaded
+  another way. Supporting a soft cap or a scale means adding it to every kernel backend and to
+  the reference.
 """
 from __future__ import annotations
 
@@ -100,6 +109,52 @@ def model_max_len(model_dir: str | Path) -> tuple[Optional[int], str]:
         if isinstance(v, int) and 0 < v < 10**9 and (best[0] is None or v < best[0]):
             best = (v, f"model_max_length in {tok_cfg}")
     return best
+
+
+#: config.json keys by which a model's forward changes the logits after `hidden @ lm_head.weight.T`,
+#: and the value that leaves them unchanged (transformers 5: Gemma-2's soft cap, Cohere's scale,
+#: Granite's divisor).
+HEAD_TRANSFORM_KEYS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
+
+
+def _weight_names(d: Path) -> set[str]:
+    """Tensor names of a safetensors checkpoint (the index, else each file's JSON header)."""
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        return set(json.loads(index.read_text()).get("weight_map", {}))
+    names: set[str] = set()
+    for f in sorted(d.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if 0 < n < 1 << 28:
+                names.update(k for k in json.loads(fh.read(n)) if k != "__metadata__")
+    return names
+
+
+def output_head_transforms(config: dict, weight_names: set[str] = frozenset()) -> list[str]:
+    """What a model's forward does to its logits beyond `hidden @ lm_head.weight.T`, from its
+    config (and its checkpoint's tensor names: an `lm_head.bias`). Empty for a plain head."""
+    sections = [config] + [config[k] for k in ("text_config", "llm_config") if isinstance(config.get(k), dict)]
+    found = [f"{key}={sec[key]}" for sec in sections for key, plain in HEAD_TRANSFORM_KEYS.items()
+             if sec.get(key) not in (None, plain, 0) and not isinstance(sec.get(key), bool)]
+    if any(name.endswith("lm_head.bias") for name in weight_names):
+        found.append("an lm_head bias")
+    return sorted(set(found))
+
+
+def head_transform_error(where: str, transforms: list[str]) -> str:
+    return (f"model {where}: its forward changes the logits after the LM head ({', '.join(transforms)}). The "
+            f"fused losses compute log-softmax(hidden @ lm_head.weight.T / temperature) and nothing else, "
+            f"so the trained log-probs would not be the policy's that vLLM samples from (silently wrong "
+            f"ratios and gradients). Such heads are not supported yet: train a model without them")
+
+
+def check_output_head(model_dir: str | Path) -> None:
+    """Raise ModelSourceError when the model's logits are not plain `hidden @ lm_head.weight.T`."""
+    d = Path(model_dir)
+    transforms = output_head_transforms(json.loads((d / "config.json").read_text()), _weight_names(d))
+    if transforms:
+        raise ModelSourceError(head_transform_error(str(d), transforms))
 
 
 def resolve_max_token_len(requested: Optional[int], model_dir: str | Path) -> int:

@@ -32,7 +32,7 @@ from .cpu_budget import env_names
 from .envs import BUILTIN_ENV
 from .inference.vllm_command import (CPU_WEIGHT_LAYOUT_ENV, new_update_token, resolve_cpu_weight_layout, served_name_from,
                                      vllm_server_command)
-from .model_source import ModelSourceError, resolve_max_token_len, resolve_model_path
+from .model_source import ModelSourceError, check_output_head, resolve_max_token_len, resolve_model_path
 from .procs import ManagedProcess, PortTakenError, ServiceError, free_port, port_in_use
 
 if TYPE_CHECKING:
@@ -396,6 +396,7 @@ def resolve_lengths(cfg: TrainConfig) -> TrainConfig:
     """Fix the run's one sequence length against the model (model.path must be a local directory):
     run/data/atropos.max_token_len all get it; vLLM's --max-model-len is `cfg.run.max_token_len`."""
     try:
+        check_output_head(cfg.model.path)
         n = resolve_max_token_len(cfg.run.max_token_len, cfg.model.path)
     except ModelSourceError as e:
         raise ConfigError(str(e)) from None

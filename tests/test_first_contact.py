@@ -26,7 +26,8 @@ from atropos_core import config as C
 from atropos_core.client import env_metrics
 from atropos_core.envs import BUILTIN_MAX_BATCHES_OFFPOLICY
 from atropos_core.inference.vllm_command import merge_vllm_flags, vllm_server_command
-from atropos_core.model_source import ModelSourceError, model_max_len, resolve_max_token_len, resolve_model_path
+from atropos_core.model_source import (ModelSourceError, model_max_len, output_head_transforms, resolve_max_token_len,
+                                       resolve_model_path)
 from atropos_core.procs import ManagedProcess, ServiceError, free_port
 from atropos_core.services import RunServices, environment_command
 
@@ -124,6 +125,64 @@ def test_too_long_data_is_a_config_error_naming_both_numbers(tmp_path):
     assert r.returncode == 2, r.stderr[-2000:]
     line = [ln for ln in r.stderr.splitlines() if "config error" in ln]
     assert len(line) == 1 and "512" in line[0] and "256" in line[0], r.stderr[-2000:]
+
+
+# ---- output heads the fused losses do not compute ------------------------------------------------------
+
+def test_heads_that_change_the_logits_are_found_from_the_config():
+    """Gemma-2's soft cap, Cohere's scale, Granite's divisor, an lm_head bias: the fused losses compute
+    log-softmax(hidden @ W.T) only; plain heads (the families we train) pass."""
+    import transformers as tf
+
+    for cfg in (tf.Qwen2Config(), tf.LlamaConfig(), tf.Qwen3Config(), tf.MistralConfig(), tf.GraniteConfig(),
+                tf.Gemma3Config(), tf.PhiConfig()):
+        assert output_head_transforms(cfg.to_dict()) == [], type(cfg).__name__
+    assert output_head_transforms(tf.Gemma2Config().to_dict()) == ["final_logit_softcapping=30.0"]
+    assert output_head_transforms(tf.CohereConfig().to_dict()) == ["logit_scale=0.0625"]
+    assert output_head_transforms(tf.GraniteConfig(logits_scaling=8.0).to_dict()) == ["logits_scaling=8.0"]
+    assert output_head_transforms({"text_config": {"final_logit_softcapping": 50.0}}) == ["final_logit_softcapping=50.0"]
+    assert output_head_transforms({}, {"model.embed_tokens.weight", "lm_head.bias"}) == ["an lm_head bias"]
+
+
+def _tiny_family(out: Path, family: str, tokenizer_dir: Path) -> Path:
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=1, max_position_embeddings=256)
+    model = {"gemma2": lambda: tf.Gemma2ForCausalLM(tf.Gemma2Config(**common, head_dim=32)),
+             "phi": lambda: tf.PhiForCausalLM(tf.PhiConfig(**common))}[family]()
+    model.save_pretrained(str(out))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, out / name)
+    return out
+
+
+def test_a_model_whose_head_changes_the_logits_is_refused_before_anything_starts(tmp_path, tiny_model_dir):
+    """A real Gemma-2 checkpoint (soft cap 30) and a Phi one (lm_head bias): refused by name at launch
+    (one config-error line, exit 2) and when loaded for training. On a
+    random tiny model the soft cap changes the logits by ~1e-7, so no numeric check would see it."""
+    import torch
+
+    from atropos_core.model import ModelConfig, load_model_and_tokenizer
+    from atropos_core.model_source import check_output_head
+
+    gemma = _tiny_family(tmp_path / "gemma2", "gemma2", tiny_model_dir)
+    phi = _tiny_family(tmp_path / "phi", "phi", tiny_model_dir)
+    with pytest.raises(ModelSourceError, match=r"final_logit_softcapping=30\.0.*not supported"):
+        check_output_head(gemma)
+    with pytest.raises(ModelSourceError, match="an lm_head bias"):
+        check_output_head(phi)
+    check_output_head(tiny_model_dir)
+    for d, what in ((gemma, "final_logit_softcapping"), (phi, "lm_head bias")):
+        with pytest.raises(ValueError, match=what):
+            load_model_and_tokenizer(ModelConfig(path=str(d), attn_implementation="sdpa"), torch.device("cpu"))
+    r = subprocess.run(TRAIN + ["--model", str(gemma), "--out", str(tmp_path / "run")], capture_output=True,
+                       text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert r.returncode == 2, r.stderr[-2000:]
+    line = [ln for ln in r.stderr.splitlines() if "config error" in ln]
+    assert len(line) == 1 and "final_logit_softcapping=30.0" in line[0], r.stderr[-2000:]
 
 
 # ---- hub ids -----------------------------------------------------------------------------------------
