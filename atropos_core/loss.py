@@ -37,6 +37,7 @@ import kernels
 from kernels import LossSpec
 from kernels import losses as _losses
 
+from .model_source import output_logit_scale
 from .types import MicroBatch
 
 logger = logging.getLogger(__name__)
@@ -94,7 +95,11 @@ def _loss_forward(self, input_ids, attention_mask, position_ids, loss_fn, **attn
     base = self.get_decoder()
     out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
                **attn_kwargs)
-    result = loss_fn(out.last_hidden_state, self.get_output_embeddings().weight)
+    hidden = out.last_hidden_state
+    scale = getattr(self, "_atropos_logit_scale", 1.0)
+    if scale != 1.0:  # the model's logits are scale · (h @ W.T): Cohere's logit_scale, Granite's 1/logits_scaling
+        hidden = hidden * scale
+    result = loss_fn(hidden, self.get_output_embeddings().weight)
     # The fused loss hands back its (detached) input as a view; FSDP2 hooks the outputs of a
     # forward for backward and warns on views, so give it an owned 0-dim tensor (a free copy).
     if isinstance(result, tuple) and isinstance(result[0], torch.Tensor) and result[0]._base is not None:
@@ -111,8 +116,10 @@ def register_loss_forward(model: nn.Module) -> None:
 
     if getattr(model, "_atropos_loss_registered", None) == isinstance(model, FSDPModule):
         return
-    # Plain attribute (not a Module/Parameter): invisible to state_dict and to parameters().
+    # Plain attributes (not a Module/Parameter): invisible to state_dict and to parameters().
     object.__setattr__(model, _LOSS_METHOD, types.MethodType(_loss_forward, model))
+    config = getattr(model, "config", None)
+    object.__setattr__(model, "_atropos_logit_scale", output_logit_scale(config.to_dict()) if config is not None else 1.0)
     register_fsdp_forward_method(model, _LOSS_METHOD)  # no-op when not an FSDPModule
     object.__setattr__(model, "_atropos_loss_registered", isinstance(model, FSDPModule))
 

@@ -38,7 +38,7 @@ from torch import nn
 
 from . import dist as adist
 from .checks import Between, Ge, Gt, OneOf, check_fields
-from .model_source import head_transform_error, output_head_transforms
+from .model_source import head_transform_error, output_head_transforms, output_logit_scale
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +142,9 @@ def load_model_and_tokenizer(cfg: ModelConfig, device: torch.device):
                                         {"lm_head.bias"} if getattr(head, "bias", None) is not None else set())
     if transforms:  # the launcher refuses these from config.json; a model loaded another way meets it here
         raise ValueError(head_transform_error(cfg.path, transforms))
+    scale = output_logit_scale(model.config.to_dict())
+    if scale != 1.0:
+        check_logit_scale(model, scale, cfg.path)
     tok = AutoTokenizer.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
@@ -153,6 +156,24 @@ def load_model_and_tokenizer(cfg: ModelConfig, device: torch.device):
     logger.info("loaded %s: %.1fM params, dtype %s, attn %s, tied=%s", cfg.path, n / 1e6, cfg.dtype, attn,
                 _is_tied(model))
     return model, tok
+
+
+def check_logit_scale(model: nn.Module, scale: float, where: str) -> None:
+    """Check, on a 16-token probe, that the model's logits are `scale · (hidden @ W.T)`, as the loss
+    will compute them (`loss._loss_forward`); raise ValueError naming both when they are not."""
+    head = model.get_output_embeddings()
+    ids = torch.tensor([[(37 * i + 5) % max(2, head.weight.shape[0]) for i in range(16)]], device=head.weight.device)
+    with torch.no_grad():
+        full = model(input_ids=ids, use_cache=False).logits.float()
+        mine = ((model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state * scale) @ head.weight.T).float()
+    err = (full - mine).abs().max().item()
+    tol = (1e-3 if head.weight.dtype == torch.float32 else 0.05) * max(1.0, full.abs().max().item())
+    logger.info("logit scale %g from the model's config: the loss scales the hidden state (probe max |diff| %.2e)",
+                scale, err)
+    if not err <= tol:
+        raise ValueError(f"model {where}: its config gives a logit scale of {scale:g}, but its logits are not "
+                         f"{scale:g} · (hidden @ lm_head.weight.T) (max |diff| {err:.3g} on a probe): its forward "
+                         f"does something to the logits the fused losses do not; not supported")
 
 
 def _is_tied(model: nn.Module) -> bool:

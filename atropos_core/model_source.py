@@ -22,13 +22,17 @@
   that, it would train silently on log-probs that are not those of the policy vLLM samples. A
   numeric probe could not replace the check: on a random-initialised model a soft cap of 30
   changes the logits by ~1e-7. `model.load_model_and_tokenizer` checks again, for models loaded
-  another way. Supporting a soft cap or a scale means adding it to every kernel backend and to
-  the reference.
+  another way. Supporting a soft cap means adding it to every kernel backend and to the
+  reference. A constant factor (`LOGIT_SCALE_KEYS`: Cohere, Granite) is supported: the loss
+  multiplies the hidden state by it, (s·h) @ W.T = s·(h @ W.T), exact on every backend. The
+  loader checks that factor against the model's own logits on a short probe: a factor is
+  visible on any model, random or trained.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from pathlib import Path
@@ -111,10 +115,13 @@ def model_max_len(model_dir: str | Path) -> tuple[Optional[int], str]:
     return best
 
 
-#: config.json keys by which a model's forward changes the logits after `hidden @ lm_head.weight.T`,
-#: and the value that leaves them unchanged (transformers 5: Gemma-2's soft cap, Cohere's scale,
-#: Granite's divisor).
-HEAD_TRANSFORM_KEYS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
+#: config.json keys by which a model's forward changes the logits after `hidden @ lm_head.weight.T`
+#: in a way the fused losses do not compute (transformers 5: Gemma-2's soft cap c·tanh(z/c)).
+HEAD_TRANSFORM_KEYS = ("final_logit_softcapping",)
+#: config.json keys of a constant factor on the logits, and whether the forward multiplies by it
+#: (Cohere, Cohere2: `logits * logit_scale`) or divides (Granite and its MoE variants:
+#: `logits / logits_scaling`). The loss applies it to the hidden state, which is exact.
+LOGIT_SCALE_KEYS = {"logit_scale": True, "logits_scaling": False}
 
 
 def _weight_names(d: Path) -> set[str]:
@@ -134,12 +141,28 @@ def _weight_names(d: Path) -> set[str]:
 def output_head_transforms(config: dict, weight_names: set[str] = frozenset()) -> list[str]:
     """What a model's forward does to its logits beyond `hidden @ lm_head.weight.T`, from its
     config (and its checkpoint's tensor names: an `lm_head.bias`). Empty for a plain head."""
-    sections = [config] + [config[k] for k in ("text_config", "llm_config") if isinstance(config.get(k), dict)]
-    found = [f"{key}={sec[key]}" for sec in sections for key, plain in HEAD_TRANSFORM_KEYS.items()
-             if sec.get(key) not in (None, plain, 0) and not isinstance(sec.get(key), bool)]
+    found = [f"{key}={sec[key]}" for sec in _sections(config) for key in HEAD_TRANSFORM_KEYS
+             if sec.get(key) not in (None, 0) and not isinstance(sec.get(key), bool)]
     if any(name.endswith("lm_head.bias") for name in weight_names):
         found.append("an lm_head bias")
     return sorted(set(found))
+
+
+def output_logit_scale(config: dict) -> float:
+    """The constant factor a model's forward puts on `hidden @ lm_head.weight.T` (1.0 for most)."""
+    scale = 1.0
+    for key, multiplies in LOGIT_SCALE_KEYS.items():
+        values = {float(sec[key]) for sec in _sections(config)
+                  if isinstance(sec.get(key), (int, float)) and not isinstance(sec.get(key), bool)}
+        for v in values:
+            if not (math.isfinite(v) and v > 0):
+                raise ModelSourceError(f"{key}={v} in the model's config: a logit scale must be a positive number")
+            scale = scale * v if multiplies else scale / v
+    return scale
+
+
+def _sections(config: dict) -> list[dict]:
+    return [config] + [config[k] for k in ("text_config", "llm_config") if isinstance(config.get(k), dict)]
 
 
 def head_transform_error(where: str, transforms: list[str]) -> str:

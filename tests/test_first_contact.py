@@ -26,8 +26,8 @@ from atropos_core import config as C
 from atropos_core.client import env_metrics
 from atropos_core.envs import BUILTIN_MAX_BATCHES_OFFPOLICY
 from atropos_core.inference.vllm_command import merge_vllm_flags, vllm_server_command
-from atropos_core.model_source import (ModelSourceError, model_max_len, output_head_transforms, resolve_max_token_len,
-                                       resolve_model_path)
+from atropos_core.model_source import (ModelSourceError, model_max_len, output_head_transforms, output_logit_scale,
+                                       resolve_max_token_len, resolve_model_path)
 from atropos_core.procs import ManagedProcess, ServiceError, free_port
 from atropos_core.services import RunServices, environment_command
 
@@ -130,18 +130,38 @@ def test_too_long_data_is_a_config_error_naming_both_numbers(tmp_path):
 # ---- output heads the fused losses do not compute ------------------------------------------------------
 
 def test_heads_that_change_the_logits_are_found_from_the_config():
-    """Gemma-2's soft cap, Cohere's scale, Granite's divisor, an lm_head bias: the fused losses compute
-    log-softmax(hidden @ W.T) only; plain heads (the families we train) pass."""
+    """Gemma-2's soft cap and an lm_head bias are found (the fused losses compute log-softmax(h @ W.T)
+    only); Cohere's and Granite's constant factors are read as the scale the loss applies."""
     import transformers as tf
 
     for cfg in (tf.Qwen2Config(), tf.LlamaConfig(), tf.Qwen3Config(), tf.MistralConfig(), tf.GraniteConfig(),
-                tf.Gemma3Config(), tf.PhiConfig()):
+                tf.Gemma3Config(), tf.PhiConfig(), tf.CohereConfig()):
         assert output_head_transforms(cfg.to_dict()) == [], type(cfg).__name__
     assert output_head_transforms(tf.Gemma2Config().to_dict()) == ["final_logit_softcapping=30.0"]
-    assert output_head_transforms(tf.CohereConfig().to_dict()) == ["logit_scale=0.0625"]
-    assert output_head_transforms(tf.GraniteConfig(logits_scaling=8.0).to_dict()) == ["logits_scaling=8.0"]
     assert output_head_transforms({"text_config": {"final_logit_softcapping": 50.0}}) == ["final_logit_softcapping=50.0"]
     assert output_head_transforms({}, {"model.embed_tokens.weight", "lm_head.bias"}) == ["an lm_head bias"]
+    assert output_logit_scale(tf.Qwen2Config().to_dict()) == output_logit_scale(tf.GraniteConfig().to_dict()) == 1.0
+    assert output_logit_scale(tf.CohereConfig().to_dict()) == 0.0625              # logits * logit_scale
+    assert output_logit_scale(tf.GraniteConfig(logits_scaling=8.0).to_dict()) == 0.125   # logits / logits_scaling
+    with pytest.raises(ModelSourceError, match="logits_scaling=0.0"):
+        output_logit_scale({"logits_scaling": 0.0})
+
+
+def test_a_logit_scale_the_forward_does_not_apply_is_refused_at_load(tmp_path, tiny_model_dir):
+    """A config that names a scale its model's forward ignores (a Qwen2 with `logit_scale` set): the
+    loader's probe sees that the logits are not scale · (h @ W.T) and refuses, naming the scale."""
+    import torch
+    from transformers import AutoConfig, Qwen2ForCausalLM
+
+    from atropos_core.model import ModelConfig, load_model_and_tokenizer
+
+    cfg = AutoConfig.from_pretrained(str(tiny_model_dir))
+    cfg.logit_scale = 0.5
+    Qwen2ForCausalLM(cfg).save_pretrained(str(tmp_path / "m"))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model_dir / name, tmp_path / "m" / name)
+    with pytest.raises(ValueError, match=r"logit scale of 0.5, but its logits are not"):
+        load_model_and_tokenizer(ModelConfig(path=str(tmp_path / "m"), attn_implementation="sdpa"), torch.device("cpu"))
 
 
 def _tiny_family(out: Path, family: str, tokenizer_dir: Path) -> Path:

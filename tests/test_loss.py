@@ -35,11 +35,32 @@ def _tiny_llama_dir(root, tokenizer_dir):
     return root
 
 
+def _tiny_scaled_dir(root, tokenizer_dir, family: str):
+    """A random tiny model whose forward scales its logits: Cohere (`logits * logit_scale`, tied) or
+    Granite (`logits / logits_scaling`)."""
+    import shutil
+
+    import transformers as tf
+
+    torch.manual_seed(1)
+    common = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, max_position_embeddings=128)
+    model = (tf.CohereForCausalLM(tf.CohereConfig(**common, logit_scale=0.25)) if family == "cohere" else
+             tf.GraniteForCausalLM(tf.GraniteConfig(**common, logits_scaling=3.0, tie_word_embeddings=False)))
+    model.save_pretrained(str(root))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, root / name)
+    return root
+
+
 @pytest.fixture(scope="module")
 def models(tiny_model_dir, tiny_tied_model_dir, tmp_path_factory):
     out = {}
     llama = _tiny_llama_dir(tmp_path_factory.mktemp("tiny_llama"), tiny_model_dir)
-    for name, d in (("untied", tiny_model_dir), ("tied", tiny_tied_model_dir), ("llama", llama)):
+    cohere = _tiny_scaled_dir(tmp_path_factory.mktemp("tiny_cohere"), tiny_model_dir, "cohere")
+    granite = _tiny_scaled_dir(tmp_path_factory.mktemp("tiny_granite"), tiny_model_dir, "granite")
+    for name, d in (("untied", tiny_model_dir), ("tied", tiny_tied_model_dir), ("llama", llama), ("cohere", cohere),
+                    ("granite", granite)):
         model, _ = load_model_and_tokenizer(ModelConfig(path=str(d), attn_implementation="sdpa"), CPU)
         out[name] = model
     return out
@@ -73,7 +94,7 @@ def _grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("which", ["untied", "tied", "llama"])
+@pytest.mark.parametrize("which", ["untied", "tied", "llama", "cohere", "granite"])
 @pytest.mark.parametrize("loss_type,kl", [("awsft", 0.0), ("grpo", 0.1), ("cispo", 0.0)])
 def test_fused_equals_naive_value_and_grads(models, which, loss_type, kl):
     model = models[which]
