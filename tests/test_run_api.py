@@ -118,13 +118,15 @@ def _groups(seed: int, k: int) -> list[dict]:
 
 
 def _post_after(url: str, groups: list, delay_s: float) -> dict:
-    """POST `groups` from a thread after `delay_s`; the returned dict gets the post's time."""
+    """POST `groups` from a thread after `delay_s`; the returned dict gets the time the post was
+    sent ("at", set before it: the batch it completes may reach a waiting client before the POST
+    returns)."""
     done: dict = {}
 
     def run():
         time.sleep(delay_s)
-        post_groups(url, groups)
         done["at"] = time.monotonic()
+        post_groups(url, groups)
 
     threading.Thread(target=run, daemon=True).start()
     return done
