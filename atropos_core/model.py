@@ -137,12 +137,11 @@ def load_model_and_tokenizer(cfg: ModelConfig, device: torch.device):
     attn = resolve_attn_implementation(cfg.attn_implementation, device, compute_dtype(cfg, device))
     model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=cfg.torch_dtype, attn_implementation=attn,
                                                  trust_remote_code=cfg.trust_remote_code)
-    head = model.get_output_embeddings()
-    transforms = output_head_transforms(model.config.to_dict(),
-                                        {"lm_head.bias"} if getattr(head, "bias", None) is not None else set())
+    head, config = model.get_output_embeddings(), model.config.to_dict()
+    transforms = output_head_transforms(config, {"lm_head.bias"} if getattr(head, "bias", None) is not None else set())
     if transforms:  # the launcher refuses these from config.json; a model loaded another way meets it here
         raise ValueError(head_transform_error(cfg.path, transforms))
-    scale = output_logit_scale(model.config.to_dict())
+    scale = output_logit_scale(config)
     if scale != 1.0:
         check_logit_scale(model, scale, cfg.path)
     tok = AutoTokenizer.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)

@@ -99,9 +99,8 @@ def model_max_len(model_dir: str | Path) -> tuple[Optional[int], str]:
     """The model's own length limit and where it comes from ("" when it declares none)."""
     d = Path(model_dir)
     cfg = json.loads((d / "config.json").read_text())
-    sections = [cfg] + [cfg[k] for k in ("text_config", "llm_config") if isinstance(cfg.get(k), dict)]
     best: tuple[Optional[int], str] = (None, "")
-    for sec in sections:
+    for sec in _sections(cfg):
         for key in LENGTH_KEYS:
             v = sec.get(key)
             if isinstance(v, int) and not isinstance(v, bool) and v > 0 and (best[0] is None or v < best[0]):
@@ -124,18 +123,18 @@ HEAD_TRANSFORM_KEYS = ("final_logit_softcapping",)
 LOGIT_SCALE_KEYS = {"logit_scale": True, "logits_scaling": False}
 
 
-def _weight_names(d: Path) -> set[str]:
-    """Tensor names of a safetensors checkpoint (the index, else each file's JSON header)."""
-    index = d / "model.safetensors.index.json"
-    if index.is_file():
-        return set(json.loads(index.read_text()).get("weight_map", {}))
-    names: set[str] = set()
-    for f in sorted(d.glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            if 0 < n < 1 << 28:
-                names.update(k for k in json.loads(fh.read(n)) if k != "__metadata__")
-    return names
+def checkpoint_tensors(model_dir: str | Path) -> dict[str, dict]:
+    """{name: {"shape", "dtype"}} of a directory's safetensors tensors, read from the headers only
+    (`safe_open` maps the file; `get_slice` reads no tensor data). Empty without safetensors files."""
+    from safetensors import safe_open
+
+    tensors: dict[str, dict] = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as fh:
+            for name in fh.keys():
+                sl = fh.get_slice(name)
+                tensors[name] = {"shape": list(sl.get_shape()), "dtype": sl.get_dtype()}
+    return tensors
 
 
 def output_head_transforms(config: dict, weight_names: set[str] = frozenset()) -> list[str]:
@@ -175,7 +174,7 @@ def head_transform_error(where: str, transforms: list[str]) -> str:
 def check_output_head(model_dir: str | Path) -> None:
     """Raise ModelSourceError when the model's logits are not plain `hidden @ lm_head.weight.T`."""
     d = Path(model_dir)
-    transforms = output_head_transforms(json.loads((d / "config.json").read_text()), _weight_names(d))
+    transforms = output_head_transforms(json.loads((d / "config.json").read_text()), set(checkpoint_tensors(d)))
     if transforms:
         raise ModelSourceError(head_transform_error(str(d), transforms))
 

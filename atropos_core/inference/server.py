@@ -50,6 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
 from atropos_core.inference.engine_ext import ONE_CALL_SUPPORTED, ONE_CALL_UPDATE
 from atropos_core.inference.engine_ext import install as install_one_call_update
+from atropos_core.model_source import checkpoint_tensors
 from atropos_core.procs import exit_with_parent
 from atropos_core.weight_sync.protocol import (
     PAUSE_MODES,
@@ -149,9 +150,7 @@ class _UpdateState:
 
 def _checkpoint_spec(model: str) -> dict:
     """Names and shapes of the served checkpoint's tensors, read from safetensors headers only
-    (`safe_open` maps the file; `get_slice` reads no tensor data)."""
-    from safetensors import safe_open
-
+    (`model_source.checkpoint_tensors`)."""
     d = Path(model)
     spec: dict[str, Any] = {"tensors": None, "tie_word_embeddings": None}
     if not d.is_dir():
@@ -159,16 +158,8 @@ def _checkpoint_spec(model: str) -> dict:
     cfg = d / "config.json"
     if cfg.exists():
         spec["tie_word_embeddings"] = bool(json.loads(cfg.read_text()).get("tie_word_embeddings", False))
-    files = sorted(d.glob("*.safetensors"))
-    if not files:
-        return spec
-    tensors = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as fh:
-            for name in fh.keys():
-                sl = fh.get_slice(name)
-                tensors[name] = {"shape": list(sl.get_shape()), "dtype": sl.get_dtype()}
-    spec["tensors"] = tensors
+    if any(d.glob("*.safetensors")):
+        spec["tensors"] = checkpoint_tensors(d)
     return spec
 
 
