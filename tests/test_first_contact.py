@@ -30,6 +30,7 @@ from atropos_core.model_source import (ModelSourceError, model_max_len, output_h
                                        resolve_max_token_len, resolve_model_path)
 from atropos_core.procs import ManagedProcess, ServiceError, free_port
 from atropos_core.services import RunServices, environment_command
+from tests.fixtures.models import save_with_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = [sys.executable, str(REPO / "drivers" / "train.py")]
@@ -157,9 +158,7 @@ def test_a_logit_scale_the_forward_does_not_apply_is_refused_at_load(tmp_path, t
 
     cfg = AutoConfig.from_pretrained(str(tiny_model_dir))
     cfg.logit_scale = 0.5
-    Qwen2ForCausalLM(cfg).save_pretrained(str(tmp_path / "m"))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tiny_model_dir / name, tmp_path / "m" / name)
+    save_with_tokenizer(Qwen2ForCausalLM(cfg), tmp_path / "m", tiny_model_dir)
     with pytest.raises(ValueError, match=r"logit scale of 0.5, but its logits are not"):
         load_model_and_tokenizer(ModelConfig(path=str(tmp_path / "m"), attn_implementation="sdpa"), torch.device("cpu"))
 
@@ -173,10 +172,7 @@ def _tiny_family(out: Path, family: str, tokenizer_dir: Path) -> Path:
                   num_key_value_heads=1, max_position_embeddings=256)
     model = {"gemma2": lambda: tf.Gemma2ForCausalLM(tf.Gemma2Config(**common, head_dim=32)),
              "phi": lambda: tf.PhiForCausalLM(tf.PhiConfig(**common))}[family]()
-    model.save_pretrained(str(out))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tokenizer_dir / name, out / name)
-    return out
+    return save_with_tokenizer(model, out, tokenizer_dir)
 
 
 def test_a_model_whose_head_changes_the_logits_is_refused_before_anything_starts(tmp_path, tiny_model_dir):

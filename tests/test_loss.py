@@ -14,6 +14,7 @@ from kernels import LossSpec
 from atropos_core.model import ModelConfig, load_model_and_tokenizer
 from atropos_core.types import MicroBatch
 from kernels.reference import policy_loss_ref
+from tests.fixtures.models import save_with_tokenizer
 
 CPU = torch.device("cpu")
 
@@ -21,25 +22,18 @@ CPU = torch.device("cpu")
 def _tiny_llama_dir(root, tokenizer_dir):
     """A random tiny Llama-family model (the second family the trainer must take), with the
     tiny Qwen2's tokenizer files beside it."""
-    import shutil
-
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
                       tie_word_embeddings=False)
-    LlamaForCausalLM(cfg).save_pretrained(str(root))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tokenizer_dir / name, root / name)
-    return root
+    return save_with_tokenizer(LlamaForCausalLM(cfg), root, tokenizer_dir)
 
 
 def _tiny_scaled_dir(root, tokenizer_dir, family: str):
     """A random tiny model whose forward scales its logits: Cohere (`logits * logit_scale`, tied) or
     Granite (`logits / logits_scaling`)."""
-    import shutil
-
     import transformers as tf
 
     torch.manual_seed(1)
@@ -47,10 +41,7 @@ def _tiny_scaled_dir(root, tokenizer_dir, family: str):
                   num_key_value_heads=1, max_position_embeddings=128)
     model = (tf.CohereForCausalLM(tf.CohereConfig(**common, logit_scale=0.25)) if family == "cohere" else
              tf.GraniteForCausalLM(tf.GraniteConfig(**common, logits_scaling=3.0, tie_word_embeddings=False)))
-    model.save_pretrained(str(root))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tokenizer_dir / name, root / name)
-    return root
+    return save_with_tokenizer(model, root, tokenizer_dir)
 
 
 @pytest.fixture(scope="module")
